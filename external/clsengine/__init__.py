@@ -1,0 +1,2 @@
+"""clsengine: the image-classification training engine."""
+__version__ = "0.1.0"

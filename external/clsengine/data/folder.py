@@ -1,0 +1,124 @@
+"""Folder datasets: `<root>/<class>/<images>`, class indices in sorted folder-name order."""
+from __future__ import annotations
+
+import os
+import warnings
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Callable
+
+import numpy as np
+from torch.utils.data import Dataset
+
+from ..errors import DataError
+from .image import UnreadableImageError, check_image, is_image_file, read_image
+
+
+@dataclass
+class FolderScan:
+    root: Path
+    classes: list[str]
+    samples: list[tuple[str, int]]
+    skipped: list[tuple[str, str]] = field(default_factory=list)  # (path, reason) of unreadable files
+
+    def counts(self) -> list[int]:
+        counts = [0] * len(self.classes)
+        for _, label in self.samples:
+            counts[label] += 1
+        return counts
+
+
+def scan_folder(root: str | os.PathLike, verify: bool = True) -> FolderScan:
+    """List the images of a class-folder dataset.
+
+    Unreadable image files are skipped and reported in `skipped` (never fatal on their own);
+    a missing root, a root without class folders, an empty class folder or a root without any
+    readable image is a DataError that names the path.
+    """
+    if root is None or str(root) == "":
+        raise DataError("no data root given")
+    root = Path(root).expanduser()
+    if not root.exists():
+        raise DataError(f"data root {root} does not exist")
+    if not root.is_dir():
+        raise DataError(f"data root {root} is not a directory")
+    classes = sorted(d.name for d in root.iterdir() if d.is_dir() and not d.name.startswith("."))
+    if not classes:
+        loose = [p for p in root.iterdir() if p.is_file() and is_image_file(p)]
+        hint = " (it holds images directly: put them into one sub-folder per class)" if loose else ""
+        raise DataError(f"data root {root} has no class sub-folders{hint}")
+
+    samples: list[tuple[str, int]] = []
+    skipped: list[tuple[str, str]] = []
+    empty: list[str] = []
+    for label, name in enumerate(classes):
+        files = sorted(p for p in (root / name).rglob("*") if p.is_file() and is_image_file(p)
+                       and not p.name.startswith("."))
+        n_before = len(samples)
+        for path in files:
+            reason = check_image(path) if verify else None
+            if reason is None:
+                samples.append((str(path), label))
+            else:
+                skipped.append((str(path), reason))
+        if len(samples) == n_before:
+            empty.append(name)
+    if len(empty) == len(classes):
+        raise DataError(f"data root {root} holds no readable images"
+                        + (f" ({len(skipped)} unreadable files, e.g. {skipped[0][0]})" if skipped else ""))
+    if empty:
+        raise DataError(f"data root {root}: class folder(s) with no readable images: {', '.join(empty)}")
+    return FolderScan(root=root, classes=classes, samples=samples, skipped=skipped)
+
+
+def check_same_classes(reference: list[str], other: list[str], reference_name: str, other_name: str) -> None:
+    """Raise a DataError naming the classes that differ between two datasets (or a dataset and a checkpoint)."""
+    if list(reference) == list(other):
+        return
+    missing = sorted(set(reference) - set(other))
+    extra = sorted(set(other) - set(reference))
+    parts = []
+    if missing:
+        parts.append(f"missing in {other_name}: {', '.join(missing)}")
+    if extra:
+        parts.append(f"not in {reference_name}: {', '.join(extra)}")
+    if not parts:
+        parts.append("same names in a different order")
+    raise DataError(f"classes of {other_name} do not match {reference_name} ({'; '.join(parts)})")
+
+
+class ImageDataset(Dataset):
+    """(path, label) samples decoded to RGB arrays and passed through `transform`.
+
+    A file that was readable at scan time but fails to decode later is skipped: the next sample
+    is returned instead and the path is reported once as a warning.
+    """
+
+    def __init__(self, samples: list[tuple[str, int]], classes: list[str],
+                 transform: Callable[[np.ndarray], object] | None = None):
+        self.samples = list(samples)
+        self.classes = list(classes)
+        self.transform = transform
+        self._reported: set[str] = set()
+
+    def __len__(self) -> int:
+        return len(self.samples)
+
+    @property
+    def targets(self) -> list[int]:
+        return [label for _, label in self.samples]
+
+    def __getitem__(self, index: int):
+        for attempt in range(len(self.samples)):
+            path, label = self.samples[(index + attempt) % len(self.samples)]
+            try:
+                image = read_image(path)
+            except UnreadableImageError as exc:
+                if path not in self._reported:
+                    self._reported.add(path)
+                    warnings.warn(f"skipping {exc}", stacklevel=2)
+                continue
+            if self.transform is not None:
+                image = self.transform(image)
+            return image, label
+        raise DataError("none of the dataset's images can be decoded")

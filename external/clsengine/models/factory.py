@@ -1,0 +1,136 @@
+"""create_model: torchvision architectures by name, with a fresh classifier and the options templates use."""
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass, field
+from typing import Callable
+
+import torch.nn as nn
+import torchvision.models as tvm
+
+from ..checkpoint import load_state_dict_file
+from ..errors import CheckpointError, UserError
+
+IMAGENET_MEAN = (123.675, 116.28, 103.53)
+IMAGENET_STD = (58.395, 57.12, 57.375)
+
+
+@dataclass(frozen=True)
+class ArchSpec:
+    builder: Callable[..., nn.Module]
+    head: str                      # attribute holding the classifier; everything else is the backbone
+    takes_width: bool = False      # builder accepts width_mult
+    takes_dropout: bool = False    # builder accepts dropout
+    default_cfg: dict = field(default_factory=lambda: {"input_size": (224, 224), "mean": IMAGENET_MEAN,
+                                                       "std": IMAGENET_STD})
+
+
+_ARCHS: dict[str, ArchSpec] = {
+    "mobilenet_v3_large": ArchSpec(tvm.mobilenet_v3_large, "classifier", takes_width=True, takes_dropout=True),
+    "mobilenet_v3_small": ArchSpec(tvm.mobilenet_v3_small, "classifier", takes_width=True, takes_dropout=True),
+    "mobilenet_v2": ArchSpec(tvm.mobilenet_v2, "classifier", takes_width=True, takes_dropout=True),
+    "efficientnet_b0": ArchSpec(tvm.efficientnet_b0, "classifier", takes_dropout=True),
+    "efficientnet_b1": ArchSpec(tvm.efficientnet_b1, "classifier", takes_dropout=True,
+                                default_cfg={"input_size": (240, 240), "mean": IMAGENET_MEAN, "std": IMAGENET_STD}),
+    "efficientnet_b2": ArchSpec(tvm.efficientnet_b2, "classifier", takes_dropout=True,
+                                default_cfg={"input_size": (260, 260), "mean": IMAGENET_MEAN, "std": IMAGENET_STD}),
+    "efficientnet_b3": ArchSpec(tvm.efficientnet_b3, "classifier", takes_dropout=True,
+                                default_cfg={"input_size": (300, 300), "mean": IMAGENET_MEAN, "std": IMAGENET_STD}),
+    "resnet18": ArchSpec(tvm.resnet18, "fc"),
+    "resnet34": ArchSpec(tvm.resnet34, "fc"),
+    "resnet50": ArchSpec(tvm.resnet50, "fc"),
+    "regnet_x_800mf": ArchSpec(tvm.regnet_x_800mf, "fc"),
+    "regnet_y_800mf": ArchSpec(tvm.regnet_y_800mf, "fc"),
+}
+
+
+def list_models() -> list[str]:
+    return sorted(_ARCHS)
+
+
+def default_cfg(name: str) -> dict:
+    """The architecture's own input defaults (size, mean, std on the 0..255 scale)."""
+    return dict(_spec(name).default_cfg)
+
+
+def _spec(name: str) -> ArchSpec:
+    if name not in _ARCHS:
+        raise UserError(f"unknown architecture '{name}'; known: {', '.join(list_models())}")
+    return _ARCHS[name]
+
+
+def _last_linear(module: nn.Module) -> tuple[nn.Module, str, nn.Linear]:
+    """(parent, attribute name, layer) of the last nn.Linear inside `module`."""
+    found = None
+    for parent in module.modules():
+        for attr, child in parent.named_children():
+            if isinstance(child, nn.Linear):
+                found = (parent, attr, child)
+    if found is None:
+        raise UserError(f"no linear classifier found in {type(module).__name__}")
+    return found
+
+
+def _make_small_input(model: nn.Module) -> None:
+    """Keep resolution for tiny inputs such as 32x32: stem stride 1 and, for ResNets, no max-pool."""
+    first_conv = next(m for m in model.modules() if isinstance(m, nn.Conv2d))
+    first_conv.stride = (1, 1)
+    if isinstance(getattr(model, "maxpool", None), nn.MaxPool2d):
+        model.maxpool = nn.Identity()
+
+
+def create_model(name: str, num_classes: int, *, width_mult: float = 1.0, dropout: float | None = None,
+                 small_input: bool = False, pretrained: str | os.PathLike | None = None) -> nn.Module:
+    """Build a torchvision architecture with a `num_classes` classifier.
+
+    `pretrained` is a local weights file (a checkpoint or a state dict); layers whose shapes do not
+    match (the classifier, when the class count differs) keep their fresh initialisation.
+    The model carries `default_cfg` (input size, mean, std) and `head_name` (its classifier attribute).
+    """
+    if num_classes < 1:
+        raise UserError(f"num_classes must be positive, got {num_classes}")
+    spec = _spec(name)
+    kwargs: dict = {"num_classes": num_classes}
+    if spec.takes_width:
+        kwargs["width_mult"] = float(width_mult)
+    elif width_mult != 1.0:
+        raise UserError(f"architecture '{name}' has no width multiplier (got width_mult={width_mult})")
+    if spec.takes_dropout and dropout is not None:
+        kwargs["dropout"] = float(dropout)
+    model = spec.builder(weights=None, **kwargs)
+    if dropout and not spec.takes_dropout:
+        head = getattr(model, spec.head)
+        setattr(model, spec.head, nn.Sequential(nn.Dropout(float(dropout)), head))
+    if small_input:
+        _make_small_input(model)
+    model.default_cfg = dict(spec.default_cfg)
+    model.head_name = spec.head
+    model.arch_name = name
+    if pretrained:
+        load_pretrained(model, pretrained)
+    return model
+
+
+def classifier(model: nn.Module) -> nn.Module:
+    """The model's classification head (what stays trainable when the backbone is frozen)."""
+    return getattr(model, getattr(model, "head_name"))
+
+
+def freeze_backbone(model: nn.Module) -> None:
+    for p in model.parameters():
+        p.requires_grad_(False)
+    for p in classifier(model).parameters():
+        p.requires_grad_(True)
+
+
+def load_pretrained(model: nn.Module, path: str | os.PathLike) -> list[str]:
+    """Copy matching tensors from a weights file into `model`; return the names left at initialisation."""
+    state = load_state_dict_file(path)
+    own = model.state_dict()
+    matched = {k: v for k, v in state.items() if k in own and own[k].shape == v.shape}
+    if not matched:
+        raise CheckpointError(f"{path}: no tensor matches the model '{getattr(model, 'arch_name', '?')}' "
+                              f"(is it a checkpoint of another architecture?)")
+    model.load_state_dict(matched, strict=False)
+    return sorted(set(own) - set(matched))
+

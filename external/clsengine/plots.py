@@ -1,0 +1,57 @@
+"""PNG plots: confusion matrix and training curves (matplotlib, headless)."""
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import Sequence
+
+import matplotlib
+
+matplotlib.use("Agg")
+import matplotlib.pyplot as plt  # noqa: E402
+import numpy as np  # noqa: E402
+
+
+def plot_confusion_matrix(cm: Sequence[Sequence[int]], classes: list[str], path: str | os.PathLike) -> Path:
+    cm = np.asarray(cm)
+    n = len(classes)
+    size = min(20.0, 2.0 + 0.45 * n)
+    fig, ax = plt.subplots(figsize=(size, size))
+    row_sums = cm.sum(axis=1, keepdims=True)
+    normalised = np.divide(cm, row_sums, out=np.zeros(cm.shape, dtype=float), where=row_sums > 0)
+    ax.imshow(normalised, cmap="Blues", vmin=0.0, vmax=1.0)
+    ax.set_xticks(range(n), labels=classes, rotation=90 if n > 6 else 0)
+    ax.set_yticks(range(n), labels=classes)
+    ax.set_xlabel("predicted")
+    ax.set_ylabel("true")
+    ax.set_title("Confusion matrix (counts; colour = row-normalised)")
+    if n <= 30:
+        for i in range(n):
+            for j in range(n):
+                ax.text(j, i, str(cm[i, j]), ha="center", va="center", fontsize=8,
+                        color="white" if normalised[i, j] > 0.5 else "black")
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+    return Path(path)
+
+
+def plot_training_curves(history: list[dict], path: str | os.PathLike) -> Path:
+    """Loss, validation top-1 and learning rate per epoch, from the rows of the epoch CSV."""
+    epochs = [row["epoch"] for row in history]
+    fig, axes = plt.subplots(1, 3, figsize=(15, 4))
+    axes[0].plot(epochs, [row["train_loss"] for row in history], marker="o")
+    axes[0].set_title("train loss")
+    axes[1].plot(epochs, [row["val_top1"] for row in history], marker="o", label="top-1")
+    axes[1].plot(epochs, [row["val_top5"] for row in history], marker=".", label="top-5")
+    axes[1].set_title("validation accuracy (%)")
+    axes[1].legend()
+    axes[2].plot(epochs, [row["lr"] for row in history], marker="o")
+    axes[2].set_title("learning rate (end of epoch)")
+    for ax in axes:
+        ax.set_xlabel("epoch")
+        ax.grid(alpha=0.3)
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+    return Path(path)

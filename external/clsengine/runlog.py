@@ -1,0 +1,79 @@
+"""Where a training run reports: a text log, a per-epoch CSV, TensorBoard scalars and a curves PNG."""
+from __future__ import annotations
+
+import csv
+import logging
+import os
+import sys
+from pathlib import Path
+
+from .plots import plot_training_curves
+
+HISTORY_FIELDS = ("epoch", "train_loss", "val_loss", "val_top1", "val_top5", "lr", "epoch_time_s", "images_per_s")
+
+
+def get_logger(log_file: str | os.PathLike | None = None, name: str = "clsengine") -> logging.Logger:
+    """Console (message only) plus an optional timestamped log file."""
+    logger = logging.getLogger(name)
+    logger.setLevel(logging.INFO)
+    logger.propagate = False
+    if not any(isinstance(h, logging.StreamHandler) and not isinstance(h, logging.FileHandler)
+               for h in logger.handlers):
+        console = logging.StreamHandler(sys.stdout)
+        console.setFormatter(logging.Formatter("%(message)s"))
+        logger.addHandler(console)
+    if log_file is not None:
+        log_file = str(Path(log_file).resolve())
+        for h in list(logger.handlers):
+            if isinstance(h, logging.FileHandler):
+                logger.removeHandler(h)
+                h.close()
+        file_handler = logging.FileHandler(log_file, mode="a", encoding="utf-8")
+        file_handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(message)s"))
+        logger.addHandler(file_handler)
+    return logger
+
+
+class RunLog:
+    """Epoch-level records of a run. `history` is the source of truth and lives in every checkpoint,
+    so a resumed run rewrites the CSV, curves and TensorBoard from it without duplicates."""
+
+    def __init__(self, output_dir: Path, tensorboard_dir: Path | None, history: list[dict] | None = None):
+        self.output_dir = Path(output_dir)
+        self.history: list[dict] = list(history or [])
+        self.csv_path = self.output_dir / "history.csv"
+        self.curves_path = self.output_dir / "training_curves.png"
+        self.writer = None
+        if tensorboard_dir is not None:
+            from torch.utils.tensorboard import SummaryWriter
+            self.writer = SummaryWriter(str(tensorboard_dir), purge_step=len(self.history) + 1)
+        self._write_csv()
+
+    def add_epoch(self, row: dict) -> None:
+        self.history.append({k: row[k] for k in HISTORY_FIELDS})
+        if self.writer is not None:
+            step = row["epoch"]
+            self.writer.add_scalar("train/loss", row["train_loss"], step)
+            self.writer.add_scalar("train/lr", row["lr"], step)
+            self.writer.add_scalar("train/images_per_s", row["images_per_s"], step)
+            self.writer.add_scalar("val/loss", row["val_loss"], step)
+            self.writer.add_scalar("val/top1", row["val_top1"], step)
+            self.writer.add_scalar("val/top5", row["val_top5"], step)
+            self.writer.flush()
+
+    def flush(self) -> None:
+        self._write_csv()
+        if self.history:
+            plot_training_curves(self.history, self.curves_path)
+
+    def _write_csv(self) -> None:
+        tmp = self.csv_path.with_suffix(".csv.tmp")
+        with open(tmp, "w", newline="") as f:
+            writer = csv.DictWriter(f, fieldnames=HISTORY_FIELDS)
+            writer.writeheader()
+            writer.writerows(self.history)
+        os.replace(tmp, self.csv_path)
+
+    def close(self) -> None:
+        if self.writer is not None:
+            self.writer.close()

@@ -1,0 +1,44 @@
+#!/usr/bin/env bash
+# Creates .venv in the repository root with everything the workbench needs.
+# Idempotent: re-running only installs what is missing or out of date.
+#
+#   TORCH_INDEX_URL   optional wheel index for torch/torchvision, e.g.
+#                     https://download.pytorch.org/whl/cpu  or  .../whl/cu124
+#   PYTHON            interpreter used to create the venv (default: python3)
+set -euo pipefail
+
+ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)"
+VENV="${ROOT}/.venv"
+PYTHON="${PYTHON:-python3}"
+
+if ! "${PYTHON}" -c 'import sys; sys.exit(sys.version_info < (3, 10))' 2>/dev/null; then
+    echo "init_venv.sh: ${PYTHON} must be Python 3.10 or newer" >&2
+    exit 1
+fi
+
+if [ ! -x "${VENV}/bin/python" ]; then
+    echo "Creating ${VENV}"
+    "${PYTHON}" -m venv "${VENV}"
+fi
+PIP=("${VENV}/bin/python" -m pip)
+# Some pip configurations list index folders that do not exist; their warnings are noise here.
+quiet_pip() { "${PIP[@]}" "$@" 2> >(grep -v "is ignored: it is neither a file nor a directory" >&2); }
+quiet_pip install --quiet --upgrade pip setuptools wheel
+
+torch_args=()
+if [ -n "${TORCH_INDEX_URL:-}" ]; then
+    torch_args=(--index-url "${TORCH_INDEX_URL}")
+fi
+echo "Installing torch and torchvision"
+quiet_pip install --quiet "${torch_args[@]}" "torch>=2.4" "torchvision>=0.19"
+
+echo "Installing the engine (editable) and its dependencies"
+quiet_pip install --quiet -e "${ROOT}/external[dev]"
+
+"${VENV}/bin/python" - <<'PY'
+import torch, torchvision, openvino, nncf, optuna, albumentations, torch_lr_finder, yaml
+print(f"torch {torch.__version__}, torchvision {torchvision.__version__}, openvino {openvino.__version__}, "
+      f"nncf {nncf.__version__}, optuna {optuna.__version__}, albumentations {albumentations.__version__}; "
+      f"CUDA available: {torch.cuda.is_available()}")
+PY
+echo "Done. Activate with: source ${VENV}/bin/activate"

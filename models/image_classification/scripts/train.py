@@ -1,0 +1,127 @@
+#!/usr/bin/env python3
+"""Train this work dir's model on a class-folder dataset.
+
+  python train.py --train-ann-files '' --train-data-roots DATA/train \\
+                  --val-ann-files '' --val-data-roots DATA/val --save-checkpoints-to outputs
+
+Data roots fall back to $TRAIN_DATA_ROOT / $VAL_DATA_ROOT. Any template key can be overridden with
+KEY=VALUE arguments (e.g. training.optimizer.name=adamw); the effective configuration is written to
+<save-checkpoints-to>/config.yaml. An interrupted run continues with --resume-from <dir>/latest.pth.
+"""
+from __future__ import annotations
+
+import argparse
+import platform
+import sys
+from pathlib import Path
+
+import torch
+
+from clsengine import data as D
+from clsengine.checkpoint import load_checkpoint
+from clsengine.errors import UserError
+from clsengine.loop import FitConfig, fit
+from clsengine.models import freeze_backbone
+from clsengine.runlog import get_logger
+from clsengine.utils import seed_everything, select_device
+from workbench import builders as B
+from workbench import cli
+from workbench.template import dump_config, load_template, template_from_dict
+
+FLAG_KEYS = {"epochs": "hyper_parameters.basic.epochs", "batch_size": "hyper_parameters.basic.batch_size",
+             "base_learning_rate": "hyper_parameters.basic.base_learning_rate", "gpu_num": "gpu_num",
+             "workers": "training.workers"}
+
+
+def parse_args() -> argparse.Namespace:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    cli.add_data_args(p, "train", "TRAIN_DATA_ROOT")
+    cli.add_data_args(p, "val", "VAL_DATA_ROOT")
+    p.add_argument("--save-checkpoints-to", default=str(cli.WORK_DIR / "outputs"),
+                   help="output folder: checkpoints, config.yaml, logs (default: WORK_DIR/outputs)")
+    p.add_argument("--load-weights", default=None,
+                   help="initial weights (default: WORK_DIR/snapshot.pth when instantiate fetched one)")
+    p.add_argument("--resume-from", default=None, help="latest.pth of an interrupted run to continue")
+    p.add_argument("--tensorboard-dir", default=None, help="TensorBoard folder (default: <output>/tensorboard)")
+    p.add_argument("--epochs", type=int, default=None, help="override hyper_parameters.basic.epochs")
+    p.add_argument("--base-learning-rate", type=float, default=None,
+                   help="override hyper_parameters.basic.base_learning_rate")
+    cli.add_runtime_args(p)
+    cli.add_template_args(p)
+    return p.parse_args()
+
+
+def main() -> int:
+    args = parse_args()
+    overrides = cli.collect_overrides(args, FLAG_KEYS)
+    resume = load_checkpoint(args.resume_from) if args.resume_from else None
+    if resume is not None:
+        if "config" not in resume:
+            raise UserError(f"{args.resume_from} is a weights file, not a training checkpoint; "
+                                f"use --load-weights to start from it")
+        # The checkpoint's configuration is authoritative; flags given now (e.g. --epochs) still apply.
+        t = template_from_dict(resume["config"]["template"], f"checkpoint {args.resume_from}", overrides)
+    else:
+        t = load_template(args.template, overrides)
+
+    out = Path(args.save_checkpoints_to).resolve()
+    out.mkdir(parents=True, exist_ok=True)
+    logger = get_logger(out / "train.log")
+    seed_everything(t.training.seed, t.training.deterministic)
+    device = select_device(t.gpu_num)
+
+    train_scan = D.scan_folder(cli.data_root(args, "train", "TRAIN_DATA_ROOT"))
+    val_scan = D.scan_folder(cli.data_root(args, "val", "VAL_DATA_ROOT"))
+    D.check_same_classes(train_scan.classes, val_scan.classes, f"train data {train_scan.root}",
+                         f"val data {val_scan.root}")
+    classes = train_scan.classes
+    if resume is not None:
+        D.check_same_classes(resume["classes"], classes, f"checkpoint {args.resume_from}",
+                             f"train data {train_scan.root}")
+    for scan in (train_scan, val_scan):
+        B.report_skipped(scan, logger, out / "skipped_images.txt")
+    logger.info(f"{t.name}: {len(classes)} classes, {len(train_scan.samples)} train / "
+                f"{len(val_scan.samples)} val images, device {device}")
+
+    weights = args.load_weights
+    if weights is None and (cli.WORK_DIR / "snapshot.pth").is_file():
+        weights = str(cli.WORK_DIR / "snapshot.pth")
+    if resume is not None:
+        weights = None
+    model = B.build_model(t, len(classes), pretrained=weights)
+    logger.info(f"Initial weights: {weights}" if weights else "Training from scratch")
+    if t.training.freeze_backbone:
+        freeze_backbone(model)
+    model.to(device)
+
+    basic = t.hyper_parameters.basic
+    train_loader = B.make_loader(D.ImageDataset(train_scan.samples, classes, B.train_transform(t)), t,
+                                 basic.batch_size, train=True, device=device)
+    val_loader = B.make_loader(D.ImageDataset(val_scan.samples, classes, B.eval_transform(t)), t,
+                               basic.batch_size, train=False, device=device)
+    optimizer = B.build_optimizer(t, model)
+    scheduler = B.build_scheduler(t, optimizer, len(train_loader))
+
+    config = {
+        "template": t.to_dict(),
+        "classes": classes,
+        "run": {"command": " ".join(sys.argv), "train_data_root": str(train_scan.root),
+                "val_data_root": str(val_scan.root), "initial_weights": weights, "resumed_from": args.resume_from,
+                "device": str(device), "torch": str(torch.__version__), "python": platform.python_version()},
+    }
+    dump_config(config, out / "config.yaml")
+    tensorboard_dir = Path(args.tensorboard_dir or out / "tensorboard") if t.tensorboard else None
+    fit_cfg = FitConfig(epochs=basic.epochs, output_dir=out,
+                        early_stopping_patience=t.training.early_stopping_patience,
+                        tensorboard_dir=tensorboard_dir, max_grad_norm=t.training.optimizer.max_grad_norm,
+                        checkpoint_extra={"config": config, "classes": classes, "arch": t.model.architecture})
+    result = fit(model, train_loader, val_loader, B.build_loss(t), optimizer, scheduler, device, fit_cfg, logger,
+                 resume=resume)
+    logger.info(f"Done: best val top-1 {result['best_top1']:.2f} at epoch {result['best_epoch']}. "
+                f"Results in {out}: latest.pth, best.pth, config.yaml, train.log, history.csv, training_curves.png"
+                + (f", TensorBoard logs in {tensorboard_dir}" if tensorboard_dir else ""))
+    return 0
+
+
+if __name__ == "__main__":
+    cli.run(main)

@@ -1,0 +1,347 @@
+"""template.yaml: the schema (dataclasses), safe loading with line numbers, validation and overrides.
+
+Every key is declared below with its type and default; an unknown key, a missing required key or a
+value of the wrong type is a TemplateError naming the file, the line and the dotted key.
+"""
+from __future__ import annotations
+
+import copy
+import dataclasses
+import difflib
+import types
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Union
+
+import yaml
+
+from clsengine.errors import UserError
+
+
+class TemplateError(UserError):
+    pass
+
+
+# ----------------------------------------------------------------------------------------------- schema
+@dataclass
+class ModelSection:
+    architecture: str                       # a name from clsengine.models.list_models()
+    width_mult: float = 1.0                 # channel multiplier (MobileNets)
+    dropout: float | None = None            # dropout before the classifier; null keeps torchvision's default
+    small_input: bool = False               # stem stride 1 (and no max-pool) for inputs like 32x32
+
+
+@dataclass
+class InputSection:
+    size: list[int] = field(default_factory=lambda: [224, 224])                    # height, width
+    mean: list[float] = field(default_factory=lambda: [123.675, 116.28, 103.53])   # 0..255 scale
+    std: list[float] = field(default_factory=lambda: [58.395, 57.12, 57.375])
+    channel_order: str = "RGB"              # order of mean/std and of the tensors the network sees
+
+
+@dataclass
+class BasicHyperParameters:
+    batch_size: int
+    base_learning_rate: float
+    epochs: int
+
+
+@dataclass
+class HyperParameters:
+    basic: BasicHyperParameters
+
+
+@dataclass
+class OptimizerSection:
+    name: str = "sgd"                       # sgd | asgd | adam | adamw
+    momentum: float = 0.9
+    nesterov: bool = False
+    weight_decay: float = 5e-4
+    no_bias_decay: bool = True              # no weight decay on biases and normalisation weights
+    max_grad_norm: float | None = None      # gradient clipping; null disables it
+
+
+@dataclass
+class SchedulerSection:
+    name: str = "cosine"                    # cosine | plateau | constant
+    warmup_epochs: float = 1.0
+    warmup_factor: float = 0.1              # warm-up starts at this fraction of the learning rate
+    min_lr: float = 0.0
+    factor: float = 0.1                     # plateau: LR multiplier on each reduction
+    patience: int = 5                       # plateau: epochs without improvement before reducing
+
+
+@dataclass
+class LossSection:
+    name: str = "softmax"
+    label_smoothing: float = 0.0
+
+
+@dataclass
+class AugmentationSection:
+    random_resized_crop_scale: list[float] = field(default_factory=lambda: [0.6, 1.0])
+    hflip: float = 0.5
+    vflip: float = 0.0
+    rotate_limit: float = 0.0
+    rotate_p: float = 0.0
+    color_jitter: float = 0.0
+    color_jitter_p: float = 0.0
+
+
+@dataclass
+class TrainingSection:
+    optimizer: OptimizerSection = field(default_factory=OptimizerSection)
+    scheduler: SchedulerSection = field(default_factory=SchedulerSection)
+    loss: LossSection = field(default_factory=LossSection)
+    augmentation: AugmentationSection = field(default_factory=AugmentationSection)
+    early_stopping_patience: int | None = None
+    freeze_backbone: bool = False
+    seed: int = 5
+    deterministic: bool = False
+    workers: int = 2
+
+
+@dataclass
+class Metric:
+    display_name: str
+    key: str                                # size | complexity | accuracy | ...
+    unit: str
+    value: float
+
+
+@dataclass
+class OutputFormat:
+    onnx: bool = True
+    openvino: bool = True
+    openvino_input_format: str = "BGR"
+
+
+@dataclass
+class Snapshot:
+    location: str                           # URL or path (relative paths are relative to the template)
+    sha256: str
+    size: int
+
+
+@dataclass
+class Template:
+    name: str
+    domain: str
+    problem: str
+    framework: str
+    summary: str
+    model: ModelSection
+    hyper_parameters: HyperParameters
+    input: InputSection = field(default_factory=InputSection)
+    training: TrainingSection = field(default_factory=TrainingSection)
+    metrics: list[Metric] = field(default_factory=list)
+    output_format: OutputFormat = field(default_factory=OutputFormat)
+    snapshot: Snapshot | None = None
+    gpu_num: int = 1
+    training_target: list[str] = field(default_factory=lambda: ["CPU", "GPU"])
+    inference_target: list[str] = field(default_factory=lambda: ["CPU", "iGPU", "NPU"])
+    tensorboard: bool = True
+
+    def metric(self, key: str) -> Metric | None:
+        return next((m for m in self.metrics if m.key == key), None)
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+
+# ------------------------------------------------------------------------------------- loading with lines
+def _line_map(text: str) -> dict[str, int]:
+    """Dotted key path -> 1-based line number, from the YAML node tree."""
+    lines: dict[str, int] = {}
+
+    def walk(node: yaml.Node, prefix: str) -> None:
+        if isinstance(node, yaml.MappingNode):
+            for key_node, value_node in node.value:
+                path = f"{prefix}.{key_node.value}" if prefix else str(key_node.value)
+                lines[path] = key_node.start_mark.line + 1
+                walk(value_node, path)
+        elif isinstance(node, yaml.SequenceNode):
+            for i, item in enumerate(node.value):
+                path = f"{prefix}[{i}]"
+                lines[path] = item.start_mark.line + 1
+                walk(item, path)
+
+    root = yaml.compose(text, Loader=yaml.SafeLoader)
+    if root is not None:
+        walk(root, "")
+    return lines
+
+
+class _Validator:
+    def __init__(self, source: str, lines: dict[str, int], overridden: set[str] = frozenset()):
+        self.source = source
+        self.lines = lines
+        self.overridden = overridden
+
+    def where(self, path: str) -> str:
+        """'file:line' of the innermost key of `path` that has a position (or the override that set it)."""
+        probe = path
+        while probe:
+            if probe in self.overridden:
+                return f"{self.source} (command-line override {probe})"
+            if probe in self.lines:
+                return f"{self.source}:{self.lines[probe]}"
+            probe = probe[:probe.rindex("[")] if probe.endswith("]") else probe.rpartition(".")[0]
+        return self.source
+
+    def fail(self, path: str, message: str) -> TemplateError:
+        return TemplateError(f"{self.where(path)}: {message}")
+
+    def build(self, cls: type, data: Any, path: str) -> Any:
+        if not isinstance(data, dict):
+            raise self.fail(path, f"'{path or 'template'}' must be a mapping, got {type(data).__name__}")
+        hints = typing.get_type_hints(cls)
+        fields = {f.name: f for f in dataclasses.fields(cls)}
+        for key in data:
+            if key not in fields:
+                dotted = f"{path}.{key}" if path else str(key)
+                close = difflib.get_close_matches(str(key), list(fields), n=1)
+                hint = f" (did you mean '{close[0]}'?)" if close else f" (allowed: {', '.join(fields)})"
+                raise self.fail(dotted, f"unknown key '{dotted}'{hint}")
+        kwargs = {}
+        for name, f in fields.items():
+            dotted = f"{path}.{name}" if path else name
+            if name in data:
+                kwargs[name] = self.value(hints[name], data[name], dotted)
+            elif f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING:
+                raise self.fail(path, f"missing required key '{dotted}'")
+        return cls(**kwargs)
+
+    def value(self, tp: Any, value: Any, path: str) -> Any:
+        origin = typing.get_origin(tp)
+        if origin in (Union, types.UnionType):
+            args = typing.get_args(tp)
+            if value is None and type(None) in args:
+                return None
+            inner = [a for a in args if a is not type(None)]
+            return self.value(inner[0], value, path)
+        if dataclasses.is_dataclass(tp):
+            return self.build(tp, value, path)
+        if origin is list:
+            (item_tp,) = typing.get_args(tp)
+            if not isinstance(value, list):
+                raise self.fail(path, f"'{path}' must be a list, got {value!r}")
+            return [self.value(item_tp, v, f"{path}[{i}]") for i, v in enumerate(value)]
+        if tp is bool:
+            if not isinstance(value, bool):
+                raise self.fail(path, f"'{path}' must be true or false, got {value!r}")
+            return value
+        if tp is int:
+            if isinstance(value, bool) or not isinstance(value, int):
+                raise self.fail(path, f"'{path}' must be an integer, got {value!r}")
+            return value
+        if tp is float:
+            if isinstance(value, bool) or not isinstance(value, (int, float)):
+                raise self.fail(path, f"'{path}' must be a number, got {value!r}")
+            return float(value)
+        if tp is str:
+            if not isinstance(value, str):
+                raise self.fail(path, f"'{path}' must be a string, got {value!r}")
+            return value
+        raise TypeError(f"unsupported schema type {tp} at {path}")
+
+
+def _check_semantics(t: Template, v: _Validator) -> None:
+    """Constraints a type alone cannot express."""
+    from clsengine.models import list_models
+
+    if t.model.architecture not in list_models():
+        raise v.fail("model.architecture", f"unknown architecture '{t.model.architecture}' "
+                                           f"(known: {', '.join(list_models())})")
+    checks = [
+        ("input.size", len(t.input.size) == 2 and all(s >= 8 for s in t.input.size), "two sizes >= 8 [height, width]"),
+        ("input.mean", len(t.input.mean) == 3, "three values"),
+        ("input.std", len(t.input.std) == 3 and all(s > 0 for s in t.input.std), "three positive values"),
+        ("input.channel_order", t.input.channel_order in ("RGB", "BGR"), "RGB or BGR"),
+        ("hyper_parameters.basic.batch_size", t.hyper_parameters.basic.batch_size >= 1, "at least 1"),
+        ("hyper_parameters.basic.epochs", t.hyper_parameters.basic.epochs >= 1, "at least 1"),
+        ("hyper_parameters.basic.base_learning_rate", t.hyper_parameters.basic.base_learning_rate > 0, "positive"),
+        ("training.optimizer.name", t.training.optimizer.name in ("sgd", "asgd", "adam", "adamw"),
+         "one of sgd, asgd, adam, adamw"),
+        ("training.scheduler.name", t.training.scheduler.name in ("cosine", "plateau", "constant"),
+         "one of cosine, plateau, constant"),
+        ("training.loss.name", t.training.loss.name in ("softmax",), "softmax"),
+        ("training.workers", t.training.workers >= 0, "0 or more"),
+        ("training.augmentation.random_resized_crop_scale",
+         len(t.training.augmentation.random_resized_crop_scale) == 2
+         and 0 < t.training.augmentation.random_resized_crop_scale[0] <= t.training.augmentation.random_resized_crop_scale[1] <= 1,
+         "[min, max] with 0 < min <= max <= 1"),
+        ("gpu_num", t.gpu_num >= 0, "0 or more"),
+        ("output_format.openvino_input_format", t.output_format.openvino_input_format in ("RGB", "BGR"), "RGB or BGR"),
+    ]
+    for path, ok, expected in checks:
+        if not ok:
+            raise v.fail(path, f"'{path}' must be {expected}")
+
+
+def set_dotted(data: dict, dotted: str, value: Any) -> None:
+    """Set data['a']['b'] for 'a.b', creating intermediate mappings."""
+    node = data
+    parts = dotted.split(".")
+    for part in parts[:-1]:
+        child = node.get(part)
+        if child is None:
+            child = node[part] = {}
+        if not isinstance(child, dict):
+            raise TemplateError(f"override '{dotted}': '{part}' is not a mapping")
+        node = child
+    node[parts[-1]] = value
+
+
+def parse_override(text: str) -> tuple[str, Any]:
+    """'training.optimizer.name=adamw' -> ('training.optimizer.name', 'adamw'); values are YAML scalars/lists."""
+    if "=" not in text:
+        raise TemplateError(f"override '{text}' must look like key.sub=value")
+    key, raw = text.split("=", 1)
+    key = key.strip()
+    if not key or any(not p for p in key.split(".")):
+        raise TemplateError(f"override '{text}': empty key")
+    try:
+        return key, yaml.safe_load(raw) if raw.strip() else ""
+    except yaml.YAMLError:
+        raise TemplateError(f"override '{text}': value is not valid YAML") from None
+
+
+def load_template(path: str | Path, overrides: dict[str, Any] | None = None) -> Template:
+    """Parse, apply dotted overrides and validate; every problem is one TemplateError naming file and line."""
+    path = Path(path)
+    if not path.is_file():
+        raise TemplateError(f"template {path} does not exist")
+    text = path.read_text(encoding="utf-8")
+    try:
+        data = yaml.safe_load(text)
+        lines = _line_map(text)
+    except yaml.YAMLError as exc:
+        mark = getattr(exc, "problem_mark", None)
+        where = f"{path}:{mark.line + 1}" if mark else str(path)
+        raise TemplateError(f"{where}: invalid YAML ({getattr(exc, 'problem', exc)})") from None
+    if data is None:
+        raise TemplateError(f"{path}: the template is empty")
+    return template_from_dict(data, str(path), overrides, lines)
+
+
+def template_from_dict(data: Any, source: str, overrides: dict[str, Any] | None = None,
+                       lines: dict[str, int] | None = None) -> Template:
+    """Validate a template mapping (from a file, or the config stored in a checkpoint)."""
+    validator = _Validator(source, lines or {}, set(overrides or {}))
+    if not isinstance(data, dict):
+        raise validator.fail("", "the template must be a mapping of keys")
+    data = copy.deepcopy(data)
+    for key, value in (overrides or {}).items():
+        set_dotted(data, key, value)
+    template = validator.build(Template, data, "")
+    _check_semantics(template, validator)
+    return template
+
+
+def dump_config(config: dict[str, Any], path: str | Path) -> Path:
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(yaml.safe_dump(config, sort_keys=False), encoding="utf-8")
+    return path
