@@ -1,0 +1,82 @@
+"""Shared fixtures: tiny generated image folders, template instantiation, running work-dir scripts."""
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+from PIL import Image
+
+REPO_ROOT = Path(__file__).resolve().parent.parent
+DOMAIN_DIR = REPO_ROOT / "models" / "image_classification"
+TEMPLATES_DIR = DOMAIN_DIR / "model_templates" / "custom-classification"
+TEMPLATE_NAMES = sorted(p.parent.name for p in TEMPLATES_DIR.glob("*/template.yaml"))
+
+sys.path.insert(0, str(DOMAIN_DIR))  # the domain's `workbench` package, as work dirs see it
+sys.path.insert(0, str(REPO_ROOT / "tools"))
+
+COLOURS = [(220, 40, 40), (40, 200, 40), (40, 40, 220), (220, 220, 40), (40, 220, 220)]
+
+
+def make_image_folder(root: Path, classes: int = 3, per_class: int = 4, size: int = 32, seed: int = 0) -> Path:
+    """<root>/class_<i>/<j>.png: noisy images whose mean colour identifies the class (learnable)."""
+    rng = np.random.default_rng(seed)
+    for c in range(classes):
+        folder = root / f"class_{c}"
+        folder.mkdir(parents=True, exist_ok=True)
+        for j in range(per_class):
+            noise = rng.integers(0, 90, size=(size, size, 3))
+            image = np.clip(np.array(COLOURS[c % len(COLOURS)]) * 0.6 + noise, 0, 255).astype(np.uint8)
+            Image.fromarray(image).save(folder / f"{j}.png")
+    return root
+
+
+@pytest.fixture
+def tiny_dataset(tmp_path: Path) -> Path:
+    """train/ and val/ folders with 3 classes of 32x32 images."""
+    make_image_folder(tmp_path / "data" / "train", per_class=4, seed=1)
+    make_image_folder(tmp_path / "data" / "val", per_class=2, seed=2)
+    return tmp_path / "data"
+
+
+def instantiate(template: str | Path, work_dir: Path, *extra: str) -> subprocess.CompletedProcess:
+    """Run tools/instantiate_template.py as a user would."""
+    template_path = Path(template)
+    if not template_path.is_file():
+        template_path = TEMPLATES_DIR / str(template) / "template.yaml"
+    return subprocess.run([sys.executable, str(REPO_ROOT / "tools" / "instantiate_template.py"), str(template_path),
+                           str(work_dir), *extra], capture_output=True, text=True, cwd=DOMAIN_DIR)
+
+
+def run_script(work_dir: Path, script: str, *args: str, env: dict[str, str] | None = None,
+               timeout: float = 600) -> subprocess.CompletedProcess:
+    """Run a work-dir script (train.py, eval.py...) from inside the work dir."""
+    full_env = {k: v for k, v in os.environ.items()
+                if k not in ("TRAIN_DATA_ROOT", "VAL_DATA_ROOT", "TEST_DATA_ROOT")}
+    full_env.update(env or {})
+    return subprocess.run([sys.executable, script, *args], capture_output=True, text=True, cwd=work_dir,
+                          env=full_env, timeout=timeout)
+
+
+def assert_clean_error(result: subprocess.CompletedProcess, *fragments: str) -> None:
+    """A user error: non-zero exit, one 'error:' line naming what is wrong, no traceback."""
+    assert result.returncode == 2, (result.returncode, result.stdout, result.stderr)
+    assert "Traceback" not in result.stderr, result.stderr
+    error_lines = [line for line in result.stderr.splitlines() if line.startswith("error:")]
+    assert len(error_lines) == 1, result.stderr
+    for fragment in fragments:
+        assert fragment in error_lines[0], (fragment, error_lines[0])
+
+
+@pytest.fixture
+def work_dir(tmp_path: Path):
+    """A factory: work_dir('mobilenet_v3_small') instantiates that template into a fresh folder."""
+    def make(template: str = "mobilenet_v3_small") -> Path:
+        path = tmp_path / f"wd_{template}"
+        result = instantiate(template, path, "--do-not-load-snapshot")
+        assert result.returncode == 0, result.stderr
+        return path
+    return make
