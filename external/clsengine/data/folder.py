@@ -53,7 +53,7 @@ def scan_folder(root: str | os.PathLike, verify: bool = True) -> FolderScan:
     empty: list[str] = []
     for label, name in enumerate(classes):
         files = sorted(p for p in (root / name).rglob("*") if p.is_file() and is_image_file(p)
-                       and not p.name.startswith("."))
+                       and not any(part.startswith(".") for part in p.relative_to(root / name).parts))
         n_before = len(samples)
         for path in files:
             reason = check_image(path) if verify else None

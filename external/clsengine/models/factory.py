@@ -80,11 +80,14 @@ def _make_small_input(model: nn.Module) -> None:
 
 
 def create_model(name: str, num_classes: int, *, width_mult: float = 1.0, dropout: float | None = None,
-                 small_input: bool = False, pretrained: str | os.PathLike | None = None) -> nn.Module:
+                 small_input: bool = False, bn_momentum: float | None = None,
+                 pretrained: str | os.PathLike | None = None) -> nn.Module:
     """Build a torchvision architecture with a `num_classes` classifier.
 
     `pretrained` is a local weights file (a checkpoint or a state dict); layers whose shapes do not
     match (the classifier, when the class count differs) keep their fresh initialisation.
+    `bn_momentum` replaces the architecture's BatchNorm momentum (torchvision's MobileNetV3 uses 0.01,
+    tuned for long ImageNet runs, which leaves running statistics unusable after short runs).
     The model carries `default_cfg` (input size, mean, std) and `head_name` (its classifier attribute).
     """
     if num_classes < 1:
@@ -103,6 +106,10 @@ def create_model(name: str, num_classes: int, *, width_mult: float = 1.0, dropou
         setattr(model, spec.head, nn.Sequential(nn.Dropout(float(dropout)), head))
     if small_input:
         _make_small_input(model)
+    if bn_momentum is not None:
+        for module in model.modules():
+            if isinstance(module, nn.modules.batchnorm._BatchNorm):
+                module.momentum = float(bn_momentum)
     model.default_cfg = dict(spec.default_cfg)
     model.head_name = spec.head
     model.arch_name = name

@@ -24,7 +24,7 @@ def input_size(t: Template) -> tuple[int, int]:
 def build_model(t: Template, num_classes: int, pretrained: str | None = None) -> nn.Module:
     m = t.model
     return create_model(m.architecture, num_classes, width_mult=m.width_mult, dropout=m.dropout,
-                        small_input=m.small_input, pretrained=pretrained)
+                        small_input=m.small_input, bn_momentum=m.bn_momentum, pretrained=pretrained)
 
 
 def eval_transform(t: Template) -> D.transforms.Pipeline:

@@ -30,6 +30,7 @@ class ModelSection:
     width_mult: float = 1.0                 # channel multiplier (MobileNets)
     dropout: float | None = None            # dropout before the classifier; null keeps torchvision's default
     small_input: bool = False               # stem stride 1 (and no max-pool) for inputs like 32x32
+    bn_momentum: float | None = None        # BatchNorm momentum; null keeps the architecture's own
 
 
 @dataclass
