@@ -10,6 +10,7 @@ import urllib.request
 from pathlib import Path
 from urllib.parse import urlparse
 
+from .checkpoint import _UMASK
 from .errors import UserError
 
 
@@ -39,6 +40,7 @@ def fetch_snapshot(location: str, destination: str | os.PathLike, sha256: str | 
     destination = Path(destination)
     destination.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp_name = tempfile.mkstemp(dir=destination.parent, prefix=".download-")
+    os.fchmod(fd, 0o666 & ~_UMASK)
     tmp = Path(tmp_name)
     try:
         with os.fdopen(fd, "wb") as out:
@@ -46,6 +48,8 @@ def fetch_snapshot(location: str, destination: str | os.PathLike, sha256: str | 
                 try:
                     with urllib.request.urlopen(location, timeout=timeout) as response:
                         shutil.copyfileobj(response, out)
+                except urllib.error.HTTPError as exc:
+                    raise UserError(f"cannot download {location}: HTTP {exc.code} {exc.reason}") from None
                 except (urllib.error.URLError, TimeoutError, ConnectionError, OSError) as exc:
                     reason = getattr(exc, "reason", exc)
                     raise OfflineError(f"cannot download {location} ({reason}); "
