@@ -4,14 +4,13 @@ from __future__ import annotations
 import hashlib
 import os
 import shutil
-import tempfile
 import urllib.error
 import urllib.request
 from pathlib import Path
 from urllib.parse import urlparse
 
-from .checkpoint import _UMASK
 from .errors import UserError
+from .fileio import atomic_output
 
 
 class OfflineError(UserError):
@@ -38,12 +37,8 @@ def fetch_snapshot(location: str, destination: str | os.PathLike, sha256: str | 
     its size or digest differ from what the template declares.
     """
     destination = Path(destination)
-    destination.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp_name = tempfile.mkstemp(dir=destination.parent, prefix=".download-")
-    os.fchmod(fd, 0o666 & ~_UMASK)
-    tmp = Path(tmp_name)
-    try:
-        with os.fdopen(fd, "wb") as out:
+    with atomic_output(destination) as tmp:
+        with open(tmp, "wb") as out:
             if is_url(location):
                 try:
                     with urllib.request.urlopen(location, timeout=timeout) as response:
@@ -67,7 +62,4 @@ def fetch_snapshot(location: str, destination: str | os.PathLike, sha256: str | 
             digest = sha256_of(tmp)
             if digest.lower() != sha256.lower():
                 raise UserError(f"snapshot {location}: sha256 {digest}, expected {sha256}")
-        os.replace(tmp, destination)
-        return destination
-    finally:
-        tmp.unlink(missing_ok=True)
+    return destination

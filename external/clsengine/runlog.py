@@ -7,6 +7,7 @@ import os
 import sys
 from pathlib import Path
 
+from .fileio import atomic_output
 from .plots import plot_training_curves
 
 HISTORY_FIELDS = ("epoch", "train_loss", "val_loss", "val_top1", "val_top5", "lr", "epoch_time_s", "images_per_s")
@@ -67,12 +68,10 @@ class RunLog:
             plot_training_curves(self.history, self.curves_path)
 
     def _write_csv(self) -> None:
-        tmp = self.csv_path.with_suffix(".csv.tmp")
-        with open(tmp, "w", newline="") as f:
+        with atomic_output(self.csv_path) as tmp, open(tmp, "w", newline="") as f:
             writer = csv.DictWriter(f, fieldnames=HISTORY_FIELDS)
             writer.writeheader()
             writer.writerows(self.history)
-        os.replace(tmp, self.csv_path)
 
     def close(self) -> None:
         if self.writer is not None:
