@@ -696,7 +696,8 @@ def _csv_rows(path: Path) -> list[dict]:
 
 
 def _comparable(row: dict) -> dict:
-    return {k: (float(v) if k != "epoch" else int(v)) for k, v in row.items()
+    """Timing-free values; an empty field (no EMA in this run) stays the empty string."""
+    return {k: (int(v) if k == "epoch" else float(v) if v != "" else v) for k, v in row.items()
             if k not in ("epoch_time_s", "images_per_s")}
 
 

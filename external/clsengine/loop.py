@@ -5,6 +5,7 @@ import logging
 import math
 import sys
 import time
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Iterable
@@ -15,6 +16,7 @@ from tqdm import tqdm
 
 from .checkpoint import rng_state, save_checkpoint, set_rng_state
 from .errors import UserError
+from .losses.mutual import mutual_losses
 from .metrics import topk_correct
 from .optim.scheduler import WarmupScheduler
 from .runlog import RunLog
@@ -39,30 +41,112 @@ def _progress(iterable: Iterable, total: int, desc: str, enabled: bool) -> tqdm:
                 mininterval=0.5 if interactive else 30.0, unit="batch")
 
 
+@dataclass
+class Recipe:
+    """The optional parts of the recipe that live inside the loop; the defaults give a plain loop.
+
+    SAM needs nothing here: it is recognised by its optimizer (an object with first_step/second_step).
+    """
+    aux_models: list[nn.Module] = field(default_factory=list)       # mutual learning partners
+    aux_criteria: list[nn.Module] = field(default_factory=list)
+    mutual_weight: float = 1.0
+    mutual_temperature: float = 1.0
+    mutual_off_after_epoch: int | None = None
+    ema: nn.Module | None = None                                      # torch AveragedModel of the main model
+    amp_dtype: torch.dtype | None = None                              # autocast dtype; None: full precision
+    grad_scaler: torch.amp.GradScaler | None = None                   # fp16 only
+
+    def mutual_weight_at(self, epoch: int) -> float:
+        """Weight of the mutual term in (0-based) epoch `epoch`."""
+        if not self.aux_models or (self.mutual_off_after_epoch is not None and epoch >= self.mutual_off_after_epoch):
+            return 0.0
+        return self.mutual_weight
+
+
+@contextmanager
+def _frozen_bn_stats(models: list[nn.Module]):
+    """Keep BatchNorm running statistics unchanged (SAM's second pass sees the same batch again)."""
+    saved = []
+    for model in models:
+        for m in model.modules():
+            if isinstance(m, nn.modules.batchnorm._BatchNorm) and m.momentum is not None:
+                saved.append((m, m.momentum))
+                m.momentum = 0.0
+    try:
+        yield
+    finally:
+        for m, momentum in saved:
+            m.momentum = momentum
+
+
+def _losses(models: list[nn.Module], criteria: list[nn.Module], images: torch.Tensor, labels: torch.Tensor,
+            recipe: Recipe, mutual_weight: float) -> list[torch.Tensor]:
+    """One loss per model: its own criterion plus, with mutual learning, the weighted KL to the others."""
+    with torch.autocast(images.device.type, dtype=recipe.amp_dtype or torch.float32,
+                        enabled=recipe.amp_dtype is not None):
+        logits = [m(images) for m in models]
+    losses = [criterion(x.float(), labels) for criterion, x in zip(criteria, logits)]
+    if mutual_weight > 0:
+        losses = [loss + mutual_weight * kl
+                  for loss, kl in zip(losses, mutual_losses(logits, recipe.mutual_temperature))]
+    return losses
+
+
 def train_one_epoch(model: nn.Module, loader, criterion: nn.Module, optimizer: torch.optim.Optimizer,
                     scheduler: WarmupScheduler, device: torch.device, desc: str = "train",
-                    max_grad_norm: float | None = None, progress: bool = True) -> dict[str, float]:
-    model.train()
+                    max_grad_norm: float | None = None, progress: bool = True, recipe: Recipe | None = None,
+                    epoch: int = 0) -> dict[str, float]:
+    """One pass over `loader`. With a SAM optimizer every step takes two forward/backward passes."""
+    recipe = recipe or Recipe()
+    models = [model, *recipe.aux_models]
+    criteria = [criterion, *recipe.aux_criteria]
+    params = [p for m in models for p in m.parameters() if p.requires_grad]
+    mutual_weight = recipe.mutual_weight_at(epoch)
+    sam = hasattr(optimizer, "first_step")
+    scaler = recipe.grad_scaler
+    for m in models:
+        m.train()
+
+    def backward(total: torch.Tensor) -> None:
+        if scaler is not None:
+            scaler.scale(total).backward()
+            if max_grad_norm:
+                scaler.unscale_(optimizer)
+        else:
+            total.backward()
+        if max_grad_norm:
+            nn.utils.clip_grad_norm_(params, max_grad_norm)
+
     total_loss, seen = 0.0, 0
     start = time.perf_counter()
     bar = _progress(loader, len(loader), desc, progress)
     for images, labels in bar:
         images = images.to(device, non_blocking=True)
         labels = labels.to(device, non_blocking=True)
-        logits = model(images)
-        loss = criterion(logits, labels)
-        if not math.isfinite(loss.item()):
-            raise UserError(f"{desc}: the loss became {loss.item()} (learning rate {scheduler.lr:.3g} too high?)")
+        losses = _losses(models, criteria, images, labels, recipe, mutual_weight)
+        main_loss = losses[0].item()
+        if not math.isfinite(main_loss):
+            raise UserError(f"{desc}: the loss became {main_loss} (learning rate {scheduler.lr:.3g} too high?)")
+        backward(sum(losses))
+        if sam:
+            optimizer.first_step(zero_grad=True)
+            with _frozen_bn_stats(models):
+                backward(sum(_losses(models, criteria, images, labels, recipe, mutual_weight)))
+            optimizer.second_step(zero_grad=True)
+        elif scaler is not None:
+            scaler.step(optimizer)
+            scaler.update()
+        else:
+            optimizer.step()
         optimizer.zero_grad(set_to_none=True)
-        loss.backward()
-        if max_grad_norm:
-            nn.utils.clip_grad_norm_(model.parameters(), max_grad_norm)
-        optimizer.step()
         scheduler.step_iter()
-        total_loss += loss.item() * images.shape[0]
+        if recipe.ema is not None:
+            recipe.ema.update_parameters(model)
+        total_loss += main_loss * images.shape[0]
         seen += images.shape[0]
         elapsed = time.perf_counter() - start
-        bar.set_postfix(loss=f"{total_loss / seen:.4f}", lr=f"{scheduler.lr:.3g}", img_s=f"{seen / elapsed:.1f}", refresh=False)
+        bar.set_postfix(loss=f"{total_loss / seen:.4f}", lr=f"{scheduler.lr:.3g}", img_s=f"{seen / elapsed:.1f}",
+                        refresh=False)
     elapsed = time.perf_counter() - start
     return {"loss": total_loss / max(1, seen), "time_s": elapsed, "images_per_s": seen / max(elapsed, 1e-9)}
 
@@ -89,13 +173,16 @@ def validate(model: nn.Module, loader, criterion: nn.Module, device: torch.devic
 
 def fit(model: nn.Module, train_loader, val_loader, criterion: nn.Module, optimizer: torch.optim.Optimizer,
         scheduler: WarmupScheduler, device: torch.device, cfg: FitConfig, logger: logging.Logger,
-        resume: dict[str, Any] | None = None,
-        on_epoch_end: Callable[[int, dict], None] | None = None) -> dict[str, Any]:
+        resume: dict[str, Any] | None = None, on_epoch_end: Callable[[int, dict], None] | None = None,
+        recipe: Recipe | None = None) -> dict[str, Any]:
     """Train for cfg.epochs, validating each epoch; write latest.pth every epoch and best.pth on improvement.
 
-    `resume` is a checkpoint dict written by this function: training continues after its epoch with the
-    optimizer, scheduler, RNG state, history and best metric it holds.
+    With an EMA, both the model and its average are validated and best.pth carries the better weights
+    (`weights_from` says which). `resume` is a checkpoint dict written by this function: training
+    continues after its epoch with the optimizer, scheduler, EMA, auxiliary models, RNG state, history
+    and best metric it holds.
     """
+    recipe = recipe or Recipe()
     output_dir = Path(cfg.output_dir)
     output_dir.mkdir(parents=True, exist_ok=True)
     start_epoch, best_top1, best_epoch, history = 0, -1.0, 0, []
@@ -103,6 +190,12 @@ def fit(model: nn.Module, train_loader, val_loader, criterion: nn.Module, optimi
         model.load_state_dict(resume["model"])
         optimizer.load_state_dict(resume["optimizer"])
         scheduler.load_state_dict(resume["scheduler"])
+        for aux, state in zip(recipe.aux_models, resume.get("aux_models", [])):
+            aux.load_state_dict(state)
+        if recipe.ema is not None and "ema" in resume:
+            recipe.ema.load_state_dict(resume["ema"])
+        if recipe.grad_scaler is not None and "grad_scaler" in resume:
+            recipe.grad_scaler.load_state_dict(resume["grad_scaler"])
         start_epoch = int(resume["epoch"])
         best_top1, best_epoch = float(resume["best_top1"]), int(resume["best_epoch"])
         history = list(resume.get("history", []))
@@ -118,41 +211,60 @@ def fit(model: nn.Module, train_loader, val_loader, criterion: nn.Module, optimi
                     loader.set_epoch(epoch)
             train_stats = train_one_epoch(model, train_loader, criterion, optimizer, scheduler, device,
                                           desc=f"epoch {epoch + 1}/{cfg.epochs}", max_grad_norm=cfg.max_grad_norm,
-                                          progress=cfg.progress)
+                                          progress=cfg.progress, recipe=recipe, epoch=epoch)
             val_stats = validate(model, val_loader, criterion, device, progress=cfg.progress)
+            ema_stats = (validate(recipe.ema.module, val_loader, criterion, device, progress=cfg.progress)
+                         if recipe.ema is not None else None)
+            use_ema = ema_stats is not None and ema_stats["top1"] > val_stats["top1"]
+            score = ema_stats["top1"] if use_ema else val_stats["top1"]
             lr = scheduler.lr
-            scheduler.step_epoch(val_stats["top1"])
-            improved = val_stats["top1"] > best_top1
+            scheduler.step_epoch(score)
+            improved = score > best_top1
             if improved:
-                best_top1, best_epoch = val_stats["top1"], epoch + 1
+                best_top1, best_epoch = score, epoch + 1
             row = {"epoch": epoch + 1, "train_loss": train_stats["loss"], "val_loss": val_stats["loss"],
-                   "val_top1": val_stats["top1"], "val_top5": val_stats["top5"], "lr": lr,
+                   "val_top1": val_stats["top1"], "val_top5": val_stats["top5"],
+                   "ema_val_top1": ema_stats["top1"] if ema_stats else "", "lr": lr,
                    "epoch_time_s": train_stats["time_s"], "images_per_s": train_stats["images_per_s"]}
             runlog.add_epoch(row)
             state = {
                 "format": "clsengine-checkpoint-v1",
                 "model": model.state_dict(),
+                "weights_from": "model",
                 "optimizer": optimizer.state_dict(),
                 "scheduler": scheduler.state_dict(),
                 "epoch": epoch + 1,
                 "best_top1": best_top1,
                 "best_epoch": best_epoch,
-                "val_top1": val_stats["top1"],
+                "val_top1": score,
                 "history": runlog.history,
                 "rng": rng_state(),
                 **cfg.checkpoint_extra,
             }
+            if recipe.aux_models:
+                state["aux_models"] = [aux.state_dict() for aux in recipe.aux_models]
+            if recipe.ema is not None:
+                state["ema"] = recipe.ema.state_dict()
+            if recipe.grad_scaler is not None:
+                state["grad_scaler"] = recipe.grad_scaler.state_dict()
             save_checkpoint(state, output_dir / "latest.pth")
             if improved:
-                save_checkpoint(state, output_dir / "best.pth")
+                best = dict(state)
+                if use_ema:
+                    best["model"], best["weights_from"] = recipe.ema.module.state_dict(), "ema"
+                save_checkpoint(best, output_dir / "best.pth")
             runlog.flush()
+            ema_text = f"  EMA top-1 {ema_stats['top1']:6.2f}" if ema_stats else ""
             logger.info(f"epoch {epoch + 1:3d}/{cfg.epochs}  loss {train_stats['loss']:.4f}  "
                         f"val loss {val_stats['loss']:.4f}  top-1 {val_stats['top1']:6.2f}  "
-                        f"top-5 {val_stats['top5']:6.2f}  lr {lr:.3g}  {train_stats['time_s']:.1f}s  "
+                        f"top-5 {val_stats['top5']:6.2f}{ema_text}  lr {lr:.3g}  {train_stats['time_s']:.1f}s  "
                         f"{train_stats['images_per_s']:.0f} img/s" + ("  *best*" if improved else ""))
             if on_epoch_end is not None:
                 on_epoch_end(epoch + 1, row)
-            if cfg.early_stopping_patience and epoch + 1 - best_epoch >= cfg.early_stopping_patience:
+            # With reduce-on-plateau, early stopping waits until the LR has been reduced at least once.
+            lr_reduced = scheduler.name != "plateau" or scheduler.num_reductions > 0
+            if (cfg.early_stopping_patience and lr_reduced
+                    and epoch + 1 - best_epoch >= cfg.early_stopping_patience):
                 logger.info(f"Early stopping: no better top-1 for {cfg.early_stopping_patience} epochs")
                 stopped_early = True
                 break

@@ -44,6 +44,9 @@ def plot_training_curves(history: list[dict], path: str | os.PathLike) -> Path:
     axes[0].set_title("train loss")
     axes[1].plot(epochs, [row["val_top1"] for row in history], marker="o", label="top-1")
     axes[1].plot(epochs, [row["val_top5"] for row in history], marker=".", label="top-5")
+    if any(row.get("ema_val_top1", "") != "" for row in history):
+        axes[1].plot(epochs, [row.get("ema_val_top1") or float("nan") for row in history], marker="x",
+                     label="EMA top-1")
     axes[1].set_title("validation accuracy (%)")
     axes[1].legend()
     axes[2].plot(epochs, [row["lr"] for row in history], marker="o")

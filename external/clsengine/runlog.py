@@ -10,7 +10,8 @@ from pathlib import Path
 from .fileio import atomic_output
 from .plots import plot_training_curves
 
-HISTORY_FIELDS = ("epoch", "train_loss", "val_loss", "val_top1", "val_top5", "lr", "epoch_time_s", "images_per_s")
+HISTORY_FIELDS = ("epoch", "train_loss", "val_loss", "val_top1", "val_top5", "ema_val_top1", "lr", "epoch_time_s",
+                  "images_per_s")
 
 
 def get_logger(log_file: str | os.PathLike | None = None, name: str = "clsengine") -> logging.Logger:
@@ -51,7 +52,7 @@ class RunLog:
         self._write_csv()
 
     def add_epoch(self, row: dict) -> None:
-        self.history.append({k: row[k] for k in HISTORY_FIELDS})
+        self.history.append({k: row.get(k, "") for k in HISTORY_FIELDS})
         if self.writer is not None:
             step = row["epoch"]
             self.writer.add_scalar("train/loss", row["train_loss"], step)
@@ -60,6 +61,8 @@ class RunLog:
             self.writer.add_scalar("val/loss", row["val_loss"], step)
             self.writer.add_scalar("val/top1", row["val_top1"], step)
             self.writer.add_scalar("val/top5", row["val_top5"], step)
+            if row.get("ema_val_top1", "") != "":
+                self.writer.add_scalar("val/ema_top1", row["ema_val_top1"], step)
             self.writer.flush()
 
     def flush(self) -> None:

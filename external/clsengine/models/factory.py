@@ -10,6 +10,7 @@ import torchvision.models as tvm
 
 from ..checkpoint import load_state_dict_file
 from ..errors import CheckpointError, UserError
+from .heads import am_softmax_scale, last_linear, use_cosine_classifier
 
 IMAGENET_MEAN = (123.675, 116.28, 103.53)
 IMAGENET_STD = (58.395, 57.12, 57.375)
@@ -59,18 +60,6 @@ def _spec(name: str) -> ArchSpec:
     return _ARCHS[name]
 
 
-def _last_linear(module: nn.Module) -> tuple[nn.Module, str, nn.Linear]:
-    """(parent, attribute name, layer) of the last nn.Linear inside `module`."""
-    found = None
-    for parent in module.modules():
-        for attr, child in parent.named_children():
-            if isinstance(child, nn.Linear):
-                found = (parent, attr, child)
-    if found is None:
-        raise UserError(f"no linear classifier found in {type(module).__name__}")
-    return found
-
-
 def _make_small_input(model: nn.Module) -> None:
     """Keep resolution for tiny inputs such as 32x32: stem stride 1 and, for ResNets, no max-pool."""
     first_conv = next(m for m in model.modules() if isinstance(m, nn.Conv2d))
@@ -80,12 +69,14 @@ def _make_small_input(model: nn.Module) -> None:
 
 
 def create_model(name: str, num_classes: int, *, width_mult: float = 1.0, dropout: float | None = None,
-                 small_input: bool = False, bn_momentum: float | None = None,
-                 pretrained: str | os.PathLike | None = None) -> nn.Module:
+                 small_input: bool = False, bn_momentum: float | None = None, head: str = "linear",
+                 cosine_scale: float | None = None, pretrained: str | os.PathLike | None = None) -> nn.Module:
     """Build a torchvision architecture with a `num_classes` classifier.
 
     `pretrained` is a local weights file (a checkpoint or a state dict); layers whose shapes do not
     match (the classifier, when the class count differs) keep their fresh initialisation.
+    `head="cosine"` replaces the last linear layer by a CosineLinear (scale `cosine_scale`, by default
+    the AM-softmax rule for `num_classes`), the classifier the AM-softmax loss needs.
     `bn_momentum` replaces the architecture's BatchNorm momentum (torchvision's MobileNetV3 uses 0.01,
     tuned for long ImageNet runs, which leaves running statistics unusable after short runs).
     The model carries `default_cfg` (input size, mean, std) and `head_name` (its classifier attribute).
@@ -102,8 +93,7 @@ def create_model(name: str, num_classes: int, *, width_mult: float = 1.0, dropou
         kwargs["dropout"] = float(dropout)
     model = spec.builder(weights=None, **kwargs)
     if dropout and not spec.takes_dropout:
-        head = getattr(model, spec.head)
-        setattr(model, spec.head, nn.Sequential(nn.Dropout(float(dropout)), head))
+        setattr(model, spec.head, nn.Sequential(nn.Dropout(float(dropout)), getattr(model, spec.head)))
     if small_input:
         _make_small_input(model)
     if bn_momentum is not None:
@@ -113,6 +103,10 @@ def create_model(name: str, num_classes: int, *, width_mult: float = 1.0, dropou
     model.default_cfg = dict(spec.default_cfg)
     model.head_name = spec.head
     model.arch_name = name
+    if head == "cosine":
+        use_cosine_classifier(model, cosine_scale if cosine_scale is not None else am_softmax_scale(num_classes))
+    elif head != "linear":
+        raise UserError(f"unknown head '{head}'; known: linear, cosine")
     if pretrained:
         load_pretrained(model, pretrained)
     return model

@@ -5,6 +5,7 @@ import torch
 import torch.nn as nn
 
 from ..errors import UserError
+from .sam import SAM
 
 OPTIMIZERS = ("sgd", "asgd", "adam", "adamw")
 
@@ -22,19 +23,29 @@ def param_groups(model: nn.Module, weight_decay: float, no_bias_decay: bool) -> 
     return [g for g in groups if g["params"]]
 
 
-def create_optimizer(model: nn.Module, name: str, lr: float, *, momentum: float = 0.9, weight_decay: float = 0.0,
-                     nesterov: bool = False, betas: tuple[float, float] = (0.9, 0.999),
-                     no_bias_decay: bool = False) -> torch.optim.Optimizer:
-    groups = param_groups(model, weight_decay, no_bias_decay)
+def create_optimizer(model: nn.Module | list[nn.Module], name: str, lr: float, *, momentum: float = 0.9,
+                     weight_decay: float = 0.0, nesterov: bool = False, betas: tuple[float, float] = (0.9, 0.999),
+                     no_bias_decay: bool = False, sam_rho: float | None = None,
+                     sam_adaptive: bool = False) -> torch.optim.Optimizer:
+    """One optimizer over the trainable parameters of `model` (or of several models trained together).
+
+    With `sam_rho` the optimizer is wrapped in SAM, which takes two forward/backward passes per step.
+    """
+    models = model if isinstance(model, (list, tuple)) else [model]
+    groups = [g for m in models for g in param_groups(m, weight_decay, no_bias_decay)]
     if not groups:
         raise UserError("the model has no trainable parameters (is everything frozen?)")
     name = name.lower()
     if name == "sgd":
-        return torch.optim.SGD(groups, lr=lr, momentum=momentum, nesterov=nesterov and momentum > 0)
-    if name == "asgd":
-        return torch.optim.ASGD(groups, lr=lr)
-    if name == "adam":
-        return torch.optim.Adam(groups, lr=lr, betas=betas)
-    if name == "adamw":
-        return torch.optim.AdamW(groups, lr=lr, betas=betas)
-    raise UserError(f"unknown optimizer '{name}'; known: {', '.join(OPTIMIZERS)}")
+        cls, kwargs = torch.optim.SGD, {"momentum": momentum, "nesterov": nesterov and momentum > 0}
+    elif name == "asgd":
+        cls, kwargs = torch.optim.ASGD, {}
+    elif name == "adam":
+        cls, kwargs = torch.optim.Adam, {"betas": betas}
+    elif name == "adamw":
+        cls, kwargs = torch.optim.AdamW, {"betas": betas}
+    else:
+        raise UserError(f"unknown optimizer '{name}'; known: {', '.join(OPTIMIZERS)}")
+    if sam_rho is not None:
+        return SAM(groups, cls, rho=sam_rho, adaptive=sam_adaptive, lr=lr, **kwargs)
+    return cls(groups, lr=lr, **kwargs)

@@ -17,7 +17,8 @@ SCHEDULERS = ("cosine", "plateau", "constant")
 class WarmupScheduler:
     def __init__(self, optimizer: torch.optim.Optimizer, name: str, epochs: int, iters_per_epoch: int, *,
                  warmup_epochs: float = 0.0, warmup_factor: float = 0.1, min_lr: float = 0.0,
-                 factor: float = 0.1, patience: int = 5, threshold: float = 1e-4):
+                 factor: float = 0.1, patience: int = 5, threshold: float = 1e-4,
+                 force_decay_at: float | None = None):
         if name not in SCHEDULERS:
             raise UserError(f"unknown scheduler '{name}'; known: {', '.join(SCHEDULERS)}")
         self.optimizer = optimizer
@@ -28,6 +29,8 @@ class WarmupScheduler:
         self.warmup_factor = warmup_factor
         self.min_lr = min_lr
         self.factor, self.patience, self.threshold = factor, patience, threshold
+        # Plateau: if the LR was never reduced by this fraction of the run, reduce it once anyway.
+        self.force_decay_at = force_decay_at
         self.base_lrs = [g.setdefault("initial_lr", g["lr"]) for g in optimizer.param_groups]
         self.iteration = 0
         self.epoch = 0
@@ -67,10 +70,16 @@ class WarmupScheduler:
             else:
                 self.bad_epochs += 1
                 if self.bad_epochs > self.patience:
-                    self.plateau_scale *= self.factor
-                    self.num_reductions += 1
-                    self.bad_epochs = 0
+                    self._reduce()
+            if (self.force_decay_at is not None and self.num_reductions == 0
+                    and self.epoch >= self.force_decay_at * self.epochs):
+                self._reduce()
         self._apply()
+
+    def _reduce(self) -> None:
+        self.plateau_scale *= self.factor
+        self.num_reductions += 1
+        self.bad_epochs = 0
 
     @property
     def lr(self) -> float:

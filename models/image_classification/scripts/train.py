@@ -42,6 +42,9 @@ def parse_args() -> argparse.Namespace:
     p.add_argument("--load-weights", default=None,
                    help="initial weights (default: WORK_DIR/snapshot.pth when instantiate fetched one)")
     p.add_argument("--resume-from", default=None, help="latest.pth of an interrupted run to continue")
+    p.add_argument("--load-aux-weights", default=None, nargs="+",
+                   help="initial weights of the mutual-learning auxiliary models, one file per model "
+                        "(e.g. outputs/latest.pth, which holds them all)")
     p.add_argument("--tensorboard-dir", default=None, help="TensorBoard folder (default: <output>/tensorboard)")
     p.add_argument("--epochs", type=int, default=None, help="override hyper_parameters.basic.epochs")
     p.add_argument("--base-learning-rate", type=float, default=None,
@@ -99,8 +102,20 @@ def main() -> int:
                                  basic.batch_size, train=True, device=device)
     val_loader = B.make_loader(D.ImageDataset(val_scan.samples, classes, B.eval_transform(t)), t,
                                basic.batch_size, train=False, device=device)
-    optimizer = B.build_optimizer(t, model)
+    criterion = B.build_loss(t, len(classes))
+    if t.training.lr_finder.enabled and resume is None:
+        lr = B.find_learning_rate(t, model, criterion, train_loader, val_loader, device, out, logger)
+        t.hyper_parameters.basic.base_learning_rate = lr
+        if t.training.lr_finder.stop_after:
+            dump_config({"template": t.to_dict(), "classes": classes}, out / "config.yaml")
+            logger.info(f"stop_after: the learning rate is {lr:.4g}; train with --base-learning-rate {lr:.4g}")
+            return 0
+    recipe = B.build_recipe(t, model, len(classes), device)
+    if args.load_aux_weights and resume is None:
+        B.load_aux_weights(recipe.aux_models, args.load_aux_weights)
+    optimizer = B.build_optimizer(t, [model, *recipe.aux_models])
     scheduler = B.build_scheduler(t, optimizer, len(train_loader))
+    logger.info(B.describe_recipe(t, recipe))
 
     config = {
         "template": t.to_dict(),
@@ -115,8 +130,8 @@ def main() -> int:
                         early_stopping_patience=t.training.early_stopping_patience,
                         tensorboard_dir=tensorboard_dir, max_grad_norm=t.training.optimizer.max_grad_norm,
                         checkpoint_extra={"config": config, "classes": classes, "arch": t.model.architecture})
-    result = fit(model, train_loader, val_loader, B.build_loss(t), optimizer, scheduler, device, fit_cfg, logger,
-                 resume=resume)
+    result = fit(model, train_loader, val_loader, criterion, optimizer, scheduler, device,
+                 fit_cfg, logger, resume=resume, recipe=recipe)
     logger.info(f"Done: best val top-1 {result['best_top1']:.2f} at epoch {result['best_epoch']}. "
                 f"Results in {out}: latest.pth, best.pth, config.yaml, train.log, history.csv, training_curves.png"
                 + (f", TensorBoard logs in {tensorboard_dir}" if tensorboard_dir else ""))

@@ -8,23 +8,80 @@ import torch
 import torch.nn as nn
 
 from clsengine import data as D
+from clsengine.checkpoint import load_checkpoint, load_model_weights, load_state_dict_file
 from clsengine.complexity import complexity
+from clsengine.ema import create_ema
+from clsengine.errors import UserError
+from clsengine.loop import Recipe
 from clsengine.losses import create_loss
-from clsengine.models import create_model
+from clsengine.models import am_softmax_scale, create_model
 from clsengine.optim import create_optimizer, create_scheduler
 from clsengine.optim.scheduler import WarmupScheduler
 
-from .template import Template
+from .template import LossSection, ModelSection, Template
 
 
 def input_size(t: Template) -> tuple[int, int]:
     return int(t.input.size[0]), int(t.input.size[1])
 
 
-def build_model(t: Template, num_classes: int, pretrained: str | None = None) -> nn.Module:
-    m = t.model
+def cosine_scale(loss: LossSection, num_classes: int) -> float:
+    """The scale shared by a cosine head and its AM-softmax loss."""
+    return loss.scale if loss.scale is not None else am_softmax_scale(num_classes)
+
+
+def _create(m: ModelSection, loss: LossSection, num_classes: int, pretrained: str | None = None) -> nn.Module:
     return create_model(m.architecture, num_classes, width_mult=m.width_mult, dropout=m.dropout,
-                        small_input=m.small_input, bn_momentum=m.bn_momentum, pretrained=pretrained)
+                        small_input=m.small_input, bn_momentum=m.bn_momentum, head=m.head,
+                        cosine_scale=cosine_scale(loss, num_classes), pretrained=pretrained)
+
+
+def build_model(t: Template, num_classes: int, pretrained: str | None = None) -> nn.Module:
+    return _create(t.model, t.training.loss, num_classes, pretrained)
+
+
+def _loss(loss: LossSection, num_classes: int) -> nn.Module:
+    return create_loss(loss.name, label_smoothing=loss.label_smoothing, scale=cosine_scale(loss, num_classes),
+                       margin=loss.margin, margin_type=loss.margin_type)
+
+
+def build_loss(t: Template, num_classes: int) -> nn.Module:
+    return _loss(t.training.loss, num_classes)
+
+
+def build_aux(t: Template, num_classes: int, device: torch.device) -> tuple[list[nn.Module], list[nn.Module]]:
+    """Mutual-learning partners and their losses (empty lists when mutual learning is off)."""
+    ml = t.training.mutual_learning
+    if not ml.enabled:
+        return [], []
+    models = [_create(aux.model, aux.loss, num_classes).to(device) for aux in ml.aux_models]
+    return models, [_loss(aux.loss, num_classes) for aux in ml.aux_models]
+
+
+def amp_dtype(t: Template, device: torch.device) -> torch.dtype | None:
+    """The autocast dtype: 'auto' is bf16 on CUDA devices that support it and full precision on CPU."""
+    amp = t.training.amp
+    if amp == "auto":
+        return torch.bfloat16 if device.type == "cuda" and torch.cuda.is_bf16_supported() else None
+    if amp == "fp16":
+        if device.type != "cuda":
+            raise UserError("training.amp=fp16 needs a CUDA device; use bf16 on CPU")
+        if t.training.optimizer.sam.enabled:
+            raise UserError("training.amp=fp16 cannot be combined with SAM (its loss scaling needs one "
+                            "step per backward); use training.amp=bf16")
+        return torch.float16
+    return torch.bfloat16 if amp == "bf16" else None
+
+
+def build_recipe(t: Template, model: nn.Module, num_classes: int, device: torch.device) -> Recipe:
+    """The in-loop parts of the recipe: auxiliary models, mutual loss, EMA and mixed precision."""
+    aux_models, aux_criteria = build_aux(t, num_classes, device)
+    ml, ema = t.training.mutual_learning, t.training.ema
+    dtype = amp_dtype(t, device)
+    return Recipe(aux_models=aux_models, aux_criteria=aux_criteria, mutual_weight=ml.weight,
+                  mutual_temperature=ml.temperature, mutual_off_after_epoch=ml.off_after_epoch,
+                  ema=create_ema(model, ema.decay, ema.warmup) if ema.enabled else None, amp_dtype=dtype,
+                  grad_scaler=torch.amp.GradScaler("cuda") if dtype == torch.float16 else None)
 
 
 def eval_transform(t: Template) -> D.transforms.Pipeline:
@@ -32,11 +89,7 @@ def eval_transform(t: Template) -> D.transforms.Pipeline:
 
 
 def train_transform(t: Template) -> D.transforms.Pipeline:
-    a = t.training.augmentation
-    aug = D.AugmentationConfig(random_resized_crop_scale=tuple(a.random_resized_crop_scale), hflip=a.hflip,
-                               vflip=a.vflip, rotate_limit=a.rotate_limit, rotate_p=a.rotate_p,
-                               color_jitter=a.color_jitter, color_jitter_p=a.color_jitter_p)
-    return D.build_train_transform(input_size(t), t.input.mean, t.input.std, aug,
+    return D.build_train_transform(input_size(t), t.input.mean, t.input.std, t.training.augmentation,
                                    bgr=t.input.channel_order == "BGR")
 
 
@@ -58,23 +111,123 @@ def make_loader(dataset: D.ImageDataset, t: Template, batch_size: int, train: bo
                          seed=t.training.seed, drop_last=train, pin_memory=device.type == "cuda")
 
 
-def build_optimizer(t: Template, model: nn.Module) -> torch.optim.Optimizer:
+def build_optimizer(t: Template, models: nn.Module | list[nn.Module], lr: float | None = None) -> torch.optim.Optimizer:
     o = t.training.optimizer
-    return create_optimizer(model, o.name, t.hyper_parameters.basic.base_learning_rate, momentum=o.momentum,
-                            weight_decay=o.weight_decay, nesterov=o.nesterov, no_bias_decay=o.no_bias_decay)
+    return create_optimizer(models, o.name, lr or t.hyper_parameters.basic.base_learning_rate, momentum=o.momentum,
+                            weight_decay=o.weight_decay, nesterov=o.nesterov, no_bias_decay=o.no_bias_decay,
+                            sam_rho=o.sam.rho if o.sam.enabled else None, sam_adaptive=o.sam.adaptive)
 
 
 def build_scheduler(t: Template, optimizer: torch.optim.Optimizer, iters_per_epoch: int) -> WarmupScheduler:
     s = t.training.scheduler
     return create_scheduler(optimizer, s.name, t.hyper_parameters.basic.epochs, iters_per_epoch,
                             warmup_epochs=s.warmup_epochs, warmup_factor=s.warmup_factor, min_lr=s.min_lr,
-                            factor=s.factor, patience=s.patience)
-
-
-def build_loss(t: Template) -> nn.Module:
-    return create_loss(t.training.loss.name, label_smoothing=t.training.loss.label_smoothing)
+                            factor=s.factor, patience=s.patience, force_decay_at=s.force_decay_at)
 
 
 def model_complexity(t: Template, num_classes: int) -> dict[str, float]:
     """Size and GFLOPs of the template's model at its input size with `num_classes` outputs."""
     return complexity(build_model(t, num_classes), input_size(t))
+
+
+def load_aux_weights(aux_models: list[nn.Module], paths: list[str]) -> None:
+    """Initial weights of the auxiliary models: one file per model, or one training checkpoint holding them all."""
+    if not aux_models:
+        raise UserError("--load-aux-weights given but the template trains no auxiliary model "
+                        "(training.mutual_learning.enabled is false)")
+    if len(paths) == 1:
+        checkpoint = load_checkpoint(paths[0])
+        if isinstance(checkpoint.get("aux_models"), list):
+            states = checkpoint["aux_models"]
+            if len(states) != len(aux_models):
+                raise UserError(f"{paths[0]} holds {len(states)} auxiliary models, the template trains "
+                                f"{len(aux_models)}")
+            for model, state in zip(aux_models, states):
+                load_model_weights(model, state, f"{paths[0]} (auxiliary model)")
+            return
+    if len(paths) != len(aux_models):
+        raise UserError(f"--load-aux-weights: {len(paths)} file(s) for {len(aux_models)} auxiliary model(s)")
+    for model, path in zip(aux_models, paths):
+        load_model_weights(model, load_state_dict_file(path), path)
+
+
+def describe_recipe(t: Template, recipe: Recipe) -> str:
+    """One line naming the techniques switched on, so a log says what was trained."""
+    tr = t.training
+    parts = [f"loss {tr.loss.name}" + (f" (m={tr.loss.margin}, {tr.loss.margin_type})"
+                                        if tr.loss.name == "am_softmax" else ""),
+             f"optimizer {tr.optimizer.name}" + (f"+SAM(rho={tr.optimizer.sam.rho})" if tr.optimizer.sam.enabled
+                                                  else ""),
+             f"scheduler {tr.scheduler.name}"]
+    if recipe.aux_models:
+        parts.append(f"mutual learning with {len(recipe.aux_models)} auxiliary model(s) "
+                     f"({', '.join(a.model.architecture for a in tr.mutual_learning.aux_models)})")
+    if recipe.ema is not None:
+        parts.append(f"EMA(decay={tr.ema.decay})")
+    if tr.augmentation.augmix:
+        parts.append("AugMix")
+    if recipe.amp_dtype is not None:
+        parts.append(f"autocast {str(recipe.amp_dtype).removeprefix('torch.')}")
+    return "Recipe: " + ", ".join(parts)
+
+
+def find_learning_rate(t: Template, model: nn.Module, criterion: nn.Module, train_loader, val_loader,
+                       device: torch.device, out_dir: Path, logger: logging.Logger) -> float:
+    """Run the template's LR finder on the main model; the model comes back unchanged.
+
+    fast_ai: the range test over [min_lr, max_lr] (after optional warm-up epochs, then restored).
+    tpe / grid: optuna trials of `trial_epochs` epochs each on fresh copies of the model, scored by val top-1.
+    The result goes to lr_finder.yaml and a PNG in `out_dir`.
+    """
+    import copy
+
+    import yaml
+
+    from clsengine.loop import train_one_epoch, validate
+    from clsengine.lr_finder import range_test, search_lr
+
+    f = t.training.lr_finder
+    o = t.training.optimizer
+    plot_path = out_dir / "lr_finder.png"
+
+    def plain_optimizer(m: nn.Module, lr: float) -> torch.optim.Optimizer:
+        return create_optimizer(m, o.name, lr, momentum=o.momentum, weight_decay=o.weight_decay,
+                                nesterov=o.nesterov, no_bias_decay=o.no_bias_decay)
+
+    if f.mode == "fast_ai":
+        optimizer = plain_optimizer(model, f.min_lr)
+        warmup_scheduler = create_scheduler(optimizer, "constant", 1, len(train_loader))
+
+        def warmup() -> None:
+            for epoch in range(f.warmup_epochs):
+                train_one_epoch(model, train_loader, criterion, optimizer, warmup_scheduler, device,
+                                desc=f"LR finder warm-up {epoch + 1}/{f.warmup_epochs}")
+
+        result = range_test(model, optimizer, criterion, train_loader, device, min_lr=f.min_lr, max_lr=f.max_lr,
+                            num_iter=f.num_iter, smooth_f=f.smooth_f, warmup_epochs=f.warmup_epochs,
+                            warmup_fn=warmup if f.warmup_epochs else None, plot_path=plot_path)
+    else:
+        initial = copy.deepcopy(model.state_dict())
+
+        def train_and_score(lr: float, report) -> float:
+            trial_model = copy.deepcopy(model)
+            trial_model.load_state_dict(initial)
+            optimizer = plain_optimizer(trial_model, lr)
+            scheduler = create_scheduler(optimizer, "cosine", f.trial_epochs, len(train_loader))
+            top1 = 0.0
+            for epoch in range(f.trial_epochs):
+                train_one_epoch(trial_model, train_loader, criterion, optimizer, scheduler, device,
+                                desc=f"LR trial {lr:.3g} epoch {epoch + 1}/{f.trial_epochs}")
+                top1 = validate(trial_model, val_loader, criterion, device)["top1"]
+                report(epoch + 1, top1)
+            return top1
+
+        result = search_lr(train_and_score, min_lr=f.min_lr, max_lr=f.max_lr, mode=f.mode, n_trials=f.n_trials,
+                           seed=t.training.seed, plot_path=plot_path)
+    summary = {"lr": float(result.lr), "mode": f.mode, "min_lr": f.min_lr, "max_lr": f.max_lr,
+               "note": result.note, "plot": str(result.plot_path) if result.plot_path else None,
+               "trials": result.trials}
+    (out_dir / "lr_finder.yaml").write_text(yaml.safe_dump(summary, sort_keys=False), encoding="utf-8")
+    logger.info(f"LR finder ({f.mode}): learning rate {result.lr:.4g}" + (f" ({result.note})" if result.note else "")
+                + f"; plot {plot_path}")
+    return float(result.lr)

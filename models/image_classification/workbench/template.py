@@ -16,6 +16,7 @@ from typing import Any, Union
 
 import yaml
 
+from clsengine.data import AugmentationConfig
 from clsengine.errors import UserError
 
 
@@ -31,6 +32,7 @@ class ModelSection:
     dropout: float | None = None            # dropout before the classifier; null keeps torchvision's default
     small_input: bool = False               # stem stride 1 (and no max-pool) for inputs like 32x32
     bn_momentum: float | None = None        # BatchNorm momentum; null keeps the architecture's own
+    head: str = "linear"                    # linear | cosine (needed by the am_softmax loss)
 
 
 @dataclass
@@ -54,6 +56,13 @@ class HyperParameters:
 
 
 @dataclass
+class SamSection:
+    enabled: bool = False
+    rho: float = 0.05                       # radius of the sharpness neighbourhood
+    adaptive: bool = False                  # ASAM: neighbourhood scaled by |w|
+
+
+@dataclass
 class OptimizerSection:
     name: str = "sgd"                       # sgd | asgd | adam | adamw
     momentum: float = 0.9
@@ -61,6 +70,7 @@ class OptimizerSection:
     weight_decay: float = 5e-4
     no_bias_decay: bool = True              # no weight decay on biases and normalisation weights
     max_grad_norm: float | None = None      # gradient clipping; null disables it
+    sam: SamSection = field(default_factory=SamSection)
 
 
 @dataclass
@@ -71,23 +81,52 @@ class SchedulerSection:
     min_lr: float = 0.0
     factor: float = 0.1                     # plateau: LR multiplier on each reduction
     patience: int = 5                       # plateau: epochs without improvement before reducing
+    force_decay_at: float | None = 0.75     # plateau: reduce once at this fraction of the epochs if never reduced
 
 
 @dataclass
 class LossSection:
-    name: str = "softmax"
+    name: str = "softmax"                   # softmax | am_softmax
     label_smoothing: float = 0.0
+    margin: float = 0.35                    # am_softmax
+    margin_type: str = "cos"                # am_softmax: cos | arc
+    scale: float | None = None              # am_softmax: null computes max(sqrt(2) ln(C-1), 3)
 
 
 @dataclass
-class AugmentationSection:
-    random_resized_crop_scale: list[float] = field(default_factory=lambda: [0.6, 1.0])
-    hflip: float = 0.5
-    vflip: float = 0.0
-    rotate_limit: float = 0.0
-    rotate_p: float = 0.0
-    color_jitter: float = 0.0
-    color_jitter_p: float = 0.0
+class AuxModelSection:
+    model: ModelSection
+    loss: LossSection = field(default_factory=LossSection)
+
+
+@dataclass
+class MutualLearningSection:
+    enabled: bool = False
+    weight: float = 1.0                     # weight of the mutual (KL) term
+    temperature: float = 1.0
+    off_after_epoch: int | None = None      # switch the mutual term off after this epoch
+    aux_models: list[AuxModelSection] = field(default_factory=list)
+
+
+@dataclass
+class EmaSection:
+    enabled: bool = False
+    decay: float = 0.999
+    warmup: bool = True                     # decay ramps up as min(decay, (1+n)/(10+n))
+
+
+@dataclass
+class LrFinderSection:
+    enabled: bool = False
+    mode: str = "fast_ai"                   # fast_ai (range test) | tpe | grid (optuna)
+    min_lr: float = 0.001
+    max_lr: float = 0.1
+    num_iter: int = 100                     # fast_ai: iterations of the range test
+    smooth_f: float = 0.01
+    warmup_epochs: int = 0                  # fast_ai: train this many epochs first, then restore
+    n_trials: int = 15                      # tpe / grid
+    trial_epochs: int = 6                   # tpe / grid: epochs per trial
+    stop_after: bool = False                # exit after finding the rate
 
 
 @dataclass
@@ -95,7 +134,11 @@ class TrainingSection:
     optimizer: OptimizerSection = field(default_factory=OptimizerSection)
     scheduler: SchedulerSection = field(default_factory=SchedulerSection)
     loss: LossSection = field(default_factory=LossSection)
-    augmentation: AugmentationSection = field(default_factory=AugmentationSection)
+    augmentation: AugmentationConfig = field(default_factory=AugmentationConfig)  # engine's own schema
+    ema: EmaSection = field(default_factory=EmaSection)
+    mutual_learning: MutualLearningSection = field(default_factory=MutualLearningSection)
+    lr_finder: LrFinderSection = field(default_factory=LrFinderSection)
+    amp: str = "off"                        # off | bf16 | fp16 | auto (bf16 on CUDA, off on CPU)
     early_stopping_patience: int | None = None
     freeze_backbone: bool = False
     seed: int = 5
@@ -148,7 +191,14 @@ class Template:
         return next((m for m in self.metrics if m.key == key), None)
 
     def to_dict(self) -> dict[str, Any]:
-        return dataclasses.asdict(self)
+        """Plain YAML-safe types (tuples become lists)."""
+        def plain(value: Any) -> Any:
+            if isinstance(value, dict):
+                return {k: plain(v) for k, v in value.items()}
+            if isinstance(value, (list, tuple)):
+                return [plain(v) for v in value]
+            return value
+        return plain(dataclasses.asdict(self))
 
 
 # ------------------------------------------------------------------------------------- loading with lines
@@ -224,6 +274,11 @@ class _Validator:
             return self.value(inner[0], value, path)
         if dataclasses.is_dataclass(tp):
             return self.build(tp, value, path)
+        if origin is tuple:
+            item_types = typing.get_args(tp)
+            if not isinstance(value, (list, tuple)) or len(value) != len(item_types):
+                raise self.fail(path, f"'{path}' must be a list of {len(item_types)} values, got {value!r}")
+            return tuple(self.value(it, v, f"{path}[{i}]") for i, (it, v) in enumerate(zip(item_types, value)))
         if origin is list:
             (item_tp,) = typing.get_args(tp)
             if not isinstance(value, list):
@@ -252,9 +307,6 @@ def _check_semantics(t: Template, v: _Validator) -> None:
     """Constraints a type alone cannot express."""
     from clsengine.models import list_models
 
-    if t.model.architecture not in list_models():
-        raise v.fail("model.architecture", f"unknown architecture '{t.model.architecture}' "
-                                           f"(known: {', '.join(list_models())})")
     checks = [
         ("input.size", len(t.input.size) == 2 and all(s >= 8 for s in t.input.size), "two sizes >= 8 [height, width]"),
         ("input.mean", len(t.input.mean) == 3, "three values"),
@@ -267,18 +319,43 @@ def _check_semantics(t: Template, v: _Validator) -> None:
          "one of sgd, asgd, adam, adamw"),
         ("training.scheduler.name", t.training.scheduler.name in ("cosine", "plateau", "constant"),
          "one of cosine, plateau, constant"),
-        ("training.loss.name", t.training.loss.name in ("softmax",), "softmax"),
+        ("training.optimizer.sam.rho", t.training.optimizer.sam.rho >= 0, "0 or more"),
+        ("training.ema.decay", 0 < t.training.ema.decay < 1, "between 0 and 1"),
+        ("training.amp", t.training.amp in ("off", "bf16", "fp16", "auto"), "one of off, bf16, fp16, auto"),
+        ("training.lr_finder.mode", t.training.lr_finder.mode in ("fast_ai", "tpe", "grid"),
+         "one of fast_ai, tpe, grid"),
+        ("training.lr_finder.max_lr", 0 < t.training.lr_finder.min_lr < t.training.lr_finder.max_lr,
+         "greater than training.lr_finder.min_lr (both positive)"),
+        ("training.mutual_learning.aux_models",
+         not t.training.mutual_learning.enabled or t.training.mutual_learning.aux_models,
+         "a non-empty list when mutual learning is enabled"),
         ("training.workers", t.training.workers >= 0, "0 or more"),
-        ("training.augmentation.random_resized_crop_scale",
-         len(t.training.augmentation.random_resized_crop_scale) == 2
-         and 0 < t.training.augmentation.random_resized_crop_scale[0] <= t.training.augmentation.random_resized_crop_scale[1] <= 1,
-         "[min, max] with 0 < min <= max <= 1"),
         ("gpu_num", t.gpu_num >= 0, "0 or more"),
         ("output_format.openvino_input_format", t.output_format.openvino_input_format in ("RGB", "BGR"), "RGB or BGR"),
     ]
+    heads = [("model", t.model, "training.loss", t.training.loss)] + [
+        (f"training.mutual_learning.aux_models[{i}].model", aux.model,
+         f"training.mutual_learning.aux_models[{i}].loss", aux.loss)
+        for i, aux in enumerate(t.training.mutual_learning.aux_models)]
+    for model_path, model, loss_path, loss in heads:
+        checks += [
+            (f"{model_path}.head", model.head in ("linear", "cosine"), "linear or cosine"),
+            (f"{loss_path}.name", loss.name in ("softmax", "am_softmax"), "softmax or am_softmax"),
+            (f"{loss_path}.margin_type", loss.margin_type in ("cos", "arc"), "cos or arc"),
+            (f"{loss_path}.name", loss.name != "am_softmax" or model.head == "cosine",
+             f"softmax unless {model_path}.head is cosine (am_softmax needs a cosine head)"),
+        ]
+        if model.architecture not in list_models():
+            raise v.fail(f"{model_path}.architecture", f"unknown architecture '{model.architecture}' "
+                                                      f"(known: {', '.join(list_models())})")
     for path, ok, expected in checks:
         if not ok:
             raise v.fail(path, f"'{path}' must be {expected}")
+    try:
+        t.training.augmentation.validate()
+    except UserError as exc:
+        field_name = str(exc).split(" ", 1)[0].removeprefix("augmentation.")
+        raise v.fail(f"training.augmentation.{field_name}", f"training.{exc}") from None
 
 
 def set_dotted(data: dict, dotted: str, value: Any) -> None:
