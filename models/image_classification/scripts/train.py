@@ -42,9 +42,9 @@ def parse_args() -> argparse.Namespace:
     p.add_argument("--load-weights", default=None,
                    help="initial weights (default: WORK_DIR/snapshot.pth when instantiate fetched one)")
     p.add_argument("--resume-from", default=None, help="latest.pth of an interrupted run to continue")
-    p.add_argument("--load-aux-weights", default=None, nargs="+",
-                   help="initial weights of the mutual-learning auxiliary models, one file per model "
-                        "(e.g. outputs/latest.pth, which holds them all)")
+    p.add_argument("--load-aux-weights", default=None, action="append", metavar="PATH",
+                   help="initial weights of the mutual-learning auxiliary models: a training checkpoint "
+                        "holding them all (e.g. outputs/latest.pth), or the flag once per model")
     p.add_argument("--tensorboard-dir", default=None, help="TensorBoard folder (default: <output>/tensorboard)")
     p.add_argument("--epochs", type=int, default=None, help="override hyper_parameters.basic.epochs")
     p.add_argument("--base-learning-rate", type=float, default=None,
