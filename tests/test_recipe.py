@@ -21,7 +21,7 @@ from clsengine.errors import UserError
 from clsengine.loop import FitConfig, Recipe, fit, train_one_epoch
 from clsengine.losses import AMSoftmaxLoss
 from clsengine.losses.mutual import mutual_losses
-from clsengine.models import CosineLinear, classifier
+from clsengine.models import CosineLinear, am_softmax_scale, classifier
 from clsengine.optim import WarmupScheduler, create_optimizer
 from clsengine.runlog import get_logger
 from clsengine.utils import seed_everything
@@ -215,33 +215,35 @@ def test_forward_passes_per_batch(sam_rho, per_batch):
     assert aux_calls[0] == per_batch * 3
 
 
-def _one_sam_step_vs_plain_forward(momentum: float | None) -> tuple[nn.Module, nn.Module]:
-    model = mlp(0, bn=True)
-    model[1].momentum = momentum
+def _one_sam_step_vs_plain_forward(momentum: float | None) -> list[tuple[nn.Module, nn.Module]]:
+    """(BatchNorm after one SAM step, BatchNorm after one plain train-mode forward) for main and aux model."""
+    models = [mlp(0, bn=True), mlp(1, bn=True)]
+    for m in models:
+        m[1].momentum = momentum
     x, y = toy_data(3, 8)[:]
-    reference = copy.deepcopy(model).train()
+    references = [copy.deepcopy(m).train() for m in models]
     with torch.no_grad():
-        reference(x)  # what a single forward pass in train mode does to the running statistics
-    optimizer = create_optimizer(model, "sgd", lr=0.1, sam_rho=0.5)
-    train_one_epoch(model, [(x, y)], nn.CrossEntropyLoss(), optimizer, constant_scheduler(optimizer), CPU,
-                    progress=False)
-    return model[1], reference[1]
+        for reference in references:
+            reference(x)  # what a single forward pass in train mode does to the running statistics
+    optimizer = create_optimizer(models, "sgd", lr=0.1, sam_rho=0.5)
+    recipe = Recipe(aux_models=[models[1]], aux_criteria=[nn.CrossEntropyLoss()])
+    train_one_epoch(models[0], [(x, y)], nn.CrossEntropyLoss(), optimizer, constant_scheduler(optimizer), CPU,
+                    progress=False, recipe=recipe)
+    return [(m[1], r[1]) for m, r in zip(models, references)]
 
 
 def test_sam_second_pass_leaves_batchnorm_statistics_alone():
-    bn, ref = _one_sam_step_vs_plain_forward(0.1)
-    assert ref.running_mean.abs().max() > 1e-3  # the statistics did move
-    torch.testing.assert_close(bn.running_mean, ref.running_mean, rtol=0, atol=1e-7)
-    torch.testing.assert_close(bn.running_var, ref.running_var, rtol=0, atol=1e-7)
-    assert bn.momentum == 0.1, "the BatchNorm momentum must be restored after the second pass"
+    for bn, ref in _one_sam_step_vs_plain_forward(0.1):
+        assert ref.running_mean.abs().max() > 1e-3  # the statistics did move
+        torch.testing.assert_close(bn.running_mean, ref.running_mean, rtol=0, atol=1e-7)
+        torch.testing.assert_close(bn.running_var, ref.running_var, rtol=0, atol=1e-7)
+        assert bn.momentum == 0.1, "the BatchNorm momentum must be restored after the second pass"
 
 
-@pytest.mark.xfail(strict=True, reason="engine bug: _frozen_bn_stats skips BatchNorm with momentum=None "
-                                       "(cumulative average), so SAM's second pass updates its statistics")
 def test_sam_second_pass_leaves_cumulative_batchnorm_statistics_alone():
-    bn, ref = _one_sam_step_vs_plain_forward(None)
-    torch.testing.assert_close(bn.running_mean, ref.running_mean, rtol=0, atol=1e-7)
-    torch.testing.assert_close(bn.running_var, ref.running_var, rtol=0, atol=1e-7)
+    for bn, ref in _one_sam_step_vs_plain_forward(None):
+        torch.testing.assert_close(bn.running_mean, ref.running_mean, rtol=0, atol=1e-7)
+        torch.testing.assert_close(bn.running_var, ref.running_var, rtol=0, atol=1e-7)
 
 
 # ======================================================================================== mutual learning
@@ -480,9 +482,12 @@ def test_template_rejects_am_softmax_aux_with_linear_head():
 
 
 def test_amp_dtype():
-    def amp(value: str, sam: bool = True):
-        return template_from_dict(_small_data(), str(SMALL),
-                                  overrides={"training.amp": value, "training.optimizer.sam.enabled": sam})
+    def amp(value: str | None, sam: bool = True):
+        """value None: the schema's default (full precision), whatever its spelling."""
+        overrides = {"training.optimizer.sam.enabled": sam}
+        if value is not None:
+            overrides["training.amp"] = value
+        return template_from_dict(_small_data(), str(SMALL), overrides=overrides)
 
     cuda = torch.device("cuda")  # amp_dtype only looks at device.type: no CUDA needed
     with pytest.raises(UserError, match="CUDA"):
@@ -491,7 +496,7 @@ def test_amp_dtype():
         builders.amp_dtype(amp("fp16", sam=True), cuda)
     assert builders.amp_dtype(amp("fp16", sam=False), cuda) == torch.float16
     assert builders.amp_dtype(amp("bf16"), CPU) == torch.bfloat16
-    assert builders.amp_dtype(amp("off"), CPU) is None
+    assert builders.amp_dtype(amp(None), CPU) is None
     assert builders.amp_dtype(amp("auto"), CPU) is None
 
 
@@ -511,14 +516,16 @@ def test_build_recipe_mobilenet_v3_large_1():
     assert recipe.amp_dtype is None and recipe.grad_scaler is None
 
 
-@pytest.mark.parametrize("scale", [None, 7.5])
-def test_efficientnet_b0_cosine_head_and_am_softmax_share_scale(scale):
+@pytest.mark.parametrize("num_classes, scale", [(3, None), (40, None), (3, 7.5)])
+def test_efficientnet_b0_cosine_head_and_am_softmax_share_scale(num_classes, scale):
+    """40 classes: the default scale is above its floor of 3, so a class-count mix-up would show."""
     path = TEMPLATES_DIR / "efficientnet_b0" / "template.yaml"
     data = yaml.safe_load(path.read_text(encoding="utf-8"))
     t = template_from_dict(data, str(path), overrides={"training.loss.scale": scale})
-    head = list(classifier(builders.build_model(t, 3)).modules())[-1]
-    loss = builders.build_loss(t, 3)
+    head = list(classifier(builders.build_model(t, num_classes)).modules())[-1]
+    loss = builders.build_loss(t, num_classes)
     assert isinstance(head, CosineLinear) and isinstance(loss, AMSoftmaxLoss)
+    assert head.out_features == num_classes
     assert loss.scale == pytest.approx(float(head.scale))
-    if scale is not None:
-        assert float(head.scale) == pytest.approx(scale)
+    expected = scale if scale is not None else am_softmax_scale(num_classes)
+    assert float(head.scale) == pytest.approx(expected)

@@ -65,18 +65,17 @@ class Recipe:
 
 @contextmanager
 def _frozen_bn_stats(models: list[nn.Module]):
-    """Keep BatchNorm running statistics unchanged (SAM's second pass sees the same batch again)."""
-    saved = []
-    for model in models:
-        for m in model.modules():
-            if isinstance(m, nn.modules.batchnorm._BatchNorm) and m.momentum is not None:
-                saved.append((m, m.momentum))
-                m.momentum = 0.0
+    """Keep BatchNorm running statistics as they are (SAM's second pass sees the same batch again)."""
+    saved = [(m, [b.clone() for b in m.buffers(recurse=False)])
+             for model in models for m in model.modules()
+             if isinstance(m, nn.modules.batchnorm._BatchNorm) and m.track_running_stats]
     try:
         yield
     finally:
-        for m, momentum in saved:
-            m.momentum = momentum
+        with torch.no_grad():
+            for m, buffers in saved:
+                for buffer, value in zip(m.buffers(recurse=False), buffers):
+                    buffer.copy_(value)
 
 
 def _losses(models: list[nn.Module], criteria: list[nn.Module], images: torch.Tensor, labels: torch.Tensor,

@@ -138,7 +138,7 @@ class TrainingSection:
     ema: EmaSection = field(default_factory=EmaSection)
     mutual_learning: MutualLearningSection = field(default_factory=MutualLearningSection)
     lr_finder: LrFinderSection = field(default_factory=LrFinderSection)
-    amp: str = "off"                        # off | bf16 | fp16 | auto (bf16 on CUDA, off on CPU)
+    amp: str = "none"                       # none | bf16 | fp16 | auto (bf16 on CUDA, none on CPU)
     early_stopping_patience: int | None = None
     freeze_backbone: bool = False
     seed: int = 5
@@ -321,7 +321,7 @@ def _check_semantics(t: Template, v: _Validator) -> None:
          "one of cosine, plateau, constant"),
         ("training.optimizer.sam.rho", t.training.optimizer.sam.rho >= 0, "0 or more"),
         ("training.ema.decay", 0 < t.training.ema.decay < 1, "between 0 and 1"),
-        ("training.amp", t.training.amp in ("off", "bf16", "fp16", "auto"), "one of off, bf16, fp16, auto"),
+        ("training.amp", t.training.amp in ("none", "bf16", "fp16", "auto"), "one of none, bf16, fp16, auto"),
         ("training.lr_finder.mode", t.training.lr_finder.mode in ("fast_ai", "tpe", "grid"),
          "one of fast_ai, tpe, grid"),
         ("training.lr_finder.max_lr", 0 < t.training.lr_finder.min_lr < t.training.lr_finder.max_lr,
