@@ -34,6 +34,17 @@ def make_image_folder(root: Path, classes: int = 3, per_class: int = 4, size: in
     return root
 
 
+@pytest.fixture(autouse=True)
+def _one_torch_thread():
+    """In-process tests use tiny workloads: one intra-op thread avoids oversubscribing a small CPU."""
+    import torch
+
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
 @pytest.fixture
 def tiny_dataset(tmp_path: Path) -> Path:
     """train/ and val/ folders with 3 classes of 32x32 images."""

@@ -15,12 +15,8 @@ from clsengine.models.heads import CosineLinear, am_softmax_scale, use_cosine_cl
 
 
 @pytest.fixture(autouse=True)
-def one_thread():
-    previous = torch.get_num_threads()
-    torch.set_num_threads(1)
+def seeded():
     torch.manual_seed(0)
-    yield
-    torch.set_num_threads(previous)
 
 
 def hand_cosine(x: torch.Tensor, w: torch.Tensor) -> torch.Tensor:

@@ -27,15 +27,6 @@ from clsengine.runlog import HISTORY_FIELDS, get_logger
 from clsengine.utils import seed_everything
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    """Tiny CPU workloads: one intra-op thread avoids oversubscription when other processes share the CPU."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 def tiny_net(num_classes: int = 3, in_features: int = 8) -> nn.Sequential:
     return nn.Sequential(nn.Linear(in_features, 16), nn.ReLU(), nn.Linear(16, num_classes))
 

@@ -18,14 +18,6 @@ from clsengine.lr_finder import LRFinderResult, range_test, search_lr
 from clsengine.optim.scheduler import WarmupScheduler
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 def make_problem(seed: int = 0, n: int = 256):
     """A linearly separable 2-class problem and a small MLP (BatchNorm: buffers change; Dropout: uses the RNG)."""
     g = torch.Generator().manual_seed(seed)

@@ -34,15 +34,6 @@ CPU = torch.device("cpu")
 LOGGER = get_logger(name="clsengine.test_recipe")
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    """Tiny CPU workloads next to a long benchmark: one intra-op thread."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 @pytest.fixture
 def no_plots(monkeypatch):
     """Many-epoch fits: skip the matplotlib curves (not under test here) to keep the file fast."""

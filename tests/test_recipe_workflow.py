@@ -45,8 +45,9 @@ def test_full_recipe_one_epoch_then_aux_weights_and_resume(tmp_path: Path, tiny_
 
     # A second run starts its auxiliary model from the first run's; LR finder skipped by override.
     second = run_script(wd, "train.py", *data, *TINY, "--save-checkpoints-to", str(tmp_path / "second"),
-                        "--load-aux-weights", str(outputs / "latest.pth"), "training.lr_finder.enabled=false")
+                        "--load-aux-weights", str(outputs / "latest.pth"), "--lr-finder", "off")
     assert second.returncode == 0, second.stderr
+    assert "LR finder" not in second.stdout
 
     # Resume continues with EMA and auxiliary model restored, and skips the LR finder.
     resumed = run_script(wd, "train.py", *data, "--resume-from", str(outputs / "latest.pth"), "--epochs", "2",
@@ -60,10 +61,13 @@ def test_full_recipe_one_epoch_then_aux_weights_and_resume(tmp_path: Path, tiny_
 def test_lr_finder_stop_after_and_bad_aux_weights(tmp_path: Path, tiny_dataset: Path, work_dir) -> None:
     wd = work_dir("efficientnet_b0")  # AM-softmax main model, no mutual learning
     data = ["--train-data-roots", str(tiny_dataset / "train"), "--val-data-roots", str(tiny_dataset / "val")]
-    result = run_script(wd, "train.py", *data, *TINY, "training.lr_finder.stop_after=true",
-                        "training.lr_finder.warmup_epochs=0")
+    result = run_script(wd, "train.py", *data, *TINY, "--lr-finder", "grid", "training.lr_finder.stop_after=true",
+                        "training.lr_finder.n_trials=2", "training.lr_finder.trial_epochs=1")
     assert result.returncode == 0, result.stderr
     assert "stop_after: the learning rate is" in result.stdout
+    finder = yaml.safe_load((wd / "outputs" / "lr_finder.yaml").read_text())
+    assert finder["mode"] == "grid" and len(finder["trials"]) == 2
+    assert finder["lr"] in [trial["lr"] for trial in finder["trials"]] and 0.001 <= finder["lr"] <= 0.01
     assert (wd / "outputs" / "lr_finder.png").is_file() and not (wd / "outputs" / "latest.pth").exists()
 
     result = run_script(wd, "train.py", *data, *TINY, "--load-aux-weights", str(tmp_path / "x.pth"))

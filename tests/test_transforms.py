@@ -19,14 +19,6 @@ SIZE = (24, 32)                 # (h, w), deliberately not square
 OFF = dict(random_resized_crop_scale=(1.0, 1.0), hflip=0.0)   # everything off, crop keeps the whole image
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 def seed_all(seed: int) -> None:
     random.seed(seed)
     np.random.seed(seed)

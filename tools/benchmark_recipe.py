@@ -36,6 +36,7 @@ TECHNIQUES: dict[str, tuple[list[str], list[str]]] = {
     "mutual": (["training.mutual_learning.enabled=true"], ["training.mutual_learning.enabled=false"]),
     "lr_finder": (["training.lr_finder.enabled=true"], ["training.lr_finder.enabled=false"]),
     "augmix": (["training.augmentation.augmix=true"], ["training.augmentation.augmix=false"]),
+    "bf16": (["training.amp=bf16"], ["training.amp=none"]),
 }
 EXTRA_AUG_OFF = ["training.augmentation.posterize_p=0", "training.augmentation.equalize_p=0",
                  "training.augmentation.noise_p=0", "training.augmentation.blur_p=0",

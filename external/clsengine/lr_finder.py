@@ -53,6 +53,17 @@ def _check_range(min_lr: float, max_lr: float) -> None:
         raise UserError(f"learning-rate range [{min_lr}, {max_lr}] must satisfy 0 < min_lr < max_lr")
 
 
+def _finish(fig, ax, ylabel: str, title: str, path: str | Path) -> str:
+    """Shared styling of the two LR plots (log learning-rate axis), then save."""
+    ax.set_xscale("log")
+    ax.set_xlabel("learning rate")
+    ax.set_ylabel(ylabel)
+    ax.set_title(title, fontsize=10)
+    ax.grid(alpha=0.3, which="both")
+    ax.legend(fontsize=8)
+    return _savefig(fig, path)
+
+
 def _savefig(fig, path: str | Path) -> str:
     import matplotlib.pyplot as plt
     Path(path).parent.mkdir(parents=True, exist_ok=True)
@@ -73,13 +84,7 @@ def _plot_range_test(lrs: list[float], losses: list[float], kept: slice, lr: flo
         ax.axvline(lr, color="tab:red", linestyle="--", linewidth=1)
         ax.scatter([lr], [np.interp(np.log(lr), np.log(lrs), losses)], color="tab:red", zorder=3, s=60,
                    label=f"steepest descent: {lr:.3g}")
-    ax.set_xscale("log")
-    ax.set_xlabel("learning rate")
-    ax.set_ylabel("training loss (smoothed)")
-    ax.set_title(title, fontsize=10)
-    ax.grid(alpha=0.3, which="both")
-    ax.legend(fontsize=8)
-    return _savefig(fig, path)
+    return _finish(fig, ax, "training loss (smoothed)", title, path)
 
 
 def _suggest(lrs: list[float], losses: list[float], num_iter: int, min_lr: float,
@@ -196,13 +201,7 @@ def _plot_search(trials: list[dict[str, Any]], best: dict[str, Any], title: str,
         ax.axvline(t["lr"], color="grey", linestyle=":", label="failed" if i == 0 else None)
     ax.scatter([best["lr"]], [best["score"]], marker="*", s=250, color="tab:red", zorder=3,
                label=f"best: {best['lr']:.3g}")
-    ax.set_xscale("log")
-    ax.set_xlabel("learning rate")
-    ax.set_ylabel("score (higher is better)")
-    ax.set_title(title, fontsize=10)
-    ax.grid(alpha=0.3, which="both")
-    ax.legend(fontsize=8)
-    return _savefig(fig, path)
+    return _finish(fig, ax, "score (higher is better)", title, path)
 
 
 def search_lr(train_and_score: Callable[[float, Callable[[int, float], None]], float], *, min_lr: float,

@@ -49,6 +49,9 @@ def parse_args() -> argparse.Namespace:
     p.add_argument("--epochs", type=int, default=None, help="override hyper_parameters.basic.epochs")
     p.add_argument("--base-learning-rate", type=float, default=None,
                    help="override hyper_parameters.basic.base_learning_rate")
+    p.add_argument("--lr-finder", choices=("off", "fast_ai", "tpe", "grid"), default=None,
+                   help="run the LR finder in this mode before training, or switch it off "
+                        "(default: the template's training.lr_finder)")
     cli.add_runtime_args(p)
     cli.add_template_args(p)
     return p.parse_args()
@@ -57,6 +60,10 @@ def parse_args() -> argparse.Namespace:
 def main() -> int:
     args = parse_args()
     overrides = cli.collect_overrides(args, FLAG_KEYS)
+    if args.lr_finder is not None:
+        overrides["training.lr_finder.enabled"] = args.lr_finder != "off"
+        if args.lr_finder != "off":
+            overrides["training.lr_finder.mode"] = args.lr_finder
     resume = load_checkpoint(args.resume_from) if args.resume_from else None
     if resume is not None:
         if "config" not in resume:
