@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # The main job end to end on an embedded dataset: scikit-learn's handwritten digits (1797 real images,
 # 10 classes) written as class folders at 32x32, then the user flow of the README: instantiate the
-# mobilenet_v3_large_1 template, train from scratch, evaluate.  About 3 minutes on 2 CPU cores.
+# mobilenet_v3_large_1 template, train from scratch, evaluate.  About 4 minutes on 2 CPU cores.
 #
 #   DEMO_DIR   where everything goes (default: ./demo_output)
 #   EPOCHS     training epochs (default: 12)
@@ -24,9 +24,9 @@ MODEL_TEMPLATE=$(realpath ./model_templates/custom-classification/mobilenet_v3_l
 export TRAIN_DATA_ROOT=${DATA_DIR}/train VAL_DATA_ROOT=${DATA_DIR}/val TEST_DATA_ROOT=${DATA_DIR}/val
 cd "${WORK_DIR}"
 # 32x32 digits: the template's 224x224 input is overridden. For this short budget the demo keeps the
-# recipe's AM-softmax-free main model, EMA and AugMix and leaves out the parts that double the cost of
-# a step (SAM, the auxiliary model) and the LR finder: tools/benchmark_recipe.py measured them as no
-# gain at 10 epochs from scratch (see models/image_classification/README.md).
+# template's EMA and AugMix and leaves out the parts that double the cost of a step (SAM, the auxiliary
+# model) and the LR finder: tools/benchmark_recipe.py measured no gain from them at 10 epochs from
+# scratch (see models/image_classification/README.md).
 "${PYTHON}" train.py --train-ann-files '' --train-data-roots "${TRAIN_DATA_ROOT}" \
                      --val-ann-files '' --val-data-roots "${VAL_DATA_ROOT}" --save-checkpoints-to "${WORK_DIR}/outputs" \
                      --epochs "${EPOCHS}" --batch-size 64 --lr-finder off input.size=[32,32] \
