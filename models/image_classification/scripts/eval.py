@@ -41,7 +41,7 @@ def parse_args() -> argparse.Namespace:
                    help="folder for per-image predictions (predictions.csv)")
     cli.add_runtime_args(p)
     cli.add_template_args(p)
-    return p.parse_args()
+    return p.parse_intermixed_args()  # KEY=VALUE overrides may stand between flags
 
 
 def main() -> int:

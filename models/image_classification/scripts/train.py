@@ -54,7 +54,7 @@ def parse_args() -> argparse.Namespace:
                         "(default: the template's training.lr_finder)")
     cli.add_runtime_args(p)
     cli.add_template_args(p)
-    return p.parse_args()
+    return p.parse_intermixed_args()  # KEY=VALUE overrides may stand between flags
 
 
 def main() -> int:

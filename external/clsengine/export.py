@@ -1,0 +1,274 @@
+"""Export a trained classifier to ONNX and OpenVINO IR for deployment, with parity checks.
+
+The exported model takes the image as the deployment side has it (float values 0..255, channel order
+`input_order`, usually BGR from OpenCV), so no caller has to re-implement the training preprocessing:
+channel reordering and normalisation are folded into the graph as constants.
+"""
+from __future__ import annotations
+
+import copy
+import json
+import os
+import tempfile
+import warnings
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Iterator, Sequence
+
+import numpy as np
+import torch
+import torch.nn as nn
+
+from .errors import UserError
+
+INPUT_NAME = "image"
+OUTPUT_NAME = "logits"
+_ORDERS = ("RGB", "BGR")
+_RT_SECTION = "model_info"
+# parity_check tolerances, relative to max(1, max |logit|): FP32 graphs only reorder float arithmetic;
+# FP16-compressed weights lose ~3 decimal digits, so they get a looser bound.
+FP16_RTOL = 2e-2
+
+
+class DeployModel(nn.Module):
+    """Image 0..255 in `input_order` -> logits: channel reorder and (x - mean) / std run inside the graph,
+    as constant buffers, so the exported file carries the training preprocessing with it."""
+
+    def __init__(self, model: nn.Module, mean: Sequence[float], std: Sequence[float],
+                 input_order: str = "BGR", train_order: str = "RGB") -> None:
+        super().__init__()
+        input_order, train_order = _check_order(input_order), _check_order(train_order)
+        if len(mean) != 3 or len(std) != 3:
+            raise UserError(f"mean and std need 3 values each, got mean={list(mean)} std={list(std)}")
+        if any(float(s) <= 0 for s in std):
+            raise UserError(f"std values must be positive, got {list(std)}")
+        self.model = model
+        self.input_order = input_order
+        self.train_order = train_order
+        # Index i of the network's channel order taken from the input's channel order.
+        perm = [input_order.index(c) for c in train_order]
+        self.flip = perm != [0, 1, 2]
+        self.register_buffer("perm", torch.tensor(perm, dtype=torch.long), persistent=False)
+        self.register_buffer("mean", torch.tensor([float(v) for v in mean]).view(1, 3, 1, 1), persistent=False)
+        self.register_buffer("inv_std", (1.0 / torch.tensor([float(v) for v in std], dtype=torch.float64))
+                             .float().view(1, 3, 1, 1), persistent=False)
+
+    def forward(self, image: torch.Tensor) -> torch.Tensor:
+        x = image.float()
+        if self.flip:
+            x = x.index_select(1, self.perm)
+        return self.model((x - self.mean) * self.inv_std)
+
+
+def _check_order(order: str) -> str:
+    order = str(order).upper()
+    if order not in _ORDERS:
+        raise UserError(f"channel order must be one of {', '.join(_ORDERS)}, got '{order}'")
+    return order
+
+
+@contextmanager
+def _eval_cpu_copy(model: nn.Module) -> Iterator[nn.Module]:
+    """An eval-mode CPU copy, so exporting never changes the caller's model (mode, device, weights)."""
+    clone = copy.deepcopy(model).to("cpu").eval()
+    try:
+        yield clone
+    finally:
+        del clone
+
+
+def _metadata(input_size: tuple[int, int], mean, std, input_order: str, labels: list[str]) -> dict[str, str]:
+    h, w = (int(v) for v in input_size)
+    return {
+        "labels": json.dumps([str(label) for label in labels]),
+        "input_size": f"{h},{w}",
+        "mean": json.dumps([float(v) for v in mean]),
+        "std": json.dumps([float(v) for v in std]),
+        "input_order": _check_order(input_order),
+        "model_type": "classification",
+    }
+
+
+def _check_input_size(input_size: tuple[int, int]) -> tuple[int, int]:
+    if len(input_size) != 2 or min(int(v) for v in input_size) < 1:
+        raise UserError(f"input_size must be (H, W) with positive values, got {input_size}")
+    return int(input_size[0]), int(input_size[1])
+
+
+def _check_outputs(logits: torch.Tensor, labels: list[str]) -> None:
+    """Catch a label list that does not match the classifier before writing a misleading file."""
+    if logits.dim() != 2:
+        raise UserError(f"the model must return (N, classes) logits, got shape {tuple(logits.shape)}")
+    if len(labels) != logits.shape[1]:
+        raise UserError(f"{len(labels)} labels given but the classifier has {logits.shape[1]} outputs")
+
+
+def export_onnx(model: nn.Module, path: str | os.PathLike, *, input_size: tuple[int, int], mean, std,
+                input_order: str = "BGR", train_order: str = "RGB", labels: list[str], opset: int = 17,
+                static_batch: bool = False) -> Path:
+    """Write `model` wrapped in DeployModel to ONNX, with labels and preprocessing in metadata_props.
+
+    Uses the TorchScript-based exporter (`dynamo=False`): the torch.export-based one needs the
+    `onnxscript` package, which this environment lacks; the legacy one still works in torch 2.15
+    (with a deprecation warning, silenced here). Batch is dynamic unless `static_batch`.
+    """
+    import onnx
+
+    h, w = _check_input_size(input_size)
+    meta = _metadata(input_size, mean, std, input_order, labels)
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with _eval_cpu_copy(model) as clone:
+        deploy = DeployModel(clone, mean, std, input_order, train_order).eval()
+        example = torch.full((1, 3, h, w), 127.0)
+        with torch.no_grad():
+            _check_outputs(deploy(example), labels)
+        dynamic_axes = None if static_batch else {INPUT_NAME: {0: "batch"}, OUTPUT_NAME: {0: "batch"}}
+        with torch.no_grad(), warnings.catch_warnings():
+            warnings.filterwarnings("ignore", message=".*legacy TorchScript-based ONNX export.*")
+            warnings.filterwarnings("ignore", category=DeprecationWarning)
+            warnings.filterwarnings("ignore", category=FutureWarning)
+            warnings.filterwarnings("ignore", category=torch.jit.TracerWarning)
+            torch.onnx.export(deploy, (example,), str(path), dynamo=False, input_names=[INPUT_NAME],
+                              output_names=[OUTPUT_NAME], opset_version=int(opset),
+                              dynamic_axes=dynamic_axes, do_constant_folding=True)
+    onnx_model = onnx.load(str(path))
+    del onnx_model.metadata_props[:]
+    onnx.helper.set_model_props(onnx_model, meta)
+    onnx.checker.check_model(onnx_model)
+    onnx.save(onnx_model, str(path))
+    return path
+
+
+def export_openvino(model: nn.Module, xml_path: str | os.PathLike, *, input_size: tuple[int, int], mean, std,
+                    input_order: str = "BGR", train_order: str = "RGB", labels: list[str], opset: int = 17,
+                    static_batch: bool = False, precision: str = "FP32") -> Path:
+    """Write OpenVINO IR (.xml + .bin) with the same metadata in rt_info["model_info"].
+
+    Converted from an ONNX file written by export_onnx (in a temporary folder): that way both
+    deployment files come from one traced graph, and OpenVINO's ONNX frontend is a stable path, whereas
+    its PyTorch frontend depends on torch tracing/torch.export details that change between versions.
+    """
+    import openvino as ov
+
+    precision = str(precision).upper()
+    if precision not in ("FP32", "FP16"):
+        raise UserError(f"precision must be FP32 or FP16, got '{precision}'")
+    xml_path = Path(xml_path)
+    if xml_path.suffix != ".xml":
+        raise UserError(f"OpenVINO IR path must end in .xml, got {xml_path}")
+    xml_path.parent.mkdir(parents=True, exist_ok=True)
+    with tempfile.TemporaryDirectory() as tmp:
+        onnx_path = export_onnx(model, Path(tmp) / "model.onnx", input_size=input_size, mean=mean, std=std,
+                                input_order=input_order, train_order=train_order, labels=labels,
+                                opset=opset, static_batch=static_batch)
+        # Saved before the folder goes: the converted model may still map the ONNX file's weights.
+        ov_model = ov.convert_model(str(onnx_path))
+        if static_batch:
+            h, w = _check_input_size(input_size)
+            ov_model.reshape({ov_model.input(0).get_any_name(): ov.PartialShape([1, 3, h, w])})
+        for key, value in _metadata(input_size, mean, std, input_order, labels).items():
+            ov_model.set_rt_info(value, [_RT_SECTION, key])
+        ov.save_model(ov_model, str(xml_path), compress_to_fp16=(precision == "FP16"))
+        del ov_model
+    return xml_path
+
+
+def read_metadata(path: str | os.PathLike) -> dict:
+    """Labels, input size and preprocessing stored by export_onnx / export_openvino (.onnx or .xml)."""
+    path = Path(path)
+    if not path.is_file():
+        raise UserError(f"{path} does not exist")
+    if path.suffix == ".onnx":
+        import onnx
+
+        raw = {p.key: p.value for p in onnx.load(str(path), load_external_data=False).metadata_props}
+    elif path.suffix == ".xml":
+        import openvino as ov
+
+        ov_model = ov.Core().read_model(str(path))
+        raw = {}
+        if ov_model.has_rt_info([_RT_SECTION]):
+            for key in ("labels", "input_size", "mean", "std", "input_order", "model_type"):
+                if ov_model.has_rt_info([_RT_SECTION, key]):
+                    raw[key] = ov_model.get_rt_info([_RT_SECTION, key]).astype(str)
+    else:
+        raise UserError(f"{path}: expected a .onnx or .xml file")
+    if "labels" not in raw:
+        raise UserError(f"{path} has no export metadata (was it written by clsengine.export?)")
+    return _parse_metadata(raw)
+
+
+def _parse_metadata(raw: dict[str, str]) -> dict:
+    h, w = (int(v) for v in raw["input_size"].split(","))
+    return {
+        "labels": list(json.loads(raw["labels"])),
+        "input_size": (h, w),
+        "mean": [float(v) for v in json.loads(raw["mean"])],
+        "std": [float(v) for v in json.loads(raw["std"])],
+        "input_order": raw["input_order"],
+        "model_type": raw.get("model_type", "classification"),
+    }
+
+
+def _is_fp16_ir(path: Path) -> bool:
+    """True when the IR stores compressed FP16 weights (save_model(compress_to_fp16=True))."""
+    if path.suffix != ".xml":
+        return False
+    text = path.read_text(encoding="utf-8", errors="replace")
+    return 'element_type="f16"' in text
+
+
+def _run_openvino(path: Path, images: np.ndarray) -> np.ndarray:
+    import openvino as ov
+
+    core = ov.Core()
+    ov_model = core.read_model(str(path))
+    compiled = core.compile_model(ov_model, "CPU", {"INFERENCE_PRECISION_HINT": "f32"})
+    static = ov_model.input(0).get_partial_shape()[0].is_static
+    if static and images.shape[0] != ov_model.input(0).get_partial_shape()[0].get_length():
+        # A static-batch file runs one image at a time, as it will in deployment.
+        return np.concatenate([compiled(images[i:i + 1])[0] for i in range(images.shape[0])])
+    return np.asarray(compiled(images)[0])
+
+
+def parity_check(model: nn.Module, exported: list[str | os.PathLike], images: torch.Tensor, *, mean, std,
+                 input_order: str = "BGR", train_order: str = "RGB", atol: float = 1e-3) -> dict:
+    """Compare exported files against PyTorch on the same images; report, never raise.
+
+    Per file: `max_abs_diff` of logits, `top1_agreement` (fraction of images with the same argmax),
+    `tolerance` and `ok`. Rule: ok = max_abs_diff <= rtol * max(1, max |reference logit|) and
+    top1_agreement == 1.0, with rtol = `atol` for FP32 files and max(atol, 2e-2) for FP16 IR
+    (the tolerance scales with the logits so large-logit models are not judged more strictly).
+    Each file is compiled by OpenVINO on CPU with f32 inference precision (OpenVINO reads .onnx directly).
+    A file that cannot be run is reported with ok=False and its `error`.
+    """
+    images = images.detach().to("cpu", torch.float32)
+    with _eval_cpu_copy(model) as clone, torch.no_grad():
+        reference = DeployModel(clone, mean, std, input_order, train_order).eval()(images).numpy()
+    scale = max(1.0, float(np.abs(reference).max()))
+    ref_top1 = reference.argmax(axis=1)
+    report: dict = {}
+    for file in exported:
+        file = Path(file)
+        rtol = max(atol, FP16_RTOL) if _is_fp16_ir(file) else atol
+        entry: dict = {"tolerance": rtol * scale}
+        try:
+            logits = _run_openvino(file, images.numpy())
+        except Exception as exc:  # report, never raise: the caller decides what a failure means
+            entry.update(max_abs_diff=float("inf"), top1_agreement=0.0, ok=False, error=f"{type(exc).__name__}: {exc}")
+            report[str(file)] = entry
+            continue
+        if logits.shape != reference.shape:
+            entry.update(max_abs_diff=float("inf"), top1_agreement=0.0, ok=False,
+                         error=f"output shape {logits.shape} != reference {reference.shape}")
+        else:
+            diff = float(np.abs(logits - reference).max())
+            agreement = float((logits.argmax(axis=1) == ref_top1).mean())
+            entry.update(max_abs_diff=diff, top1_agreement=agreement,
+                         ok=bool(diff <= entry["tolerance"] and agreement == 1.0))
+        report[str(file)] = entry
+    return report
+
+
+__all__ = ["DeployModel", "export_onnx", "export_openvino", "parity_check", "read_metadata"]
