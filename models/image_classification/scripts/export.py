@@ -1,0 +1,119 @@
+#!/usr/bin/env python3
+"""Export a checkpoint to OpenVINO IR and ONNX, then check both against PyTorch.
+
+  python export.py --load-weights outputs/best.pth --save-model-to export [--onnx] [--openvino]
+                   [--precision FP32|FP16] [--input-shape H W] [--static] [--opset 17]
+
+The exported models take an image as the deployment side has it: planar, 0-255, in the template's
+output_format.openvino_input_format channel order (BGR by default); channel order and mean/std
+normalisation are part of the graph, and labels, input size and normalisation are stored in the
+models' metadata. Without --onnx/--openvino both formats are written (as the template's output_format
+says). The parity check runs PyTorch, ONNX and IR on the same images (real validation images when
+--val-data-roots or $VAL_DATA_ROOT is given, random ones otherwise), writes parity.yaml and fails
+beyond tolerance.
+"""
+from __future__ import annotations
+
+import argparse
+import os
+from pathlib import Path
+
+import numpy as np
+import torch
+import yaml
+from PIL import Image
+
+from clsengine import data as D
+from clsengine.checkpoint import load_checkpoint, load_model_weights, load_state_dict_file
+from clsengine.errors import UserError
+from clsengine.export import export_onnx, export_openvino, parity_check
+from workbench import builders as B
+from workbench import cli
+from workbench.template import template_from_dict
+
+
+def parse_args() -> argparse.Namespace:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--load-weights", required=True, help="training checkpoint to export (best.pth, latest.pth)")
+    p.add_argument("--save-model-to", default=str(cli.WORK_DIR / "export"), help="output folder")
+    p.add_argument("--onnx", action="store_true", help="write model.onnx")
+    p.add_argument("--openvino", action="store_true", help="write model.xml + model.bin (OpenVINO IR)")
+    p.add_argument("--precision", choices=("FP32", "FP16"), default="FP32", help="IR weight precision")
+    p.add_argument("--input-shape", type=int, nargs=2, metavar=("H", "W"), default=None,
+                   help="input height and width (default: the template's input.size)")
+    p.add_argument("--static", action="store_true", help="static batch of 1 (some NPU toolchains need it)")
+    p.add_argument("--opset", type=int, default=17, help="ONNX opset")
+    p.add_argument("--val-data-roots", default=None, help="images for the parity check (default: $VAL_DATA_ROOT)")
+    p.add_argument("--parity-images", type=int, default=16, help="images used by the parity check")
+    cli.add_template_args(p)
+    return p.parse_intermixed_args()  # KEY=VALUE overrides may stand between flags
+
+
+def parity_images(root: str | None, size: tuple[int, int], count: int, order: str) -> tuple[torch.Tensor, str]:
+    """Images as deployment feeds them: (N, 3, H, W) float 0..255 in `order`; real ones when a root is given."""
+    if root:
+        scan = D.scan_folder(root)
+        step = max(1, len(scan.samples) // count)
+        arrays = [np.asarray(Image.fromarray(D.read_image(path)).resize((size[1], size[0]), Image.BILINEAR))
+                  for path, _ in scan.samples[::step][:count]]
+        batch = torch.from_numpy(np.stack(arrays)).permute(0, 3, 1, 2).float()
+        source = f"{len(arrays)} images from {scan.root}"
+    else:
+        batch = torch.rand(count, 3, *size, generator=torch.Generator().manual_seed(0)) * 255.0
+        source = f"{count} random images"
+    return (batch.flip(1) if order == "BGR" else batch), source
+
+
+def main() -> int:
+    args = parse_args()
+    weights = Path(args.load_weights)
+    checkpoint = load_checkpoint(weights)
+    if "config" not in checkpoint:
+        raise UserError(f"{weights} is a bare weights file; export needs a training checkpoint (it holds the "
+                        f"classes and the model configuration)")
+    t = template_from_dict(checkpoint["config"]["template"], f"checkpoint {weights}",
+                           cli.collect_overrides(args, {}))
+    classes = list(checkpoint["classes"])
+    model = B.build_model(t, len(classes))
+    load_model_weights(model, load_state_dict_file(weights), str(weights))
+    model.eval()
+
+    size = tuple(args.input_shape) if args.input_shape else B.input_size(t)
+    order = t.output_format.openvino_input_format
+    common = dict(input_size=size, mean=t.input.mean, std=t.input.std, input_order=order,
+                  train_order=t.input.channel_order, labels=classes, opset=args.opset, static_batch=args.static)
+    want_onnx, want_ir = args.onnx, args.openvino
+    if not (want_onnx or want_ir):
+        want_onnx, want_ir = t.output_format.onnx, t.output_format.openvino
+    out = Path(args.save_model_to)
+    out.mkdir(parents=True, exist_ok=True)
+    written = []
+    if want_onnx:
+        written.append(export_onnx(model, out / "model.onnx", **common))
+    if want_ir:
+        written.append(export_openvino(model, out / "model.xml", precision=args.precision, **common))
+    if not written:
+        raise UserError("nothing to export: pass --onnx and/or --openvino")
+
+    images, source = parity_images(args.val_data_roots or os.environ.get("VAL_DATA_ROOT"), size,
+                                   args.parity_images, order)
+    report = parity_check(model, written, images, mean=t.input.mean, std=t.input.std, input_order=order,
+                          train_order=t.input.channel_order)
+    summary = {"weights": str(weights.resolve()), "images": source,
+               "files": {Path(k).name: v for k, v in report.items()}}
+    (out / "parity.yaml").write_text(yaml.safe_dump(summary, sort_keys=False), encoding="utf-8")
+    for path, r in report.items():
+        status = "ok" if r["ok"] else "FAILED"
+        print(f"{Path(path).name}: max |logit diff| {r.get('max_abs_diff', float('nan')):.3g}, "
+              f"top-1 agreement {100 * r.get('top1_agreement', 0):.1f}% [{status}]")
+    failed = [Path(p).name for p, r in report.items() if not r["ok"]]
+    if failed:
+        raise UserError(f"exported {', '.join(failed)} differ from the PyTorch model beyond tolerance "
+                        f"(details in {out / 'parity.yaml'})")
+    print(f"Exported {', '.join(p.name for p in written)} to {out} ({size[0]}x{size[1]}, {order} 0-255 input); "
+          f"parity on {source}: ok")
+    return 0
+
+
+if __name__ == "__main__":
+    cli.run(main)
