@@ -70,7 +70,9 @@ class AugmentationConfig:
     def validate(self) -> None:
         """Raise UserError naming the first field with an unusable value."""
         def fail(name: str, rule: str) -> UserError:
-            return UserError(f"augmentation.{name} {rule}, got {getattr(self, name)!r}")
+            error = UserError(f"augmentation.{name} {rule}, got {getattr(self, name)!r}")
+            error.field = name  # lets a caller point at the key in its own configuration file
+            return error
 
         def number(name: str) -> float:
             value = getattr(self, name)

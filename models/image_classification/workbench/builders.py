@@ -111,11 +111,14 @@ def make_loader(dataset: D.ImageDataset, t: Template, batch_size: int, train: bo
                          seed=t.training.seed, drop_last=train, pin_memory=device.type == "cuda")
 
 
-def build_optimizer(t: Template, models: nn.Module | list[nn.Module], lr: float | None = None) -> torch.optim.Optimizer:
+def build_optimizer(t: Template, models: nn.Module | list[nn.Module], lr: float | None = None,
+                    sam: bool = True) -> torch.optim.Optimizer:
+    """The template's optimizer; `lr` replaces the base LR, sam=False gives the plain one (for the LR finder)."""
     o = t.training.optimizer
-    return create_optimizer(models, o.name, lr or t.hyper_parameters.basic.base_learning_rate, momentum=o.momentum,
-                            weight_decay=o.weight_decay, nesterov=o.nesterov, no_bias_decay=o.no_bias_decay,
-                            sam_rho=o.sam.rho if o.sam.enabled else None, sam_adaptive=o.sam.adaptive)
+    return create_optimizer(models, o.name, t.hyper_parameters.basic.base_learning_rate if lr is None else lr,
+                            momentum=o.momentum, weight_decay=o.weight_decay, nesterov=o.nesterov,
+                            no_bias_decay=o.no_bias_decay, sam_rho=o.sam.rho if sam and o.sam.enabled else None,
+                            sam_adaptive=o.sam.adaptive)
 
 
 def build_scheduler(t: Template, optimizer: torch.optim.Optimizer, iters_per_epoch: int) -> WarmupScheduler:
@@ -187,15 +190,10 @@ def find_learning_rate(t: Template, model: nn.Module, criterion: nn.Module, trai
     from clsengine.lr_finder import range_test, search_lr
 
     f = t.training.lr_finder
-    o = t.training.optimizer
     plot_path = out_dir / "lr_finder.png"
 
-    def plain_optimizer(m: nn.Module, lr: float) -> torch.optim.Optimizer:
-        return create_optimizer(m, o.name, lr, momentum=o.momentum, weight_decay=o.weight_decay,
-                                nesterov=o.nesterov, no_bias_decay=o.no_bias_decay)
-
     if f.mode == "fast_ai":
-        optimizer = plain_optimizer(model, f.min_lr)
+        optimizer = build_optimizer(t, model, f.min_lr, sam=False)
         warmup_scheduler = create_scheduler(optimizer, "constant", 1, len(train_loader))
 
         def warmup() -> None:
@@ -212,7 +210,7 @@ def find_learning_rate(t: Template, model: nn.Module, criterion: nn.Module, trai
         def train_and_score(lr: float, report) -> float:
             trial_model = copy.deepcopy(model)
             trial_model.load_state_dict(initial)
-            optimizer = plain_optimizer(trial_model, lr)
+            optimizer = build_optimizer(t, trial_model, lr, sam=False)
             scheduler = create_scheduler(optimizer, "cosine", f.trial_epochs, len(train_loader))
             top1 = 0.0
             for epoch in range(f.trial_epochs):

@@ -354,8 +354,7 @@ def _check_semantics(t: Template, v: _Validator) -> None:
     try:
         t.training.augmentation.validate()
     except UserError as exc:
-        field_name = str(exc).split(" ", 1)[0].removeprefix("augmentation.")
-        raise v.fail(f"training.augmentation.{field_name}", f"training.{exc}") from None
+        raise v.fail(f"training.augmentation.{exc.field}", f"training.{exc}") from None
 
 
 def set_dotted(data: dict, dotted: str, value: Any) -> None:
