@@ -7,6 +7,7 @@ from typing import Callable
 
 import torch.nn as nn
 import torchvision.models as tvm
+from torchvision.ops import SqueezeExcitation
 
 from ..checkpoint import load_state_dict_file
 from ..errors import CheckpointError, UserError
@@ -26,17 +27,48 @@ class ArchSpec:
                                                        "std": IMAGENET_STD})
 
 
+def _npu_friendly(model: nn.Module) -> nn.Module:
+    """Drop squeeze-and-excitation and use ReLU for SiLU (Swish), in place, as Kneron's NPU backbones do:
+    NPUs run ReLU natively (it fuses into the convolution and quantizes well), while Swish and SE's global
+    pooling + sigmoid rescaling are slow or unsupported there. Every other module keeps its name, so a
+    state dict of the original architecture still loads (all but the SE tensors)."""
+    for module in list(model.modules()):
+        for name, child in module.named_children():
+            if isinstance(child, SqueezeExcitation):
+                setattr(module, name, nn.Identity())
+            elif isinstance(child, nn.SiLU):
+                setattr(module, name, nn.ReLU(inplace=True))
+    return model
+
+
+def _npu(builder: Callable[..., nn.Module]) -> Callable[..., nn.Module]:
+    """A torchvision builder whose model is made NPU-friendly after construction (same arguments)."""
+    def build(**kwargs) -> nn.Module:
+        return _npu_friendly(builder(**kwargs))
+    build.__name__ = build.__qualname__ = f"{builder.__name__}_npu"
+    return build
+
+
+def _cfg(size: int) -> dict:
+    return {"input_size": (size, size), "mean": IMAGENET_MEAN, "std": IMAGENET_STD}
+
+
 _ARCHS: dict[str, ArchSpec] = {
     "mobilenet_v3_large": ArchSpec(tvm.mobilenet_v3_large, "classifier", takes_width=True, takes_dropout=True),
     "mobilenet_v3_small": ArchSpec(tvm.mobilenet_v3_small, "classifier", takes_width=True, takes_dropout=True),
     "mobilenet_v2": ArchSpec(tvm.mobilenet_v2, "classifier", takes_width=True, takes_dropout=True),
     "efficientnet_b0": ArchSpec(tvm.efficientnet_b0, "classifier", takes_dropout=True),
-    "efficientnet_b1": ArchSpec(tvm.efficientnet_b1, "classifier", takes_dropout=True,
-                                default_cfg={"input_size": (240, 240), "mean": IMAGENET_MEAN, "std": IMAGENET_STD}),
-    "efficientnet_b2": ArchSpec(tvm.efficientnet_b2, "classifier", takes_dropout=True,
-                                default_cfg={"input_size": (260, 260), "mean": IMAGENET_MEAN, "std": IMAGENET_STD}),
-    "efficientnet_b3": ArchSpec(tvm.efficientnet_b3, "classifier", takes_dropout=True,
-                                default_cfg={"input_size": (300, 300), "mean": IMAGENET_MEAN, "std": IMAGENET_STD}),
+    "efficientnet_b1": ArchSpec(tvm.efficientnet_b1, "classifier", takes_dropout=True, default_cfg=_cfg(240)),
+    "efficientnet_b2": ArchSpec(tvm.efficientnet_b2, "classifier", takes_dropout=True, default_cfg=_cfg(260)),
+    "efficientnet_b3": ArchSpec(tvm.efficientnet_b3, "classifier", takes_dropout=True, default_cfg=_cfg(300)),
+    # Kneron-style NPU variants: no squeeze-and-excitation, ReLU instead of SiLU.
+    "efficientnet_b0_npu": ArchSpec(_npu(tvm.efficientnet_b0), "classifier", takes_dropout=True),
+    "efficientnet_b1_npu": ArchSpec(_npu(tvm.efficientnet_b1), "classifier", takes_dropout=True,
+                                    default_cfg=_cfg(240)),
+    "efficientnet_b2_npu": ArchSpec(_npu(tvm.efficientnet_b2), "classifier", takes_dropout=True,
+                                    default_cfg=_cfg(260)),
+    "efficientnet_b3_npu": ArchSpec(_npu(tvm.efficientnet_b3), "classifier", takes_dropout=True,
+                                    default_cfg=_cfg(300)),
     "resnet18": ArchSpec(tvm.resnet18, "fc"),
     "resnet34": ArchSpec(tvm.resnet34, "fc"),
     "resnet50": ArchSpec(tvm.resnet50, "fc"),

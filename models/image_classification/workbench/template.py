@@ -159,6 +159,7 @@ class OutputFormat:
     onnx: bool = True
     openvino: bool = True
     openvino_input_format: str = "BGR"
+    static_shape: bool = False              # export with a fully static input [1, 3, H, W] (NPU toolchains)
 
 
 @dataclass
