@@ -14,7 +14,8 @@ from clsengine.errors import UserError
 from clsengine.export import DeployModel, export_onnx, export_openvino, parity_check, read_metadata
 from clsengine.models.factory import IMAGENET_MEAN, IMAGENET_STD, create_model
 
-ARCHS = ["mobilenet_v3_small", "resnet18", "efficientnet_b0"]
+# One per architecture family the templates use.
+ARCHS = ["mobilenet_v3_small", "mobilenet_v2", "resnet18", "regnet_x_800mf", "efficientnet_b0", "efficientnet_b0_npu"]
 SIZE = (32, 32)
 LABELS = ["cat", "dog, large", "чай"]  # a comma and non-ASCII text must survive the metadata round trip
 KW = dict(input_size=SIZE, mean=IMAGENET_MEAN, std=IMAGENET_STD, labels=LABELS)

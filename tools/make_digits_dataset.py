@@ -4,11 +4,13 @@
   python tools/make_digits_dataset.py OUTPUT_DIR [--size 32] [--val-fraction 0.2] [--per-class N]
 
 Creates OUTPUT_DIR/train/<digit>/*.png and OUTPUT_DIR/val/<digit>/*.png: 1797 images, 10 classes,
-upscaled to --size pixels, split per class with a fixed seed so the split is the same every time.
+upscaled to --size pixels, split per class with a fixed seed so the split is the same every time, and
+OUTPUT_DIR/val_ground_truth.json ({image path: digit}, the ground truth `eval.py --gts` reads).
 """
 from __future__ import annotations
 
 import argparse
+import json
 import sys
 from pathlib import Path
 
@@ -31,6 +33,7 @@ def write_dataset(output: Path, size: int = 32, val_fraction: float = 0.2, per_c
     images, targets = load_digits()
     rng = np.random.default_rng(seed)
     counts = {"train": 0, "val": 0}
+    truth: dict[str, str] = {}
     for digit in range(10):
         index = np.flatnonzero(targets == digit)
         rng.shuffle(index)
@@ -42,8 +45,12 @@ def write_dataset(output: Path, size: int = 32, val_fraction: float = 0.2, per_c
             folder.mkdir(parents=True, exist_ok=True)
             for i in chosen:
                 pixels = (images[i] * (255.0 / 16.0)).clip(0, 255).astype(np.uint8)
-                Image.fromarray(pixels, mode="L").resize((size, size), Image.BILINEAR).save(folder / f"{i:04d}.png")
+                path = folder / f"{i:04d}.png"
+                Image.fromarray(pixels, mode="L").resize((size, size), Image.BILINEAR).save(path)
                 counts[split] += 1
+                if split == "val":
+                    truth[str(path.resolve())] = str(digit)
+    (output / "val_ground_truth.json").write_text(json.dumps(truth, indent=0), encoding="utf-8")
     return counts
 
 

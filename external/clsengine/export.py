@@ -179,24 +179,33 @@ def read_metadata(path: str | os.PathLike) -> dict:
     path = Path(path)
     if not path.is_file():
         raise UserError(f"{path} does not exist")
-    if path.suffix == ".onnx":
-        import onnx
-
-        raw = {p.key: p.value for p in onnx.load(str(path), load_external_data=False).metadata_props}
-    elif path.suffix == ".xml":
-        import openvino as ov
-
-        ov_model = ov.Core().read_model(str(path))
-        raw = {}
-        if ov_model.has_rt_info([_RT_SECTION]):
-            for key in ("labels", "input_size", "mean", "std", "input_order", "model_type"):
-                if ov_model.has_rt_info([_RT_SECTION, key]):
-                    raw[key] = ov_model.get_rt_info([_RT_SECTION, key]).astype(str)
-    else:
+    if path.suffix not in (".onnx", ".xml"):
         raise UserError(f"{path}: expected a .onnx or .xml file")
+    try:
+        raw = _read_raw_metadata(path)
+    except Exception as exc:  # protobuf, XML and OpenVINO errors: the file is not a model of that format
+        message = (str(exc).strip().splitlines() or [type(exc).__name__])[0]
+        raise UserError(f"cannot read {path} as {'ONNX' if path.suffix == '.onnx' else 'OpenVINO IR'}: "
+                        f"{message}") from None
     if "labels" not in raw:
         raise UserError(f"{path} has no export metadata (was it written by clsengine.export?)")
     return _parse_metadata(raw)
+
+
+def _read_raw_metadata(path: Path) -> dict[str, str]:
+    if path.suffix == ".onnx":
+        import onnx
+
+        return {p.key: p.value for p in onnx.load(str(path), load_external_data=False).metadata_props}
+    import openvino as ov
+
+    ov_model = ov.Core().read_model(str(path))
+    raw = {}
+    if ov_model.has_rt_info([_RT_SECTION]):
+        for key in ("labels", "input_size", "mean", "std", "input_order", "model_type"):
+            if ov_model.has_rt_info([_RT_SECTION, key]):
+                raw[key] = ov_model.get_rt_info([_RT_SECTION, key]).astype(str)
+    return raw
 
 
 def _parse_metadata(raw: dict[str, str]) -> dict:
@@ -219,19 +228,6 @@ def _is_fp16_ir(path: Path) -> bool:
     return 'element_type="f16"' in text
 
 
-def _run_openvino(path: Path, images: np.ndarray) -> np.ndarray:
-    import openvino as ov
-
-    core = ov.Core()
-    ov_model = core.read_model(str(path))
-    compiled = core.compile_model(ov_model, "CPU", {"INFERENCE_PRECISION_HINT": "f32"})
-    static = ov_model.input(0).get_partial_shape()[0].is_static
-    if static and images.shape[0] != ov_model.input(0).get_partial_shape()[0].get_length():
-        # A static-batch file runs one image at a time, as it will in deployment.
-        return np.concatenate([compiled(images[i:i + 1])[0] for i in range(images.shape[0])])
-    return np.asarray(compiled(images)[0])
-
-
 def parity_check(model: nn.Module, exported: list[str | os.PathLike], images: torch.Tensor, *, mean, std,
                  input_order: str = "BGR", train_order: str = "RGB", atol: float = 1e-3) -> dict:
     """Compare exported files against PyTorch on the same images; report, never raise.
@@ -243,6 +239,8 @@ def parity_check(model: nn.Module, exported: list[str | os.PathLike], images: to
     Each file is compiled by OpenVINO on CPU with f32 inference precision (OpenVINO reads .onnx directly).
     A file that cannot be run is reported with ok=False and its `error`.
     """
+    from .inference import ExportedClassifier  # here, not at the top: inference builds on this module
+
     images = images.detach().to("cpu", torch.float32)
     with _eval_cpu_copy(model) as clone, torch.no_grad():
         reference = DeployModel(clone, mean, std, input_order, train_order).eval()(images).numpy()
@@ -254,7 +252,7 @@ def parity_check(model: nn.Module, exported: list[str | os.PathLike], images: to
         rtol = max(atol, FP16_RTOL) if _is_fp16_ir(file) else atol
         entry: dict = {"tolerance": rtol * scale}
         try:
-            logits = _run_openvino(file, images.numpy())
+            logits = ExportedClassifier(file)(images.numpy())
         except Exception as exc:  # report, never raise: the caller decides what a failure means
             entry.update(max_abs_diff=float("inf"), top1_agreement=0.0, ok=False, error=f"{type(exc).__name__}: {exc}")
             report[str(file)] = entry

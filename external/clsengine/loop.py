@@ -151,10 +151,12 @@ def train_one_epoch(model: nn.Module, loader, criterion: nn.Module, optimizer: t
 
 
 @torch.no_grad()
-def predict(model: nn.Module, loader, device: torch.device, desc: str = "eval",
-            progress: bool = True) -> tuple[torch.Tensor, torch.Tensor]:
-    """All logits and labels of a loader, on the CPU."""
-    model.eval()
+def predict(model: nn.Module | Callable[[torch.Tensor], torch.Tensor], loader, device: torch.device,
+            desc: str = "eval", progress: bool = True) -> tuple[torch.Tensor, torch.Tensor]:
+    """All logits and labels of a loader, on the CPU. `model` may also be any callable from an image
+    batch to logits, such as an exported model (clsengine.inference.ExportedClassifier)."""
+    if isinstance(model, nn.Module):
+        model.eval()
     all_logits, all_labels = [], []
     for images, labels in _progress(loader, len(loader), desc, progress):
         all_logits.append(model(images.to(device, non_blocking=True)).float().cpu())

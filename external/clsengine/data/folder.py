@@ -11,7 +11,7 @@ import numpy as np
 from torch.utils.data import Dataset
 
 from ..errors import DataError
-from .image import UnreadableImageError, check_image, is_image_file, read_image
+from .image import IMAGE_EXTENSIONS, UnreadableImageError, check_image, is_image_file, read_image
 
 
 @dataclass
@@ -26,6 +26,12 @@ class FolderScan:
         for _, label in self.samples:
             counts[label] += 1
         return counts
+
+
+def _image_files(folder: Path) -> list[Path]:
+    """Image files under `folder`, recursively and sorted, leaving out hidden files and folders."""
+    return sorted(p for p in folder.rglob("*") if p.is_file() and is_image_file(p)
+                  and not any(part.startswith(".") for part in p.relative_to(folder).parts))
 
 
 def scan_folder(root: str | os.PathLike, verify: bool = True) -> FolderScan:
@@ -52,8 +58,7 @@ def scan_folder(root: str | os.PathLike, verify: bool = True) -> FolderScan:
     skipped: list[tuple[str, str]] = []
     empty: list[str] = []
     for label, name in enumerate(classes):
-        files = sorted(p for p in (root / name).rglob("*") if p.is_file() and is_image_file(p)
-                       and not any(part.startswith(".") for part in p.relative_to(root / name).parts))
+        files = _image_files(root / name)
         n_before = len(samples)
         for path in files:
             reason = check_image(path) if verify else None
@@ -69,6 +74,33 @@ def scan_folder(root: str | os.PathLike, verify: bool = True) -> FolderScan:
     if empty:
         raise DataError(f"data root {root}: class folder(s) with no readable images: {', '.join(empty)}")
     return FolderScan(root=root, classes=classes, samples=samples, skipped=skipped)
+
+
+def list_images(path: str | os.PathLike, verify: bool = True) -> tuple[list[str], list[tuple[str, str]]]:
+    """One image file, or every image under a folder (recursively, sorted, hidden entries left out).
+
+    Returns (readable paths, skipped (path, reason) pairs); nothing readable is a DataError naming `path`.
+    """
+    path = Path(path).expanduser()
+    if not path.exists():
+        raise DataError(f"{path} does not exist")
+    if path.is_file():
+        if not is_image_file(path):
+            raise DataError(f"{path} is not an image file (known extensions: {', '.join(IMAGE_EXTENSIONS)})")
+        candidates = [path]
+    else:
+        candidates = _image_files(path)
+    files, skipped = [], []
+    for file in candidates:
+        reason = check_image(file) if verify else None
+        if reason is None:
+            files.append(str(file))
+        else:
+            skipped.append((str(file), reason))
+    if not files:
+        raise DataError(f"{path}: no readable image" + (f" ({len(skipped)} unreadable, e.g. {skipped[0][0]}: "
+                                                         f"{skipped[0][1]})" if skipped else ""))
+    return files, skipped
 
 
 def check_same_classes(reference: list[str], other: list[str], reference_name: str, other_name: str) -> None:

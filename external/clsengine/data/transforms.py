@@ -199,6 +199,13 @@ def build_eval_transform(size: Sequence[int], mean: Sequence[float], std: Sequen
     return Pipeline(A.Compose(ops), bgr=bgr, reseed=False)
 
 
+def build_deploy_transform(size: Sequence[int], bgr: bool = False) -> Pipeline:
+    """What a deployed (exported) model is fed: the eval resize, no normalisation (the graph does it),
+    values 0..255 as float, channels in the model's input order."""
+    h, w = size
+    return Pipeline(A.Compose([A.Resize(h, w, interpolation=cv2.INTER_LINEAR)]), bgr=bgr, reseed=False)
+
+
 def build_train_transform(size: Sequence[int], mean: Sequence[float], std: Sequence[float],
                           aug: AugmentationConfig, bgr: bool = False) -> Pipeline:
     """Training pipeline in the module docstring's order; output always (3, h, w) float32. Validates `aug`."""

@@ -11,7 +11,7 @@ from torchvision.ops import SqueezeExcitation
 
 from ..checkpoint import load_state_dict_file
 from ..errors import CheckpointError, UserError
-from .heads import am_softmax_scale, last_linear, use_cosine_classifier
+from .heads import am_softmax_scale, use_cosine_classifier
 
 IMAGENET_MEAN = (123.675, 116.28, 103.53)
 IMAGENET_STD = (58.395, 57.12, 57.375)

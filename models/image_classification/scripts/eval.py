@@ -1,12 +1,20 @@
 #!/usr/bin/env python3
-"""Evaluate a checkpoint on a class-folder dataset and write metrics.yaml.
+"""Evaluate a model on a class-folder dataset and write metrics.yaml, or evaluate prediction files.
 
-  python eval.py --load-weights outputs/latest.pth --test-ann-files '' --test-data-roots DATA/val \\
-                 --save-metrics-to metrics.yaml
+  python eval.py --load-weights outputs/best.pth --test-data-roots DATA/val --save-metrics-to metrics.yaml
+  python eval.py --load-weights export/model.xml   # the exported IR (or export/model.onnx), same metrics
+  python eval.py --preds predictions/ --gts ground_truth.json   # end-to-end: writes eval_results.txt
 
-The test root falls back to $TEST_DATA_ROOT. metrics.yaml holds top-1/top-5, per-class precision,
-recall and F1, macro F1, the confusion matrix (also drawn as confusion_matrix.png beside it), the
-model's complexity and the sha256 and size of the weights evaluated.
+A model is a training checkpoint, bare weights (classes then come from the test folders and the model
+from the work dir's template), an OpenVINO IR (.xml) or an ONNX file; all are fed the same images
+(resized to the model's input size, 0..255, in its channel order). The test root falls back to
+$TEST_DATA_ROOT. metrics.yaml holds top-1/top-5, per-class precision, recall and F1, macro F1, the
+confusion matrix (also drawn as confusion_matrix.png beside it), the model's size and complexity and
+the sha256 and size of the files evaluated.
+
+With --preds, the folder holds one JSON per image as predict.py writes them
+({"img_path": ..., "0_0": [[score, label], ...]}) and --gts one JSON object {image_path: label};
+integer labels are class ids, named by --class-id-path or the folder's classes.json.
 """
 from __future__ import annotations
 
@@ -17,63 +25,78 @@ from pathlib import Path
 import yaml
 
 from clsengine import data as D
-from clsengine.checkpoint import load_checkpoint, load_model_weights, load_state_dict_file
-from clsengine.complexity import complexity
+from clsengine import predictions as P
+from clsengine.errors import UserError
 from clsengine.hub import sha256_of
-from clsengine.loop import predict
 from clsengine.metrics import classification_report
 from clsengine.plots import plot_confusion_matrix
-from clsengine.utils import select_device
-from workbench import builders as B
 from workbench import cli
-from workbench.template import load_template, template_from_dict
+from workbench.classifier import load_classifier
 
 FLAG_KEYS = {"batch_size": "hyper_parameters.basic.batch_size", "gpu_num": "gpu_num", "workers": "training.workers"}
 
 
 def parse_args() -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--load-weights", required=True, help="checkpoint to evaluate (latest.pth, best.pth...)")
+    p.add_argument("--load-weights", default=None,
+                   help="model to evaluate: checkpoint (best.pth...), OpenVINO IR (.xml) or ONNX (.onnx)")
     cli.add_data_args(p, "test", "TEST_DATA_ROOT")
     p.add_argument("--save-metrics-to", default=str(cli.WORK_DIR / "metrics.yaml"),
                    help="metrics file to write (default: WORK_DIR/metrics.yaml)")
     p.add_argument("--save-output-to", default=None,
-                   help="folder for per-image predictions (predictions.csv)")
+                   help="folder for per-image predictions (predictions.csv); with --preds, for eval_results.txt")
+    p.add_argument("--device", default="CPU", help="OpenVINO device for .xml/.onnx models (CPU, GPU, NPU...)")
+    e2e = p.add_argument_group("end-to-end evaluation of prediction files")
+    e2e.add_argument("--preds", default=None, help="folder of per-image prediction JSON files (from predict.py)")
+    e2e.add_argument("--gts", default=None, help="ground-truth JSON {image_path: label}")
+    e2e.add_argument("--class-id-path", default=None, help="class-id JSON naming integer labels of --gts")
     cli.add_runtime_args(p)
     cli.add_template_args(p)
     return p.parse_intermixed_args()  # KEY=VALUE overrides may stand between flags
 
 
+def evaluate_prediction_files(args: argparse.Namespace) -> int:
+    if not (args.preds and args.gts):
+        raise UserError("end-to-end evaluation needs both --preds PRED_DIR and --gts GT_JSON")
+    pred_dir = Path(args.preds)
+    preds = P.read_predictions(pred_dir)
+    names_file = Path(args.class_id_path) if args.class_id_path else pred_dir / P.CLASSES_FILE
+    classes = P.read_class_names(names_file) if names_file.is_file() or args.class_id_path else None
+    report = P.evaluate_predictions(preds, P.read_ground_truth(args.gts, classes))
+    out = Path(args.save_output_to) if args.save_output_to else pred_dir
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "eval_results.txt").write_text(report.to_text(str(pred_dir), args.gts), encoding="utf-8")
+    accuracy = "  ".join(f"top-{k} {v:.2f}" for k, v in report.topk.items())
+    print(f"{accuracy}  macro precision {report.macro['precision']:.2f}  recall {report.macro['recall']:.2f}  "
+          f"F1 {report.macro['f1']:.2f} on {report.num_images} images; results in {out / 'eval_results.txt'}")
+    if report.missing:
+        print(f"warning: {len(report.missing)} ground-truth image(s) have no prediction, e.g. {report.missing[0]}")
+    return 0
+
+
 def main() -> int:
     args = parse_args()
+    if args.preds or args.gts:
+        return evaluate_prediction_files(args)
+    if not args.load_weights:
+        raise UserError("pass --load-weights MODEL (or --preds and --gts for prediction files)")
     overrides = cli.collect_overrides(args, FLAG_KEYS)
-    weights_path = Path(args.load_weights)
-    checkpoint = load_checkpoint(weights_path)
     scan = D.scan_folder(cli.data_root(args, "test", "TEST_DATA_ROOT"))
-    if "config" in checkpoint:  # our training checkpoint: it knows its model and classes
-        t = template_from_dict(checkpoint["config"]["template"], f"checkpoint {weights_path}", overrides)
-        classes = list(checkpoint["classes"])
-        D.check_same_classes(classes, scan.classes, f"checkpoint {weights_path}", f"test data {scan.root}")
-    else:  # bare weights: the work dir's template and the test folders define the model
-        t = load_template(args.template, overrides)
-        classes = scan.classes
-    device = select_device(t.gpu_num)
-    model = B.build_model(t, len(classes))
-    load_model_weights(model, load_state_dict_file(weights_path), str(weights_path))
-    model.to(device)
-
-    dataset = D.ImageDataset(scan.samples, classes, B.eval_transform(t))
-    loader = B.make_loader(dataset, t, t.hyper_parameters.basic.batch_size, train=False, device=device)
-    logits, labels = predict(model, loader, device, desc="test")
+    model = load_classifier(args.load_weights, template_path=args.template, overrides=overrides,
+                            classes=scan.classes, classes_source=f"test data {scan.root}", ov_device=args.device)
+    classes = model.classes
+    logits, labels = model.predict(scan.samples, "test")
     report = classification_report(logits, labels, classes)
-    cx = complexity(model, B.input_size(t))
+    cx = model.complexity()
 
     metrics_path = Path(args.save_metrics_to)
     metrics_path.parent.mkdir(parents=True, exist_ok=True)
     cm_png = plot_confusion_matrix(report["confusion_matrix"], classes, metrics_path.with_name("confusion_matrix.png"))
     result = {
-        "files": [{"name": weights_path.name, "path": str(weights_path.resolve()), "sha256": sha256_of(weights_path),
-                   "size": weights_path.stat().st_size}],
+        "model": {"path": str(Path(args.load_weights).resolve()), "format": model.kind,
+                  "input_size": list(model.input_size), "input_order": model.input_order},
+        "files": [{"name": f.name, "path": str(f.resolve()), "sha256": sha256_of(f), "size": f.stat().st_size}
+                  for f in model.files],
         "metrics": [
             {"display_name": "Size", "key": "size", "unit": "Mp", "value": round(cx["size_mp"], 3)},
             {"display_name": "Complexity", "key": "complexity", "unit": "GFLOPs",
@@ -101,7 +124,7 @@ def main() -> int:
                 writer.writerow([path, classes[label], classes[int(p.argmax())], f"{float(p.max()):.4f}"])
     if scan.skipped:
         print(f"warning: skipped {len(scan.skipped)} unreadable file(s), e.g. {scan.skipped[0][0]}")
-    print(f"top-1 {report['top1']:.2f}  top-5 {report['top5']:.2f}  macro F1 {report['macro_f1']:.2f}  "
+    print(f"{model.kind}: top-1 {report['top1']:.2f}  top-5 {report['top5']:.2f}  macro F1 {report['macro_f1']:.2f}  "
           f"on {report['num_samples']} images; metrics in {metrics_path}, confusion matrix in {cm_png}")
     return 0
 

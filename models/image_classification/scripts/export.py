@@ -18,18 +18,15 @@ import argparse
 import os
 from pathlib import Path
 
-import numpy as np
 import torch
 import yaml
-from PIL import Image
 
 from clsengine import data as D
-from clsengine.checkpoint import load_checkpoint, load_model_weights, load_state_dict_file
 from clsengine.errors import UserError
 from clsengine.export import export_onnx, export_openvino, parity_check
 from workbench import builders as B
 from workbench import cli
-from workbench.template import template_from_dict
+from workbench.classifier import load_trained_model
 
 
 def parse_args() -> argparse.Namespace:
@@ -41,7 +38,9 @@ def parse_args() -> argparse.Namespace:
     p.add_argument("--precision", choices=("FP32", "FP16"), default="FP32", help="IR weight precision")
     p.add_argument("--input-shape", type=int, nargs=2, metavar=("H", "W"), default=None,
                    help="input height and width (default: the template's input.size)")
-    p.add_argument("--static", action="store_true", help="static batch of 1 (some NPU toolchains need it)")
+    p.add_argument("--static", action="store_true", default=None,
+                   help="static input shape [1, 3, H, W], as NPU compilers need (default: the template's "
+                        "output_format.static_shape)")
     p.add_argument("--opset", type=int, default=17, help="ONNX opset")
     p.add_argument("--val-data-roots", default=None, help="images for the parity check (default: $VAL_DATA_ROOT)")
     p.add_argument("--parity-images", type=int, default=16, help="images used by the parity check")
@@ -54,34 +53,23 @@ def parity_images(root: str | None, size: tuple[int, int], count: int, order: st
     if root:
         scan = D.scan_folder(root)
         step = max(1, len(scan.samples) // count)
-        arrays = [np.asarray(Image.fromarray(D.read_image(path)).resize((size[1], size[0]), Image.BILINEAR))
-                  for path, _ in scan.samples[::step][:count]]
-        batch = torch.from_numpy(np.stack(arrays)).permute(0, 3, 1, 2).float()
-        source = f"{len(arrays)} images from {scan.root}"
-    else:
-        batch = torch.rand(count, 3, *size, generator=torch.Generator().manual_seed(0)) * 255.0
-        source = f"{count} random images"
-    return (batch.flip(1) if order == "BGR" else batch), source
+        transform = D.build_deploy_transform(size, bgr=order == "BGR")
+        batch = torch.stack([transform(D.read_image(path)) for path, _ in scan.samples[::step][:count]])
+        return batch, f"{len(batch)} images from {scan.root}"
+    batch = torch.rand(count, 3, *size, generator=torch.Generator().manual_seed(0)) * 255.0
+    return batch, f"{count} random images"
 
 
 def main() -> int:
     args = parse_args()
     weights = Path(args.load_weights)
-    checkpoint = load_checkpoint(weights)
-    if "config" not in checkpoint:
-        raise UserError(f"{weights} is a bare weights file; export needs a training checkpoint (it holds the "
-                        f"classes and the model configuration)")
-    t = template_from_dict(checkpoint["config"]["template"], f"checkpoint {weights}",
-                           cli.collect_overrides(args, {}))
-    classes = list(checkpoint["classes"])
-    model = B.build_model(t, len(classes))
-    load_model_weights(model, load_state_dict_file(weights), str(weights))
-    model.eval()
+    t, classes, model = load_trained_model(weights, cli.collect_overrides(args, {}))
 
     size = tuple(args.input_shape) if args.input_shape else B.input_size(t)
     order = t.output_format.openvino_input_format
     common = dict(input_size=size, mean=t.input.mean, std=t.input.std, input_order=order,
-                  train_order=t.input.channel_order, labels=classes, opset=args.opset, static_batch=args.static)
+                  train_order=t.input.channel_order, labels=classes, opset=args.opset,
+                  static_batch=t.output_format.static_shape if args.static is None else args.static)
     want_onnx, want_ir = args.onnx, args.openvino
     if not (want_onnx or want_ir):
         want_onnx, want_ir = t.output_format.onnx, t.output_format.openvino

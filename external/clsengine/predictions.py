@@ -1,0 +1,224 @@
+"""Prediction files and their end-to-end evaluation against a ground-truth JSON.
+
+Formats (those of Kneron's classification tools, so their evaluation scripts and ours read each other's):
+- one JSON per image: {"img_path": path, "0_0": [[score, label], ...]}, best first;
+- ground truth: one JSON object {image_path: label, ...};
+- class-id file: a JSON list of class names, or an object {"0": name, ...} or {name: 0, ...}.
+"""
+from __future__ import annotations
+
+import json
+import os
+from collections import Counter
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from .errors import UserError
+from .fileio import atomic_output
+from .metrics import confusion_matrix, precision_recall_f1
+
+PRED_KEY = "0_0"
+CLASSES_FILE = "classes.json"
+SUMMARY_FILE = "summary.csv"
+
+
+def _load_json(path: str | os.PathLike, what: str) -> Any:
+    path = Path(path)
+    if not path.is_file():
+        raise UserError(f"{what} {path} does not exist")
+    try:
+        return json.loads(path.read_text(encoding="utf-8"))
+    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+        line = f", line {exc.lineno}" if isinstance(exc, json.JSONDecodeError) else ""
+        raise UserError(f"{what} {path}{line}: not valid JSON ({exc})") from None
+
+
+def read_class_names(path: str | os.PathLike) -> list[str]:
+    """Class names in index order from a class-id JSON (list, {id: name} or {name: id})."""
+    data = _load_json(path, "class-id file")
+    if isinstance(data, list) and data and all(isinstance(v, (str, int)) for v in data):
+        return [str(v) for v in data]
+    if isinstance(data, dict) and data:
+        if all(isinstance(v, int) and not isinstance(v, bool) for v in data.values()):
+            by_id = {int(v): str(k) for k, v in data.items()}
+        elif all(str(k).lstrip("-").isdigit() for k in data):
+            by_id = {int(k): str(v) for k, v in data.items()}
+        else:
+            raise UserError(f"class-id file {path}: expected {{\"0\": name, ...}} or {{name: 0, ...}}")
+        if sorted(by_id) != list(range(len(by_id))) or len(by_id) != len(data):
+            raise UserError(f"class-id file {path}: class ids must be 0..{len(data) - 1}, each once; "
+                            f"got {sorted(by_id)[:10]}")
+        return [by_id[i] for i in range(len(by_id))]
+    raise UserError(f"class-id file {path}: expected a non-empty JSON list of names or an id/name object")
+
+
+def top_k(probs: np.ndarray, classes: list[str], k: int) -> list[list]:
+    """[[score, label], ...] of the k best classes of one probability vector, best first."""
+    k = max(1, min(int(k), len(classes)))
+    order = np.argsort(-probs, kind="stable")[:k]
+    return [[round(float(probs[i]), 6), classes[i]] for i in order]
+
+
+def prediction_file(out_dir: Path, image: str, base: Path) -> Path:
+    """Where the JSON of `image` goes: its path under `base` + .json, so that images with the same name
+    in different folders do not overwrite each other."""
+    relative = Path(image).resolve().relative_to(base)
+    return out_dir / relative.with_name(relative.name + ".json")
+
+
+def write_predictions(out_dir: str | os.PathLike, images: list[str], probs: np.ndarray, classes: list[str],
+                      k: int, root: str | os.PathLike | None = None) -> Path:
+    """One prediction JSON per image, plus summary.csv (top-1 per image) and classes.json in `out_dir`."""
+    import csv
+
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    parents = [str(Path(image).resolve().parent) for image in images]
+    base = Path(root).resolve() if root is not None and Path(root).is_dir() else Path(os.path.commonpath(parents))
+    if not all(Path(p).is_relative_to(base) for p in parents):
+        base = Path(os.path.commonpath(parents))
+    with atomic_output(out_dir / SUMMARY_FILE) as tmp, open(tmp, "w", newline="", encoding="utf-8") as summary:
+        writer = csv.writer(summary)
+        writer.writerow(["img_path", "label", "score"])
+        for image, p in zip(images, probs):
+            best = top_k(p, classes, k)
+            path = prediction_file(out_dir, image, base)
+            path.parent.mkdir(parents=True, exist_ok=True)
+            path.write_text(json.dumps({"img_path": image, PRED_KEY: best}), encoding="utf-8")
+            writer.writerow([image, best[0][1], f"{best[0][0]:.6f}"])
+    (out_dir / CLASSES_FILE).write_text(json.dumps(classes, indent=1), encoding="utf-8")
+    return out_dir / SUMMARY_FILE
+
+
+def read_predictions(pred_dir: str | os.PathLike) -> dict[str, list[tuple[float, str]]]:
+    """{img_path: [(score, label), ...]} from every prediction JSON under `pred_dir` (others are ignored)."""
+    pred_dir = Path(pred_dir)
+    if not pred_dir.is_dir():
+        raise UserError(f"prediction folder {pred_dir} does not exist")
+    preds: dict[str, list[tuple[float, str]]] = {}
+    for file in sorted(pred_dir.rglob("*.json")):
+        data = _load_json(file, "prediction file")
+        if not (isinstance(data, dict) and "img_path" in data and PRED_KEY in data):
+            continue  # classes.json and other side files
+        try:
+            entries = [(float(score), str(label)) for score, label in data[PRED_KEY]]
+        except (TypeError, ValueError):
+            entries = []
+        if not entries:
+            raise UserError(f"prediction file {file}: '{PRED_KEY}' must be a non-empty list of [score, label] pairs")
+        preds[str(data["img_path"])] = entries
+    if not preds:
+        raise UserError(f"no prediction JSON ({{\"img_path\": ..., \"{PRED_KEY}\": ...}}) under {pred_dir}")
+    return preds
+
+
+def read_ground_truth(path: str | os.PathLike, classes: list[str] | None = None) -> dict[str, str]:
+    """{img_path: label name}; integer labels are looked up in `classes` (from a class-id file)."""
+    data = _load_json(path, "ground-truth file")
+    if not isinstance(data, dict) or not data:
+        raise UserError(f"ground-truth file {path}: expected a non-empty JSON object {{image_path: label}}")
+    truth = {}
+    for image, label in data.items():
+        if isinstance(label, int) and not isinstance(label, bool) and classes is not None:
+            if not 0 <= label < len(classes):
+                raise UserError(f"ground-truth file {path}: label {label} of {image} is not a class id "
+                                f"(0..{len(classes) - 1})")
+            label = classes[label]
+        elif not isinstance(label, (str, int)) or isinstance(label, bool):
+            raise UserError(f"ground-truth file {path}: label of {image} must be a class name or id, got {label!r}")
+        truth[str(image)] = str(label)
+    return truth
+
+
+def _match(preds: dict[str, Any], truth: dict[str, str]) -> tuple[dict[str, str], list[str]]:
+    """{prediction key: ground-truth key} by path as written, then resolved path, then unique file name."""
+    def norm(p: str) -> str:
+        return os.path.normpath(p)
+
+    def resolved(p: str) -> str:
+        return str(Path(p).resolve())
+
+    def name_index(keys) -> dict[str, str]:
+        counts = Counter(Path(k).name for k in keys)
+        return {Path(k).name: k for k in keys if counts[Path(k).name] == 1}
+
+    by_norm = {norm(p): p for p in preds}
+    by_resolved = {resolved(p): p for p in preds}
+    by_name = name_index(preds)
+    matched, missing = {}, []
+    for gt in truth:
+        key = by_norm.get(norm(gt)) or by_resolved.get(resolved(gt)) or by_name.get(Path(gt).name)
+        if key is None or key in matched:
+            missing.append(gt)
+        else:
+            matched[key] = gt
+    return matched, missing
+
+
+@dataclass
+class PredictionReport:
+    num_images: int
+    topk: dict[int, float]                       # k -> accuracy %
+    macro: dict[str, float]                      # precision / recall / f1 %
+    per_class: dict[str, dict[str, float]]
+    missing: list[str] = field(default_factory=list)   # ground-truth images without a prediction
+    unmatched: int = 0                                  # predictions without ground truth
+
+    def to_text(self, pred_dir: str, gt_path: str) -> str:
+        lines = [f"predictions: {pred_dir}", f"ground truth: {gt_path}",
+                 f"images evaluated: {self.num_images} (ground truth without prediction: {len(self.missing)}, "
+                 f"predictions without ground truth: {self.unmatched})", ""]
+        lines += [f"top-{k} accuracy: {v:.2f} %" for k, v in self.topk.items()]
+        lines += [f"macro {name if name != 'f1' else 'F1'}: {v:.2f} %" for name, v in self.macro.items()]
+        width = max(12, *(len(c) for c in self.per_class))
+        lines += ["", f"{'class':<{width}} {'precision':>9} {'recall':>7} {'F1':>7} {'support':>7}"]
+        lines += [f"{c:<{width}} {r['precision']:>9.2f} {r['recall']:>7.2f} {r['f1']:>7.2f} {int(r['support']):>7d}"
+                  for c, r in self.per_class.items()]
+        if self.missing:
+            lines += ["", "ground truth without prediction:"] + [f"  {m}" for m in self.missing[:50]]
+            if len(self.missing) > 50:
+                lines.append(f"  ... and {len(self.missing) - 50} more")
+        return "\n".join(lines) + "\n"
+
+
+def evaluate_predictions(preds: dict[str, list[tuple[float, str]]], truth: dict[str, str],
+                         ks: tuple[int, ...] = (1, 5)) -> PredictionReport:
+    """Top-k accuracy (k up to the length of the prediction lists) and top-1 precision/recall/F1 per class
+    (classes of the ground truth and of the top-1 predictions); macro averages are over the classes present
+    in the ground truth."""
+    matched, missing = _match(preds, truth)
+    if not matched:
+        raise UserError("no prediction matches a ground-truth image (compare the img_path values with the "
+                        "ground truth's keys)")
+    classes = sorted(set(truth.values()) | {entries[0][1] for entries in preds.values() if entries})
+    index = {c: i for i, c in enumerate(classes)}
+    longest = max(len(preds[p]) for p in matched)
+    ks = tuple(sorted({max(1, min(k, longest)) for k in ks}))  # top-5 of 3-long lists is reported as top-3
+    labels, tops, hits = [], [], {k: 0 for k in ks}
+    for pred_key, gt_key in matched.items():
+        ranked = [label for _, label in sorted(preds[pred_key], key=lambda e: -e[0])]
+        label = truth[gt_key]
+        labels.append(index[label])
+        tops.append(index[ranked[0]])
+        for k in ks:
+            hits[k] += label in ranked[:k]
+    n = len(labels)
+    labels_np = np.array(labels)
+    cm = confusion_matrix(np.array(tops), labels_np, len(classes))
+    precision, recall, f1, support = precision_recall_f1(cm)
+    present = support > 0
+    per_class = {c: {"precision": 100 * float(precision[i]), "recall": 100 * float(recall[i]),
+                     "f1": 100 * float(f1[i]), "support": int(support[i])} for i, c in enumerate(classes)}
+    return PredictionReport(
+        num_images=n,
+        topk={k: 100.0 * hits[k] / n for k in ks},
+        macro={name: 100.0 * float(values[present].mean()) for name, values in
+               (("precision", precision), ("recall", recall), ("f1", f1))},
+        per_class=per_class, missing=missing, unmatched=len(preds) - len(matched))
+
+
+__all__ = ["read_class_names", "top_k", "write_predictions", "read_predictions", "read_ground_truth",
+           "evaluate_predictions", "PredictionReport", "CLASSES_FILE", "SUMMARY_FILE"]

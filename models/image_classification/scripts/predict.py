@@ -1,0 +1,63 @@
+#!/usr/bin/env python3
+"""Top-K predictions for one image or a folder of images, from a checkpoint, an OpenVINO IR or ONNX.
+
+  python predict.py --load-weights export/model.xml --input photos/ --save-to predictions [--topk 5]
+                    [--class-id-path classes.json] [--device CPU]
+
+Writes one JSON per image, {"img_path": path, "0_0": [[score, label], ...]} (best first, softmax
+scores), mirroring the input folder's tree, plus summary.csv (top-1 per image) and classes.json in
+--save-to. Labels are the class names the model holds (training checkpoints and exported files carry
+them), or those of --class-id-path (a JSON list of names, or {"0": name, ...}), which bare weights need.
+Evaluate the output with: python eval.py --preds PRED_DIR --gts GT_JSON
+"""
+from __future__ import annotations
+
+import argparse
+from pathlib import Path
+
+from clsengine import data as D
+from clsengine import predictions as P
+from clsengine.errors import UserError
+from workbench import cli
+from workbench.classifier import load_classifier
+
+FLAG_KEYS = {"batch_size": "hyper_parameters.basic.batch_size", "gpu_num": "gpu_num", "workers": "training.workers"}
+
+
+def parse_args() -> argparse.Namespace:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--load-weights", required=True,
+                   help="model: training checkpoint (best.pth), OpenVINO IR (.xml) or ONNX (.onnx)")
+    p.add_argument("--input", required=True, help="an image file or a folder of images (searched recursively)")
+    p.add_argument("--save-to", default=str(cli.WORK_DIR / "predictions"), help="output folder")
+    p.add_argument("--topk", type=int, default=5, help="classes listed per image (default 5)")
+    p.add_argument("--class-id-path", default=None, help="class names: JSON list or {\"0\": name, ...}")
+    p.add_argument("--device", default="CPU", help="OpenVINO device for .xml/.onnx models (CPU, GPU, NPU...)")
+    cli.add_runtime_args(p)
+    cli.add_template_args(p)
+    return p.parse_intermixed_args()
+
+
+def main() -> int:
+    args = parse_args()
+    if args.topk < 1:
+        raise UserError(f"--topk must be 1 or more, got {args.topk}")
+    overrides = cli.collect_overrides(args, FLAG_KEYS)
+    names = P.read_class_names(args.class_id_path) if args.class_id_path else None
+    model = load_classifier(args.load_weights, template_path=args.template, overrides=overrides, classes=names,
+                            classes_source=f"class-id file {args.class_id_path}", ov_device=args.device)
+    files, skipped = D.list_images(args.input)
+    # The sample's "label" is its index in `files`, so each result stays tied to its image.
+    logits, index = model.predict([(f, i) for i, f in enumerate(files)], "predict")
+    probs = logits.softmax(dim=1).numpy()
+    images = [files[int(i)] for i in index]
+    summary = P.write_predictions(args.save_to, images, probs, model.classes, args.topk, root=args.input)
+    for path, reason in skipped:
+        print(f"warning: skipped {path}: {reason}")
+    print(f"Predicted {len(images)} image(s) with the {model.kind} {args.load_weights}; "
+          f"one JSON per image in {Path(args.save_to)}, top-1 summary in {summary}")
+    return 0
+
+
+if __name__ == "__main__":
+    cli.run(main)

@@ -1,0 +1,115 @@
+"""One loader for every model file eval.py and predict.py accept: a training checkpoint, bare weights,
+an OpenVINO IR or an ONNX file. Each comes back as a Classifier fed the same deployment-format images
+(0..255, resized to the input size, channels in `input_order`), so a checkpoint and its exported files
+are measured on exactly the same inputs."""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Callable
+
+import torch
+
+from clsengine import data as D
+from clsengine.checkpoint import load_checkpoint, load_model_weights, load_state_dict_file
+from clsengine.complexity import complexity
+from clsengine.errors import UserError
+from clsengine.export import DeployModel
+from clsengine.inference import ExportedClassifier, is_exported_model
+from clsengine.loop import predict
+from clsengine.utils import select_device
+
+from . import builders as B
+from .template import Template, load_template, template_from_dict
+
+
+@dataclass
+class Classifier:
+    run: Callable[[torch.Tensor], torch.Tensor]   # (N, 3, H, W) 0..255 in input_order -> logits
+    classes: list[str]
+    input_size: tuple[int, int]
+    input_order: str
+    device: torch.device
+    files: list[Path]
+    kind: str                                      # "checkpoint", "OpenVINO IR" or "ONNX"
+    complexity: Callable[[], dict[str, float]]
+    template: Template   # the checkpoint's; for exported files the work dir's (it sets batch size and workers)
+
+    def transform(self) -> D.transforms.Pipeline:
+        return D.build_deploy_transform(self.input_size, bgr=self.input_order == "BGR")
+
+    def predict(self, samples: list[tuple[str, int]], desc: str) -> tuple[torch.Tensor, torch.Tensor]:
+        """Logits of (path, label) samples, and the labels of the samples actually decoded."""
+        t = self.template
+        dataset = D.ImageDataset(samples, self.classes, self.transform())
+        loader = B.make_loader(dataset, t, t.hyper_parameters.basic.batch_size, train=False, device=self.device)
+        return predict(self.run, loader, self.device, desc=f"{desc} ({self.kind})")
+
+
+def _head_outputs(model: torch.nn.Module, state: dict[str, torch.Tensor]) -> int | None:
+    """Class count of a weights file: rows of the last 2-D weight inside the model's classifier."""
+    prefix = f"{model.head_name}."
+    rows = [v.shape[0] for k, v in state.items()
+            if k.removeprefix("module.").startswith(prefix) and k.endswith("weight") and v.dim() == 2]
+    return rows[-1] if rows else None
+
+
+def load_trained_model(path: str | Path, overrides: dict[str, Any] | None = None
+                       ) -> tuple[Template, list[str], torch.nn.Module]:
+    """Template, classes and model (in eval mode) of a training checkpoint written by train.py.
+
+    Bare weights are refused: only a training checkpoint says which model and classes the weights are for.
+    """
+    path = Path(path)
+    checkpoint = load_checkpoint(path)
+    if "config" not in checkpoint:
+        raise UserError(f"{path} is a bare weights file; a training checkpoint written by train.py is needed "
+                        f"(it holds the classes and the model configuration)")
+    t = template_from_dict(checkpoint["config"]["template"], f"checkpoint {path}", overrides)
+    classes = [str(c) for c in checkpoint["classes"]]
+    model = B.build_model(t, len(classes))
+    load_model_weights(model, load_state_dict_file(path), str(path))
+    return t, classes, model.eval()
+
+
+def load_classifier(path: str | Path, *, template_path: str, overrides: dict[str, Any], classes: list[str] | None,
+                    classes_source: str, ov_device: str = "CPU") -> Classifier:
+    """Open `path` for inference.
+
+    `classes` (named by `classes_source`, e.g. the test folder) are needed for bare weights, which do not
+    know their classes, and are checked against the classes a training checkpoint or exported file holds.
+    """
+    path = Path(path)
+    if is_exported_model(path):
+        exported = ExportedClassifier(path, ov_device)
+        if classes is not None:
+            D.check_same_classes(exported.labels, classes, str(path), classes_source)
+        return Classifier(run=exported, classes=exported.labels, input_size=exported.input_size,
+                          input_order=exported.input_order, device=torch.device("cpu"), files=exported.files,
+                          kind="OpenVINO IR" if path.suffix == ".xml" else "ONNX", complexity=exported.complexity,
+                          template=load_template(template_path, overrides))
+    if path.suffix == ".bin" and path.with_suffix(".xml").is_file():
+        raise UserError(f"{path} is the weights half of an OpenVINO IR; pass {path.with_suffix('.xml')}")
+    if "config" in load_checkpoint(path):  # our training checkpoint: it knows its model and classes
+        t, own, model = load_trained_model(path, overrides)
+        if classes is not None:
+            D.check_same_classes(own, classes, f"checkpoint {path}", classes_source)
+        classes = own
+    else:  # bare weights: the work dir's template and the caller's classes define the model
+        t = load_template(template_path, overrides)
+        if classes is None:
+            raise UserError(f"{path} holds bare weights without class names; pass them (--class-id-path)")
+        model = B.build_model(t, len(classes))
+        state = load_state_dict_file(path)
+        n_out = _head_outputs(model, state)
+        if n_out is not None and n_out != len(classes):
+            raise UserError(f"{path} has a classifier for {n_out} classes, but {classes_source} has {len(classes)}")
+        load_model_weights(model, state, str(path))
+    device = select_device(t.gpu_num)
+    order = t.output_format.openvino_input_format
+    deploy = DeployModel(model, t.input.mean, t.input.std, input_order=order,
+                         train_order=t.input.channel_order).to(device).eval()
+    size = B.input_size(t)
+    return Classifier(run=deploy, classes=classes, input_size=size, input_order=order, device=device,
+                      files=[path], kind="checkpoint", complexity=lambda: complexity(model, size), template=t)
+

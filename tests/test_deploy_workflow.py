@@ -1,0 +1,133 @@
+"""The deployment half of the main job in a work dir: export, eval.py on the IR and ONNX, predict.py on a
+folder, and eval.py's end-to-end evaluation of the predictions; bad inputs give one clear error."""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+import yaml
+
+from conftest import assert_clean_error, instantiate, make_image_folder, run_script
+
+
+@pytest.fixture(scope="module")
+def trained(tmp_path_factory) -> dict:
+    """A resnet18 work dir trained for 2 epochs on 3 colour classes and exported (IR + ONNX)."""
+    root = tmp_path_factory.mktemp("deploy")
+    train = make_image_folder(root / "data" / "train", per_class=6, seed=1)
+    val = make_image_folder(root / "data" / "val", per_class=3, seed=2)
+    wd = root / "wd"
+    assert instantiate("resnet18", wd, "--do-not-load-snapshot").returncode == 0
+    result = run_script(wd, "train.py", "--train-data-roots", str(train), "--val-data-roots", str(val),
+                        "--epochs", "2", "--batch-size", "6", "--workers", "0", "input.size=[32,32]")
+    assert result.returncode == 0, result.stderr
+    result = run_script(wd, "export.py", "--load-weights", "outputs/best.pth", "--val-data-roots", str(val))
+    assert result.returncode == 0, result.stderr
+    return {"wd": wd, "val": val, "root": root}
+
+
+def _eval(wd: Path, weights: str, val: Path, out: str, *extra: str) -> dict:
+    result = run_script(wd, "eval.py", "--load-weights", weights, "--test-data-roots", str(val),
+                        "--save-metrics-to", out, "--workers", "0", *extra)
+    assert result.returncode == 0, result.stderr
+    return yaml.safe_load((wd / out).read_text())
+
+
+def _metric(metrics: dict, key: str) -> float:
+    return next(m["value"] for m in metrics["metrics"] if m["key"] == key)
+
+
+def test_eval_of_exported_models_matches_checkpoint(trained):
+    wd, val = trained["wd"], trained["val"]
+    reference = _eval(wd, "outputs/best.pth", val, "m_pth.yaml")
+    for weights, fmt, names in (("export/model.xml", "OpenVINO IR", ["model.xml", "model.bin"]),
+                                ("export/model.onnx", "ONNX", ["model.onnx"])):
+        metrics = _eval(wd, weights, val, f"m_{fmt}.yaml")
+        assert metrics["model"]["format"] == fmt
+        assert [f["name"] for f in metrics["files"]] == names and all(len(f["sha256"]) == 64 for f in metrics["files"])
+        assert metrics["confusion_matrix"] == reference["confusion_matrix"]
+        for key in ("accuracy", "accuracy_top5", "macro_f1"):
+            assert _metric(metrics, key) == _metric(reference, key), (weights, key)
+        assert _metric(metrics, "complexity") == pytest.approx(_metric(reference, "complexity"), rel=0.02)
+        assert 0 < _metric(metrics, "size") <= _metric(reference, "size") + 0.001
+
+
+def test_predict_folder_then_end_to_end_eval(trained):
+    wd, val = trained["wd"], trained["val"]
+    result = run_script(wd, "predict.py", "--load-weights", "export/model.xml", "--input", str(val),
+                        "--save-to", "preds", "--topk", "2", "--workers", "0")
+    assert result.returncode == 0, result.stderr
+    files = sorted((wd / "preds").rglob("*.png.json"))
+    assert len(files) == 9
+    one = json.loads((wd / "preds" / "class_1" / "0.png.json").read_text())
+    assert one["img_path"] == str(val / "class_1" / "0.png")
+    assert len(one["0_0"]) == 2 and one["0_0"][0][0] >= one["0_0"][1][0]
+    assert {label for _, label in one["0_0"]} <= {"class_0", "class_1", "class_2"}
+
+    gts = {str(p): p.parent.name for p in sorted(val.rglob("*.png"))}
+    (wd / "gt.json").write_text(json.dumps(gts))
+    result = run_script(wd, "eval.py", "--preds", "preds", "--gts", "gt.json")
+    assert result.returncode == 0, result.stderr
+    text = (wd / "preds" / "eval_results.txt").read_text()
+    assert "images evaluated: 9" in text
+    # The end-to-end top-1 is that of eval.py on the same model and images.
+    metrics = _eval(wd, "export/model.xml", val, "m_e2e.yaml")
+    assert f"top-1 accuracy: {_metric(metrics, 'accuracy'):.2f} %" in text
+    assert "top-2 accuracy" in text and "macro F1" in text
+
+    # Integer labels are named through the folder's classes.json.
+    ids = {path: ["class_0", "class_1", "class_2"].index(label) for path, label in gts.items()}
+    (wd / "gt_ids.json").write_text(json.dumps(ids))
+    result = run_script(wd, "eval.py", "--preds", "preds", "--gts", "gt_ids.json", "--save-output-to", "ids")
+    assert result.returncode == 0, result.stderr
+    assert (wd / "ids" / "eval_results.txt").read_text().splitlines()[4:] == text.splitlines()[4:]
+
+
+def test_predict_one_image_from_checkpoint_and_bare_weights(trained, tmp_path):
+    wd, val = trained["wd"], trained["val"]
+    image = val / "class_2" / "1.png"
+    result = run_script(wd, "predict.py", "--load-weights", "outputs/best.pth", "--input", str(image),
+                        "--save-to", str(tmp_path / "one"), "--workers", "0")
+    assert result.returncode == 0, result.stderr
+    out = json.loads((tmp_path / "one" / "1.png.json").read_text())
+    assert len(out["0_0"]) == 3 and sum(score for score, _ in out["0_0"]) == pytest.approx(1.0, abs=1e-4)
+
+    bare = tmp_path / "bare.pth"
+    torch.save(torch.load(wd / "outputs" / "best.pth", weights_only=True)["model"], bare)
+    assert_clean_error(run_script(wd, "predict.py", "--load-weights", str(bare), "--input", str(image),
+                                  "--save-to", str(tmp_path / "x"), "input.size=[32,32]"), "--class-id-path")
+    names = tmp_path / "names.json"
+    names.write_text(json.dumps({"0": "red", "1": "green", "2": "blue"}))
+    result = run_script(wd, "predict.py", "--load-weights", str(bare), "--input", str(image), "--class-id-path",
+                        str(names), "--save-to", str(tmp_path / "named"), "--workers", "0", "input.size=[32,32]")
+    assert result.returncode == 0, result.stderr
+    named = json.loads((tmp_path / "named" / "1.png.json").read_text())
+    assert [label for _, label in named["0_0"]] == [
+        {"class_0": "red", "class_1": "green", "class_2": "blue"}[label] for _, label in out["0_0"]]
+
+
+def test_bad_inputs_give_one_clear_error(trained, tmp_path):
+    wd, val, root = trained["wd"], trained["val"], trained["root"]
+    text_file = tmp_path / "notes.pth"
+    text_file.write_text("not a checkpoint")
+    assert_clean_error(run_script(wd, "eval.py", "--load-weights", str(text_file), "--test-data-roots", str(val)),
+                       "notes.pth")
+    assert_clean_error(run_script(wd, "eval.py", "--load-weights", str(tmp_path / "gone.xml"),
+                                  "--test-data-roots", str(val)), "gone.xml")
+    assert_clean_error(run_script(wd, "predict.py", "--load-weights", "export/model.xml", "--input",
+                                  str(tmp_path / "nothing")), "nothing")
+    # A test folder with other classes than the exported model's.
+    other = make_image_folder(root / "data" / "four", classes=4, per_class=1)
+    assert_clean_error(run_script(wd, "eval.py", "--load-weights", "export/model.onnx", "--test-data-roots",
+                                  str(other)), "class_3")
+    # Bare weights of a 3-class model against a 2-class test folder: the class count is named.
+    bare = tmp_path / "bare.pth"
+    torch.save(torch.load(wd / "outputs" / "best.pth", weights_only=True)["model"], bare)
+    two = make_image_folder(root / "data" / "two", classes=2, per_class=1)
+    assert_clean_error(run_script(wd, "eval.py", "--load-weights", str(bare), "--test-data-roots", str(two),
+                                  "input.size=[32,32]"), "classifier for 3 classes", "has 2")
+    assert_clean_error(run_script(wd, "eval.py", "--preds", str(tmp_path), "--gts", str(tmp_path / "gt.json")),
+                       "no prediction JSON")
+    assert_clean_error(run_script(wd, "eval.py", "--preds", str(tmp_path)), "--gts")
