@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import subprocess
 import sys
-from pathlib import Path
 
 import pytest
 import yaml
@@ -45,34 +44,28 @@ def assert_positive(rows: dict, *keys: tuple[str, str]) -> None:
 IR32, IR16, ONNX = ("OpenVINO IR (CPU)", "FP32"), ("OpenVINO IR (CPU)", "FP16"), ("ONNX via OpenVINO (CPU)", "FP32")
 
 
-@pytest.fixture(scope="module")
-def openvino_only(tmp_path_factory) -> tuple[subprocess.CompletedProcess, Path]:
-    out = tmp_path_factory.mktemp("bench_ov")
-    return bench(*TINY, "--seconds", "0.3", "--skip-torch", "--out", str(out)), out
+def test_table_rows_and_saved_results(tmp_path):
+    """One run: FP32/FP16 IR, ONNX and PyTorch rows, plus an --int8-ir row (here a plain FP32 IR standing
+    in for a quantised file: the plumbing is what is tested); the exported files and benchmark.yaml are kept."""
+    import torch
 
+    from clsengine.export import export_openvino
+    from clsengine.models.factory import IMAGENET_MEAN, IMAGENET_STD, create_model
 
-def test_openvino_rows(openvino_only):
-    result, out = openvino_only
+    stand_in = export_openvino(create_model("resnet18", 3).eval(), tmp_path / "int8" / "model.xml", input_size=(32, 32),
+                               mean=IMAGENET_MEAN, std=IMAGENET_STD, labels=["a", "b", "c"])
+    out = tmp_path / "out"
+    result = bench(*TINY, "--seconds", "0.2", "--batch-size", "4", "--int8-ir", str(stand_in), "--out", str(out))
     assert result.returncode == 0, result.stderr
     assert "Traceback" not in result.stderr
     first = result.stdout.splitlines()[0]
     assert "resnet18" in first and "32x32" in first and "OpenVINO" in first and "torch" in first, first
     rows = parse_table(result.stdout)
-    assert_positive(rows, IR32, IR16, ONNX)
-    assert not any(fmt.startswith("PyTorch") for fmt, _ in rows), rows
+    assert_positive(rows, IR32, IR16, ONNX, ("OpenVINO IR (CPU)", "INT8"), ("PyTorch eager (CPU)", "FP32"))
+    assert any(fmt.startswith("PyTorch eager (CUDA)") for fmt, _ in rows) == torch.cuda.is_available()
     assert {p.name for p in out.iterdir()} >= {"model_fp32.xml", "model_fp16.xml", "model.onnx", "benchmark.yaml"}
     saved = yaml.safe_load((out / "benchmark.yaml").read_text())
     assert [(r["format"], r["precision"]) for r in saved["rows"]] == list(rows)
-
-
-def test_torch_and_int8_rows(openvino_only, tmp_path):
-    """Without --skip-torch a PyTorch row is added; --int8-ir adds a row for the given IR (here the FP32 one,
-    standing in for a quantised file: the plumbing is what is tested)."""
-    _, first_out = openvino_only
-    result = bench(*TINY, "--seconds", "0.2", "--batch-size", "4", "--int8-ir", str(first_out / "model_fp32.xml"))
-    assert result.returncode == 0, result.stderr
-    rows = parse_table(result.stdout)
-    assert_positive(rows, IR32, IR16, ONNX, ("OpenVINO IR (CPU)", "INT8"), ("PyTorch eager (CPU)", "FP32"))
 
 
 @pytest.mark.parametrize("args, fragment", [

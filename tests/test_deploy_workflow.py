@@ -1,5 +1,6 @@
-"""The deployment half of the main job in a work dir: export, eval.py on the IR and ONNX, predict.py on a
-folder, and eval.py's end-to-end evaluation of the predictions; bad inputs give one clear error."""
+"""The deployment half of the main job in a work dir: export.py (parity-checked IR and ONNX), eval.py on the
+IR and ONNX, predict.py on a folder, and eval.py's end-to-end evaluation of the predictions; bad inputs give
+one clear error. One trained work dir serves the whole module."""
 from __future__ import annotations
 
 import json
@@ -9,6 +10,8 @@ import pytest
 import torch
 import yaml
 
+from clsengine.export import read_metadata
+from clsengine.inference import ExportedClassifier
 from conftest import assert_clean_error, instantiate, make_image_folder, run_script
 
 
@@ -23,9 +26,33 @@ def trained(tmp_path_factory) -> dict:
     result = run_script(wd, "train.py", "--train-data-roots", str(train), "--val-data-roots", str(val),
                         "--epochs", "2", "--batch-size", "6", "--workers", "0", "input.size=[32,32]")
     assert result.returncode == 0, result.stderr
-    result = run_script(wd, "export.py", "--load-weights", "outputs/best.pth", "--val-data-roots", str(val))
+    result = run_script(wd, "export.py", "--load-weights", "outputs/best.pth", env={"VAL_DATA_ROOT": str(val)})
     assert result.returncode == 0, result.stderr
     return {"wd": wd, "val": val, "root": root}
+
+
+def test_export_writes_parity_checked_ir_and_onnx(trained, tmp_path):
+    wd = trained["wd"]
+    export = wd / "export"
+    assert (export / "model.onnx").is_file() and (export / "model.xml").is_file() and (export / "model.bin").is_file()
+    parity = yaml.safe_load((export / "parity.yaml").read_text())
+    assert parity["images"].startswith("9 images from")  # the validation images, found through $VAL_DATA_ROOT
+    for name in ("model.onnx", "model.xml"):
+        assert parity["files"][name]["ok"] and parity["files"][name]["top1_agreement"] == 1.0
+    meta = read_metadata(export / "model.xml")
+    assert meta["labels"] == ["class_0", "class_1", "class_2"] and tuple(meta["input_size"]) == (32, 32)
+    assert meta["input_order"] == "BGR"
+
+    static = run_script(wd, "export.py", "--load-weights", "outputs/best.pth", "--openvino", "--static",
+                        "--precision", "FP16", "--input-shape", "48", "48", "--save-model-to", str(tmp_path / "npu"))
+    assert static.returncode == 0, static.stderr
+    assert not (tmp_path / "npu" / "model.onnx").exists()
+    assert tuple(read_metadata(tmp_path / "npu" / "model.xml")["input_size"]) == (48, 48)
+    assert ExportedClassifier(tmp_path / "npu" / "model.xml").static_batch == 1
+
+    bare = tmp_path / "bare.pth"
+    torch.save(torch.load(wd / "outputs" / "best.pth", weights_only=True)["model"], bare)
+    assert_clean_error(run_script(wd, "export.py", "--load-weights", str(bare)), "bare weights")
 
 
 def _eval(wd: Path, weights: str, val: Path, out: str, *extra: str) -> dict:
@@ -116,8 +143,6 @@ def test_bad_inputs_give_one_clear_error(trained, tmp_path):
                        "notes.pth")
     assert_clean_error(run_script(wd, "eval.py", "--load-weights", str(tmp_path / "gone.xml"),
                                   "--test-data-roots", str(val)), "gone.xml")
-    assert_clean_error(run_script(wd, "predict.py", "--load-weights", "export/model.xml", "--input",
-                                  str(tmp_path / "nothing")), "nothing")
     # A test folder with other classes than the exported model's.
     other = make_image_folder(root / "data" / "four", classes=4, per_class=1)
     assert_clean_error(run_script(wd, "eval.py", "--load-weights", "export/model.onnx", "--test-data-roots",
@@ -128,6 +153,4 @@ def test_bad_inputs_give_one_clear_error(trained, tmp_path):
     two = make_image_folder(root / "data" / "two", classes=2, per_class=1)
     assert_clean_error(run_script(wd, "eval.py", "--load-weights", str(bare), "--test-data-roots", str(two),
                                   "input.size=[32,32]"), "classifier for 3 classes", "has 2")
-    assert_clean_error(run_script(wd, "eval.py", "--preds", str(tmp_path), "--gts", str(tmp_path / "gt.json")),
-                       "no prediction JSON")
     assert_clean_error(run_script(wd, "eval.py", "--preds", str(tmp_path)), "--gts")

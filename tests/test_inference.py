@@ -162,3 +162,31 @@ def test_ground_truth_ids_and_errors(tmp_path):
     (tmp_path / "preds" / "1.png.json").write_text(json.dumps({"img_path": "1.png", "0_0": "cat"}))
     with pytest.raises(UserError, match="1.png.json"):
         P.read_predictions(tmp_path / "preds")
+
+
+def test_read_predictions_needs_prediction_files(tmp_path):
+    (tmp_path / "classes.json").write_text(json.dumps(LABELS))
+    with pytest.raises(UserError, match="no prediction JSON"):
+        P.read_predictions(tmp_path)
+    with pytest.raises(UserError, match="does not exist"):
+        P.read_predictions(tmp_path / "missing")
+
+
+def test_list_images_for_predict(tmp_path):
+    from clsengine.data import list_images
+    from clsengine.errors import DataError
+    from conftest import make_image_folder
+
+    make_image_folder(tmp_path / "in", classes=2, per_class=2)
+    (tmp_path / "in" / "class_0" / "broken.png").write_bytes(b"not a png")
+    (tmp_path / "in" / ".hidden").mkdir()
+    (tmp_path / "in" / "notes.txt").write_text("ignored")
+    files, skipped = list_images(tmp_path / "in")
+    assert [Path(f).relative_to(tmp_path / "in").as_posix() for f in files] == [
+        "class_0/0.png", "class_0/1.png", "class_1/0.png", "class_1/1.png"]
+    assert [Path(p).name for p, _ in skipped] == ["broken.png"]
+    assert list_images(tmp_path / "in" / "class_1" / "0.png")[0] == [str(tmp_path / "in" / "class_1" / "0.png")]
+    for bad, fragment in ((tmp_path / "nothing", "does not exist"), (tmp_path / "in" / "notes.txt", "not an image"),
+                          (tmp_path / "in" / ".hidden", "no readable image")):
+        with pytest.raises(DataError, match=fragment):
+            list_images(bad)
