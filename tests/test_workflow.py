@@ -196,7 +196,7 @@ def test_offline_snapshot_is_one_line_and_work_dir_still_trains(tmp_path: Path) 
 
 def test_script_help_and_bad_override(tmp_path: Path, tiny_dataset: Path, work_dir) -> None:
     wd = work_dir("resnet18")
-    for script in ("train.py", "eval.py"):
+    for script in ("train.py", "eval.py", "export.py", "predict.py", "compress.py"):
         result = run_script(wd, script, "--help")
         assert result.returncode == 0 and "--load-weights" in result.stdout
     result = run_script(wd, "train.py", "--train-data-roots", str(tiny_dataset / "train"), "--val-data-roots",

@@ -1,6 +1,7 @@
 """Checkpoints are plain dicts, written atomically and read back without executing pickled code."""
 from __future__ import annotations
 
+import importlib
 import os
 import random
 from pathlib import Path
@@ -20,6 +21,25 @@ def save_checkpoint(state: dict[str, Any], path: str | os.PathLike) -> Path:
     return Path(path)
 
 
+# Classes besides tensors and containers that a checkpoint of ours may hold, each a plain value type:
+# NNCF's quantizer configuration (in compressed checkpoints) names its scheme with this enum.
+TRUSTED_GLOBALS = ("nncf.common.quantization.structs.QuantizationScheme",)
+
+
+def _trusted_globals(path: Path) -> list[type]:
+    """The trusted classes this file refers to (imported only when it does); any other class stays refused."""
+    try:
+        named = torch.serialization.get_unsafe_globals_in_checkpoint(path)
+    except Exception:  # not a torch zip file: torch.load reports it
+        return []
+    found = []
+    for name in named:
+        if name in TRUSTED_GLOBALS:
+            module, _, attr = name.rpartition(".")
+            found.append(getattr(importlib.import_module(module), attr))
+    return found
+
+
 def load_checkpoint(path: str | os.PathLike) -> dict[str, Any]:
     """Load with `weights_only=True`: tensors, containers and primitives only, no arbitrary objects."""
     path = Path(path)
@@ -28,7 +48,8 @@ def load_checkpoint(path: str | os.PathLike) -> dict[str, Any]:
     if not path.is_file():
         raise CheckpointError(f"checkpoint {path} is not a file")
     try:
-        state = torch.load(path, map_location="cpu", weights_only=True)
+        with torch.serialization.safe_globals(_trusted_globals(path)):
+            state = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as exc:  # torch raises many types for corrupt or unsafe files
         first_line = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
         raise CheckpointError(f"{path} is not a loadable checkpoint: {first_line}") from None

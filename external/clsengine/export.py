@@ -28,6 +28,10 @@ _RT_SECTION = "model_info"
 # parity_check tolerances, relative to max(1, max |logit|): FP32 graphs only reorder float arithmetic;
 # FP16-compressed weights lose ~3 decimal digits, so they get a looser bound.
 FP16_RTOL = 2e-2
+# int8 IR against the fake-quantized PyTorch model: rounding and saturation of real int8 kernels (notably on
+# CPUs without VNNI) move logits by up to ~10% of their range and can flip near-tied images.
+INT8_RTOL = 0.2
+INT8_MIN_AGREEMENT = 0.9
 
 
 class DeployModel(nn.Module):
@@ -229,13 +233,16 @@ def _is_fp16_ir(path: Path) -> bool:
 
 
 def parity_check(model: nn.Module, exported: list[str | os.PathLike], images: torch.Tensor, *, mean, std,
-                 input_order: str = "BGR", train_order: str = "RGB", atol: float = 1e-3) -> dict:
+                 input_order: str = "BGR", train_order: str = "RGB", atol: float = 1e-3,
+                 min_top1_agreement: float = 1.0) -> dict:
     """Compare exported files against PyTorch on the same images; report, never raise.
 
     Per file: `max_abs_diff` of logits, `top1_agreement` (fraction of images with the same argmax),
     `tolerance` and `ok`. Rule: ok = max_abs_diff <= rtol * max(1, max |reference logit|) and
-    top1_agreement == 1.0, with rtol = `atol` for FP32 files and max(atol, 2e-2) for FP16 IR
-    (the tolerance scales with the logits so large-logit models are not judged more strictly).
+    top1_agreement >= min_top1_agreement, with rtol = `atol` for FP32 files and max(atol, 2e-2) for FP16 IR
+    (the tolerance scales with the logits so large-logit models are not judged more strictly). An int8
+    model is compared with its fake-quantized PyTorch twin, which real int8 kernels only approximate:
+    callers pass INT8_RTOL and INT8_MIN_AGREEMENT then.
     Each file is compiled by OpenVINO on CPU with f32 inference precision (OpenVINO reads .onnx directly).
     A file that cannot be run is reported with ok=False and its `error`.
     """
@@ -264,7 +271,7 @@ def parity_check(model: nn.Module, exported: list[str | os.PathLike], images: to
             diff = float(np.abs(logits - reference).max())
             agreement = float((logits.argmax(axis=1) == ref_top1).mean())
             entry.update(max_abs_diff=diff, top1_agreement=agreement,
-                         ok=bool(diff <= entry["tolerance"] and agreement == 1.0))
+                         ok=bool(diff <= entry["tolerance"] and agreement >= min_top1_agreement))
         report[str(file)] = entry
     return report
 

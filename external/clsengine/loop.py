@@ -30,6 +30,10 @@ class FitConfig:
     tensorboard_dir: Path | None = None
     max_grad_norm: float | None = None
     progress: bool = True
+    target_top1: float | None = None             # stop as soon as the score reaches it (an accuracy budget)
+    # What best.pth and target_top1 judge (default: val top-1 of the model or its EMA), e.g. the top-1 of
+    # the model as deployed: compression scores the exported int8 file, not the PyTorch simulation.
+    score_fn: Callable[[nn.Module], float] | None = None
     # Stored verbatim in every checkpoint (class names, effective config...): plain Python types only.
     checkpoint_extra: dict[str, Any] = field(default_factory=dict)
 
@@ -218,6 +222,8 @@ def fit(model: nn.Module, train_loader, val_loader, criterion: nn.Module, optimi
                          if recipe.ema is not None else None)
             use_ema = ema_stats is not None and ema_stats["top1"] > val_stats["top1"]
             score = ema_stats["top1"] if use_ema else val_stats["top1"]
+            if cfg.score_fn is not None:
+                score, use_ema = float(cfg.score_fn(model)), False
             lr = scheduler.lr
             scheduler.step_epoch(score)
             improved = score > best_top1
@@ -258,10 +264,16 @@ def fit(model: nn.Module, train_loader, val_loader, criterion: nn.Module, optimi
             ema_text = f"  EMA top-1 {ema_stats['top1']:6.2f}" if ema_stats else ""
             logger.info(f"epoch {epoch + 1:3d}/{cfg.epochs}  loss {train_stats['loss']:.4f}  "
                         f"val loss {val_stats['loss']:.4f}  top-1 {val_stats['top1']:6.2f}  "
-                        f"top-5 {val_stats['top5']:6.2f}{ema_text}  lr {lr:.3g}  {train_stats['time_s']:.1f}s  "
+                        f"top-5 {val_stats['top5']:6.2f}{ema_text}"
+                        + (f"  score {score:6.2f}" if cfg.score_fn is not None else "")
+                        + f"  lr {lr:.3g}  {train_stats['time_s']:.1f}s  "
                         f"{train_stats['images_per_s']:.0f} img/s" + ("  *best*" if improved else ""))
             if on_epoch_end is not None:
                 on_epoch_end(epoch + 1, row)
+            if cfg.target_top1 is not None and score >= cfg.target_top1:
+                logger.info(f"Target reached: {score:.2f} >= {cfg.target_top1:.2f}")
+                stopped_early = True
+                break
             # With reduce-on-plateau, early stopping waits until the LR has been reduced at least once.
             lr_reduced = scheduler.name != "plateau" or scheduler.num_reductions > 0
             if (cfg.early_stopping_patience and lr_reduced

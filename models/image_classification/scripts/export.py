@@ -23,7 +23,9 @@ import yaml
 
 from clsengine import data as D
 from clsengine.errors import UserError
-from clsengine.export import export_onnx, export_openvino, parity_check
+from clsengine.checkpoint import load_checkpoint
+from clsengine.compression import is_quantized
+from clsengine.export import INT8_MIN_AGREEMENT, INT8_RTOL, export_onnx, export_openvino, parity_check
 from workbench import builders as B
 from workbench import cli
 from workbench.classifier import load_trained_model
@@ -85,8 +87,10 @@ def main() -> int:
 
     images, source = parity_images(args.val_data_roots or os.environ.get("VAL_DATA_ROOT"), size,
                                    args.parity_images, order)
+    int8 = is_quantized(load_checkpoint(weights))
+    tolerance = dict(atol=INT8_RTOL, min_top1_agreement=INT8_MIN_AGREEMENT) if int8 else {}
     report = parity_check(model, written, images, mean=t.input.mean, std=t.input.std, input_order=order,
-                          train_order=t.input.channel_order)
+                          train_order=t.input.channel_order, **tolerance)
     summary = {"weights": str(weights.resolve()), "images": source,
                "files": {Path(k).name: v for k, v in report.items()}}
     (out / "parity.yaml").write_text(yaml.safe_dump(summary, sort_keys=False), encoding="utf-8")

@@ -13,6 +13,7 @@ import torch
 from clsengine import data as D
 from clsengine.checkpoint import load_checkpoint, load_model_weights, load_state_dict_file
 from clsengine.complexity import complexity
+from clsengine.compression import is_quantized, restore_quantized
 from clsengine.errors import UserError
 from clsengine.export import DeployModel
 from clsengine.inference import ExportedClassifier, is_exported_model
@@ -54,22 +55,28 @@ def _head_outputs(model: torch.nn.Module, state: dict[str, torch.Tensor]) -> int
     return rows[-1] if rows else None
 
 
-def load_trained_model(path: str | Path, overrides: dict[str, Any] | None = None
-                       ) -> tuple[Template, list[str], torch.nn.Module]:
-    """Template, classes and model (in eval mode) of a training checkpoint written by train.py.
-
-    Bare weights are refused: only a training checkpoint says which model and classes the weights are for.
-    """
-    path = Path(path)
-    checkpoint = load_checkpoint(path)
-    if "config" not in checkpoint:
-        raise UserError(f"{path} is a bare weights file; a training checkpoint written by train.py is needed "
-                        f"(it holds the classes and the model configuration)")
-    t = template_from_dict(checkpoint["config"]["template"], f"checkpoint {path}", overrides)
+def model_from_checkpoint(checkpoint: dict[str, Any], source: str | Path, overrides: dict[str, Any] | None = None
+                          ) -> tuple[Template, list[str], torch.nn.Module]:
+    """Template, classes and model (in eval mode) of a training or compressed checkpoint (compressed ones
+    come back with their int8 quantizers in place)."""
+    t = template_from_dict(checkpoint["config"]["template"], f"checkpoint {source}", overrides)
     classes = [str(c) for c in checkpoint["classes"]]
     model = B.build_model(t, len(classes))
-    load_model_weights(model, load_state_dict_file(path), str(path))
+    if is_quantized(checkpoint):
+        model = restore_quantized(model, checkpoint["quantization"]["nncf"])
+    load_model_weights(model, checkpoint["model"], str(source))
     return t, classes, model.eval()
+
+
+def load_trained_model(path: str | Path, overrides: dict[str, Any] | None = None
+                       ) -> tuple[Template, list[str], torch.nn.Module]:
+    """model_from_checkpoint for a file; bare weights are refused: only a checkpoint written by train.py or
+    compress.py says which model and classes the weights are for."""
+    checkpoint = load_checkpoint(path)
+    if "config" not in checkpoint:
+        raise UserError(f"{path} is a bare weights file; a checkpoint written by train.py or compress.py is "
+                        f"needed (it holds the classes and the model configuration)")
+    return model_from_checkpoint(checkpoint, path, overrides)
 
 
 def load_classifier(path: str | Path, *, template_path: str, overrides: dict[str, Any], classes: list[str] | None,
@@ -90,8 +97,10 @@ def load_classifier(path: str | Path, *, template_path: str, overrides: dict[str
                           template=load_template(template_path, overrides))
     if path.suffix == ".bin" and path.with_suffix(".xml").is_file():
         raise UserError(f"{path} is the weights half of an OpenVINO IR; pass {path.with_suffix('.xml')}")
-    if "config" in load_checkpoint(path):  # our training checkpoint: it knows its model and classes
-        t, own, model = load_trained_model(path, overrides)
+    checkpoint = load_checkpoint(path)
+    quantized = is_quantized(checkpoint)
+    if "config" in checkpoint:  # written by train.py or compress.py: it knows its model and classes
+        t, own, model = model_from_checkpoint(checkpoint, path, overrides)
         if classes is not None:
             D.check_same_classes(own, classes, f"checkpoint {path}", classes_source)
         classes = own
@@ -100,7 +109,7 @@ def load_classifier(path: str | Path, *, template_path: str, overrides: dict[str
         if classes is None:
             raise UserError(f"{path} holds bare weights without class names; pass them (--class-id-path)")
         model = B.build_model(t, len(classes))
-        state = load_state_dict_file(path)
+        state = load_state_dict_file(path)  # the tensors of `checkpoint`, whatever its layout
         n_out = _head_outputs(model, state)
         if n_out is not None and n_out != len(classes):
             raise UserError(f"{path} has a classifier for {n_out} classes, but {classes_source} has {len(classes)}")
@@ -111,5 +120,6 @@ def load_classifier(path: str | Path, *, template_path: str, overrides: dict[str
                          train_order=t.input.channel_order).to(device).eval()
     size = B.input_size(t)
     return Classifier(run=deploy, classes=classes, input_size=size, input_order=order, device=device,
-                      files=[path], kind="checkpoint", complexity=lambda: complexity(model, size), template=t)
+                      files=[path], kind="int8 checkpoint" if quantized else "checkpoint",
+                      complexity=lambda: complexity(model, size), template=t)
 

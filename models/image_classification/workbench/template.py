@@ -163,6 +163,20 @@ class OutputFormat:
 
 
 @dataclass
+class CompressionSection:
+    """Int8 quantization by compress.py: NNCF post-training quantization, then quantization-aware
+    fine-tuning only while the int8 model misses the accuracy budget."""
+    max_accuracy_drop: float = 1.0          # top-1 points the int8 model may lose against the float one
+    calibration_subset: int = 300           # training images used to calibrate activation ranges
+    preset: str = "performance"             # performance (symmetric) | mixed (asymmetric activations)
+    fast_bias_correction: bool = True
+    overflow_fix: str = "enable"            # enable | first_layer | disable: 7-bit weights for CPUs without VNNI
+    ignored_scope: list[str] = field(default_factory=list)   # regexes of NNCF node names kept in float
+    qat_epochs: int | None = None           # null: computed from the dataset size (clsengine.compression.qat_epochs)
+    qat_lr_factor: float = 0.01             # fine-tuning LR = base_learning_rate x this
+
+
+@dataclass
 class Snapshot:
     location: str                           # URL or path (relative paths are relative to the template)
     sha256: str
@@ -182,6 +196,7 @@ class Template:
     training: TrainingSection = field(default_factory=TrainingSection)
     metrics: list[Metric] = field(default_factory=list)
     output_format: OutputFormat = field(default_factory=OutputFormat)
+    compression: CompressionSection = field(default_factory=CompressionSection)
     snapshot: Snapshot | None = None
     gpu_num: int = 1
     training_target: list[str] = field(default_factory=lambda: ["CPU", "GPU"])
@@ -323,6 +338,14 @@ def _check_semantics(t: Template, v: _Validator) -> None:
         ("training.optimizer.sam.rho", t.training.optimizer.sam.rho >= 0, "0 or more"),
         ("training.ema.decay", 0 < t.training.ema.decay < 1, "between 0 and 1"),
         ("training.amp", t.training.amp in ("none", "bf16", "fp16", "auto"), "one of none, bf16, fp16, auto"),
+        ("compression.max_accuracy_drop", t.compression.max_accuracy_drop >= 0, "0 or more"),
+        ("compression.calibration_subset", t.compression.calibration_subset >= 1, "at least 1"),
+        ("compression.preset", t.compression.preset in ("performance", "mixed"), "performance or mixed"),
+        ("compression.overflow_fix", t.compression.overflow_fix in ("enable", "first_layer", "disable"),
+         "one of enable, first_layer, disable"),
+        ("compression.qat_epochs", t.compression.qat_epochs is None or t.compression.qat_epochs >= 0,
+         "0 or more (null: computed)"),
+        ("compression.qat_lr_factor", t.compression.qat_lr_factor > 0, "positive"),
         ("training.lr_finder.mode", t.training.lr_finder.mode in ("fast_ai", "tpe", "grid"),
          "one of fast_ai, tpe, grid"),
         ("training.lr_finder.max_lr", 0 < t.training.lr_finder.min_lr < t.training.lr_finder.max_lr,

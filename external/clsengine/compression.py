@@ -1,0 +1,112 @@
+"""Int8 quantization with NNCF: post-training quantization, the quantized model's state for checkpoints,
+and the two rules compression follows (how long to fine-tune, and the accuracy budget).
+
+A quantized model is the original torch module with NNCF's fake-quantizers hooked in: it trains like any
+other module (quantization-aware training), its checkpoint is a plain dict holding its state dict and
+NNCF's configuration (`quantization_state`), and ONNX / OpenVINO export turns the fake-quantizers into int8.
+"""
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import Any, Iterable
+
+import torch
+import torch.nn as nn
+
+from .errors import UserError
+
+PRESETS = ("performance", "mixed")
+OVERFLOW_FIX = {"enable": "enable", "first_layer": "first_layer_only", "disable": "disable"}   # symmetric activations | asymmetric activations (better for non-ReLU nets)
+# Quantization-aware training budget: this many optimizer steps, in whole epochs, capped (see qat_epochs).
+QAT_TARGET_STEPS = 300
+QAT_MAX_EPOCHS = 10
+
+
+def quantize(model: nn.Module, batches: Iterable, *, subset_size: int = 300, preset: str = "performance",
+             fast_bias_correction: bool = True, ignored_patterns: Iterable[str] = (), overflow_fix: str = "enable",
+             device: torch.device | str = "cpu") -> nn.Module:
+    """Post-training int8 quantization: NNCF collects activation ranges on `subset_size` calibration items
+    of `batches` (an iterable of (images, labels); batch size 1 gives NNCF exactly `subset_size` images) and
+    applies bias correction. Layers whose NNCF node name matches a regex of `ignored_patterns` stay float.
+    `overflow_fix` "enable" stores weights in 7 bits so that CPUs without VNNI (AVX2 only), whose int8
+    kernels accumulate pairs in saturating int16, compute what the PyTorch simulation computes.
+    The model is returned quantized (the same module, modified in place, in eval mode)."""
+    import nncf
+    from nncf.quantization.advanced_parameters import AdvancedQuantizationParameters, OverflowFix
+
+    if overflow_fix not in OVERFLOW_FIX:
+        raise UserError(f"overflow_fix must be one of {', '.join(OVERFLOW_FIX)}, got '{overflow_fix}'")
+
+    if preset not in PRESETS:
+        raise UserError(f"quantization preset must be one of {', '.join(PRESETS)}, got '{preset}'")
+    if subset_size < 1:
+        raise UserError(f"calibration subset size must be positive, got {subset_size}")
+    patterns = list(ignored_patterns)
+    model.eval()
+    dataset = nncf.Dataset(batches, lambda batch: batch[0].to(device))
+    try:
+        return nncf.quantize(model, dataset, subset_size=subset_size, fast_bias_correction=fast_bias_correction,
+                             preset=nncf.QuantizationPreset(preset),
+                             ignored_scope=nncf.IgnoredScope(patterns=patterns) if patterns else None,
+                             advanced_parameters=AdvancedQuantizationParameters(
+                                 overflow_fix=OverflowFix(OVERFLOW_FIX[overflow_fix])))
+    except nncf.ValidationError as exc:  # e.g. an ignored pattern that matches no layer
+        first = (str(exc).strip().splitlines() or ["invalid quantization settings"])[0]
+        raise UserError(f"quantization: {first}") from None
+
+
+def quantization_state(model: nn.Module) -> dict[str, Any]:
+    """What, besides the state dict, rebuilds a quantized model (NNCF's config of its quantizers)."""
+    import nncf.torch
+
+    return nncf.torch.get_config(model)
+
+
+def restore_quantized(model: nn.Module, state: dict[str, Any]) -> nn.Module:
+    """Hook the quantizers described by `state` into a freshly built float `model` (then load its state dict).
+    NNCF only instantiates classes from its own modules here."""
+    import nncf.torch
+
+    try:
+        return nncf.torch.load_from_config(model, state)
+    except Exception as exc:  # a config from another architecture or NNCF version
+        first = (str(exc).strip().splitlines() or [type(exc).__name__])[0]
+        raise UserError(f"cannot restore the quantized model: {first}") from None
+
+
+def is_quantized(checkpoint: dict[str, Any]) -> bool:
+    return "quantization" in checkpoint
+
+
+def qat_epochs(num_train_images: int, batch_size: int, max_epochs: int = QAT_MAX_EPOCHS,
+               target_steps: int = QAT_TARGET_STEPS) -> int:
+    """Epochs of quantization-aware training: enough whole epochs for `target_steps` optimizer steps (a few
+    hundred steps at a low learning rate recover most of the PTQ loss), at most `max_epochs`, at least one.
+    A small dataset thus gets several passes, a large one a single partial-budget epoch."""
+    steps_per_epoch = max(1, num_train_images // max(1, batch_size))
+    return max(1, min(int(max_epochs), math.ceil(target_steps / steps_per_epoch)))
+
+
+@dataclass(frozen=True)
+class AccuracyBudget:
+    """The int8 model may lose at most `max_drop` points of top-1 against the float model."""
+    float_top1: float
+    max_drop: float
+
+    @property
+    def target(self) -> float:
+        return self.float_top1 - self.max_drop
+
+    def met(self, int8_top1: float) -> bool:
+        return int8_top1 >= self.target - 1e-9
+
+    def describe(self, int8_top1: float) -> str:
+        drop = self.float_top1 - int8_top1
+        verdict = "met" if self.met(int8_top1) else "NOT met"
+        return (f"accuracy budget {verdict}: int8 top-1 {int8_top1:.2f} vs float {self.float_top1:.2f} "
+                f"(drop {drop:.2f} points, budget {self.max_drop:.2f})")
+
+
+__all__ = ["quantize", "quantization_state", "restore_quantized", "is_quantized", "qat_epochs", "AccuracyBudget",
+           "PRESETS"]
