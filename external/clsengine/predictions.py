@@ -16,6 +16,7 @@ from typing import Any
 
 import numpy as np
 
+from .data.annotations import read_class_names  # re-exported: clsengine.predictions.read_class_names
 from .errors import UserError
 from .fileio import atomic_output
 from .metrics import confusion_matrix, precision_recall_f1
@@ -34,25 +35,6 @@ def _load_json(path: str | os.PathLike, what: str) -> Any:
     except (json.JSONDecodeError, UnicodeDecodeError) as exc:
         line = f", line {exc.lineno}" if isinstance(exc, json.JSONDecodeError) else ""
         raise UserError(f"{what} {path}{line}: not valid JSON ({exc})") from None
-
-
-def read_class_names(path: str | os.PathLike) -> list[str]:
-    """Class names in index order from a class-id JSON (list, {id: name} or {name: id})."""
-    data = _load_json(path, "class-id file")
-    if isinstance(data, list) and data and all(isinstance(v, (str, int)) for v in data):
-        return [str(v) for v in data]
-    if isinstance(data, dict) and data:
-        if all(isinstance(v, int) and not isinstance(v, bool) for v in data.values()):
-            by_id = {int(v): str(k) for k, v in data.items()}
-        elif all(str(k).lstrip("-").isdigit() for k in data):
-            by_id = {int(k): str(v) for k, v in data.items()}
-        else:
-            raise UserError(f"class-id file {path}: expected {{\"0\": name, ...}} or {{name: 0, ...}}")
-        if sorted(by_id) != list(range(len(by_id))) or len(by_id) != len(data):
-            raise UserError(f"class-id file {path}: class ids must be 0..{len(data) - 1}, each once; "
-                            f"got {sorted(by_id)[:10]}")
-        return [by_id[i] for i in range(len(by_id))]
-    raise UserError(f"class-id file {path}: expected a non-empty JSON list of names or an id/name object")
 
 
 def top_k(probs: np.ndarray, classes: list[str], k: int) -> list[list]:

@@ -1,4 +1,5 @@
 """Datasets, image decoding, transforms and loaders."""
+from .annotations import read_category_map, read_class_names, scan_annotation_list, scan_coco, scan_dataset
 from .folder import FolderScan, ImageDataset, check_same_classes, list_images, scan_folder
 from .image import UnreadableImageError, read_image
 from .loader import EpochLoader
@@ -6,4 +7,5 @@ from .transforms import AugmentationConfig, build_deploy_transform, build_eval_t
 
 __all__ = ["FolderScan", "ImageDataset", "check_same_classes", "list_images", "scan_folder", "UnreadableImageError",
            "read_image", "EpochLoader", "AugmentationConfig", "build_deploy_transform",
-           "build_eval_transform", "build_train_transform"]
+           "build_eval_transform", "build_train_transform", "read_category_map", "read_class_names",
+           "scan_annotation_list", "scan_coco", "scan_dataset"]

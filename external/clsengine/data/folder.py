@@ -16,15 +16,30 @@ from .image import IMAGE_EXTENSIONS, UnreadableImageError, check_image, is_image
 
 @dataclass
 class FolderScan:
+    """The images of a dataset and their labels, whatever the layout they were read from.
+
+    `samples` holds (path, label) pairs: the label is a class index, or with `multilabel` a tuple of
+    class indices. `unlabeled` lists images the annotations name without a label (not in `samples`);
+    `source` says where the scan came from (e.g. "list file X under ROOT").
+    """
     root: Path
     classes: list[str]
-    samples: list[tuple[str, int]]
+    samples: list[tuple[str, int | tuple[int, ...]]]
     skipped: list[tuple[str, str]] = field(default_factory=list)  # (path, reason) of unreadable files
+    multilabel: bool = False
+    unlabeled: list[str] = field(default_factory=list)
+    source: str = ""
+
+    def __post_init__(self) -> None:
+        if not self.source:
+            self.source = f"class folders under {self.root}"
 
     def counts(self) -> list[int]:
+        """Images per class; a multi-label image counts once for each of its labels."""
         counts = [0] * len(self.classes)
         for _, label in self.samples:
-            counts[label] += 1
+            for index in (label if isinstance(label, (tuple, list)) else (label,)):
+                counts[index] += 1
         return counts
 
 
