@@ -41,4 +41,11 @@ print(f"torch {torch.__version__}, torchvision {torchvision.__version__}, openvi
       f"nncf {nncf.__version__}, optuna {optuna.__version__}, albumentations {albumentations.__version__}; "
       f"CUDA available: {torch.cuda.is_available()}")
 PY
+# NNCF compiles its CPU quantization kernels on first use (about a minute on 2 cores, cached per torch version
+# in ~/.cache/torch_extensions); build them now, so the first compress.py run does not pay for it or time out.
+echo "Building NNCF's CPU extension (once per torch version)"
+if ! NNCF_EXTENSION_LOAD_TIMEOUT=0 "${VENV}/bin/python" -c "import nncf.torch; nncf.torch.force_build_cpu_extensions()" \
+        > "${VENV}/nncf_extension_build.log" 2>&1; then
+    echo "warning: NNCF's CPU extension did not build (see ${VENV}/nncf_extension_build.log); compress.py needs it" >&2
+fi
 echo "Done. Activate with: source ${VENV}/bin/activate"

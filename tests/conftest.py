@@ -82,6 +82,27 @@ def assert_clean_error(result: subprocess.CompletedProcess, *fragments: str) -> 
         assert fragment in error_lines[0], (fragment, error_lines[0])
 
 
+def trained_work_dir(root: Path, template: str = "resnet18", epochs: int = 2, per_class: int = 6,
+                     val_per_class: int = 3, batch_size: int = 6) -> dict:
+    """A work dir of `template` trained at 32x32 on 3 colour classes: {"wd", "train", "val", "root"}."""
+    train = make_image_folder(root / "data" / "train", per_class=per_class, seed=1)
+    val = make_image_folder(root / "data" / "val", per_class=val_per_class, seed=2)
+    wd = root / "wd"
+    assert instantiate(template, wd, "--do-not-load-snapshot").returncode == 0
+    result = run_script(wd, "train.py", "--train-data-roots", str(train), "--val-data-roots", str(val),
+                        "--epochs", str(epochs), "--batch-size", str(batch_size), "--workers", "0",
+                        "input.size=[32,32]")
+    assert result.returncode == 0, result.stderr
+    return {"wd": wd, "train": train, "val": val, "root": root}
+
+
+@pytest.fixture(scope="session")
+def trained_resnet18(tmp_path_factory) -> dict:
+    """One resnet18 work dir trained for 2 epochs, shared by the deployment and compression tests (each
+    writes into its own sub-folders of it)."""
+    return trained_work_dir(tmp_path_factory.mktemp("trained_resnet18"))
+
+
 @pytest.fixture
 def work_dir(tmp_path: Path):
     """A factory: work_dir('mobilenet_v3_small') instantiates that template into a fresh folder."""

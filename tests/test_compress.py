@@ -15,22 +15,13 @@ from clsengine.compression import AccuracyBudget, qat_epochs
 from clsengine.errors import UserError
 from clsengine.export import read_metadata
 from clsengine.inference import ExportedClassifier
-from conftest import instantiate, make_image_folder, run_script
+from conftest import run_script
 from workbench.template import TemplateError
 
 
-@pytest.fixture(scope="module")
-def trained(tmp_path_factory) -> dict:
-    """A resnet18 work dir trained for 3 epochs on 3 colour classes at 32x32."""
-    root = tmp_path_factory.mktemp("compress")
-    train = make_image_folder(root / "data" / "train", per_class=8, seed=1)
-    val = make_image_folder(root / "data" / "val", per_class=4, seed=2)
-    wd = root / "wd"
-    assert instantiate("resnet18", wd, "--do-not-load-snapshot").returncode == 0
-    result = run_script(wd, "train.py", "--train-data-roots", str(train), "--val-data-roots", str(val),
-                        "--epochs", "3", "--batch-size", "6", "--workers", "0", "input.size=[32,32]")
-    assert result.returncode == 0, result.stderr
-    return {"wd": wd, "train": train, "val": val}
+@pytest.fixture
+def trained(trained_resnet18) -> dict:
+    return trained_resnet18
 
 
 def data_args(trained: dict) -> list[str]:

@@ -12,23 +12,17 @@ import yaml
 
 from clsengine.export import read_metadata
 from clsengine.inference import ExportedClassifier
-from conftest import assert_clean_error, instantiate, make_image_folder, run_script
+from conftest import assert_clean_error, make_image_folder, run_script
 
 
 @pytest.fixture(scope="module")
-def trained(tmp_path_factory) -> dict:
-    """A resnet18 work dir trained for 2 epochs on 3 colour classes and exported (IR + ONNX)."""
-    root = tmp_path_factory.mktemp("deploy")
-    train = make_image_folder(root / "data" / "train", per_class=6, seed=1)
-    val = make_image_folder(root / "data" / "val", per_class=3, seed=2)
-    wd = root / "wd"
-    assert instantiate("resnet18", wd, "--do-not-load-snapshot").returncode == 0
-    result = run_script(wd, "train.py", "--train-data-roots", str(train), "--val-data-roots", str(val),
-                        "--epochs", "2", "--batch-size", "6", "--workers", "0", "input.size=[32,32]")
-    assert result.returncode == 0, result.stderr
+def trained(trained_resnet18) -> dict:
+    """The session's trained resnet18 work dir, exported (IR + ONNX) to its export/ folder."""
+    trained = trained_resnet18
+    wd, val = trained["wd"], trained["val"]
     result = run_script(wd, "export.py", "--load-weights", "outputs/best.pth", env={"VAL_DATA_ROOT": str(val)})
     assert result.returncode == 0, result.stderr
-    return {"wd": wd, "val": val, "root": root}
+    return trained
 
 
 def test_export_writes_parity_checked_ir_and_onnx(trained, tmp_path):

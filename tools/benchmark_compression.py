@@ -24,7 +24,7 @@ from pathlib import Path
 
 import yaml
 
-from benchmark_recipe import REPO_ROOT, TEMPLATES, run
+from benchmark_recipe import REPO_ROOT, TEMPLATES, digits_dataset, run
 
 sys.path.insert(0, str(REPO_ROOT / "models" / "image_classification"))  # the domain's workbench package
 from clsengine.checkpoint import load_checkpoint  # noqa: E402
@@ -67,11 +67,7 @@ def main() -> int:
     if missing:
         print(f"error: no template {', '.join(missing)} in {TEMPLATES}", file=sys.stderr)
         return 2
-    args.out.mkdir(parents=True, exist_ok=True)
-    data = args.out / "digits"
-    if not (data / "train").is_dir():
-        run([sys.executable, str(REPO_ROOT / "tools" / "make_digits_dataset.py"), str(data), "--size",
-             str(args.size)], REPO_ROOT, args.out / "data.log")
+    data = digits_dataset(args.out, args.size)
     data_args = ["--train-data-roots", str(data / "train"), "--val-data-roots", str(data / "val"),
                  "--workers", str(args.workers)]
     budget = ["--max-accuracy-drop", str(args.max_accuracy_drop)] if args.max_accuracy_drop is not None else []

@@ -64,6 +64,16 @@ def run(cmd: list[str], cwd: Path, log: Path, ok_codes: tuple[int, ...] = (0,)) 
     return time.perf_counter() - start
 
 
+def digits_dataset(out: Path, size: int) -> Path:
+    """out/digits with train/ and val/ class folders at size x size (written once, then reused)."""
+    out.mkdir(parents=True, exist_ok=True)
+    data = out / "digits"
+    if not (data / "train").is_dir():
+        run([sys.executable, str(REPO_ROOT / "tools" / "make_digits_dataset.py"), str(data), "--size", str(size)],
+            REPO_ROOT, out / "data.log")
+    return data
+
+
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--template", default="mobilenet_v3_large_1")
@@ -79,11 +89,7 @@ def main() -> int:
     if not template.is_file():
         print(f"error: no template {args.template} in {TEMPLATES}", file=sys.stderr)
         return 2
-    args.out.mkdir(parents=True, exist_ok=True)
-    data = args.out / "digits"
-    if not (data / "train").is_dir():
-        run([sys.executable, str(REPO_ROOT / "tools" / "make_digits_dataset.py"), str(data), "--size",
-             str(args.size)], REPO_ROOT, args.out / "data.log")
+    data = digits_dataset(args.out, args.size)
     rows = []
     for name, overrides in variants(args.variants).items():
         work_dir = args.out / name.replace(" ", "_").replace("+", "plus_").replace("-", "minus_")

@@ -8,6 +8,7 @@ NNCF's configuration (`quantization_state`), and ONNX / OpenVINO export turns th
 from __future__ import annotations
 
 import math
+import os
 from dataclasses import dataclass
 from typing import Any, Iterable
 
@@ -15,6 +16,10 @@ import torch
 import torch.nn as nn
 
 from .errors import UserError
+
+# NNCF compiles its CPU kernels on first use and gives up after 60 s, which a loaded 2-core machine can
+# exceed; init_venv.sh builds them ahead, and without a limit a first build here is slow, not fatal.
+os.environ.setdefault("NNCF_EXTENSION_LOAD_TIMEOUT", "0")
 
 PRESETS = ("performance", "mixed")
 OVERFLOW_FIX = {"enable": "enable", "first_layer": "first_layer_only", "disable": "disable"}   # symmetric activations | asymmetric activations (better for non-ReLU nets)
