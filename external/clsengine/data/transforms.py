@@ -26,10 +26,13 @@ on the 0..255 scale, as deployment-side tools expect.
 """
 from __future__ import annotations
 
+import os
+
 import random
 from dataclasses import dataclass, fields
 from typing import Any, Sequence
 
+os.environ.setdefault("NO_ALBUMENTATIONS_UPDATE", "1")  # no network version check at import
 import albumentations as A
 import cv2
 import numpy as np
