@@ -16,12 +16,15 @@ import yaml
 from conftest import REPO_ROOT, TEMPLATE_NAMES, assert_clean_error, instantiate, make_image_folder, run_script
 
 FAST = ["--epochs", "1", "--batch-size", "4", "--workers", "0", "input.size=[32,32]"]
-# Templates whose flow at 32x32 is another template's code path with a scaled architecture are left out
-# (their models are built and measured by tests/test_templates.py and tests/test_npu_models.py):
-# EfficientNet-B1..B3 NPU run efficientnet_b0_npu's, mobilenet_v3_large_075 mobilenet_v3_large_1's, and
-# person_vs_background_56x32 (MobileNetV2 x0.75, stem stride 1) mobilenet_v2's with small_input.
+# Templates whose flow at 32x32 is another template's code path (same recipe, another architecture of the
+# same family or scale) are left out; their models are built and measured by tests/test_templates.py and
+# tests/test_npu_models.py, and exported with parity by tests/test_export.py:
+# EfficientNet-B1..B3 NPU run efficientnet_b0_npu's, mobilenet_v3_large_075 and mobilenet_v3_small
+# mobilenet_v3_large_1's, person_vs_background_56x32 mobilenet_v2's, resnet50 and regnetx_800mf resnet18's
+# (the plain recipe).
 SAME_PATH_AS_ANOTHER = ("efficientnet_b1_npu", "efficientnet_b2_npu", "efficientnet_b3_npu",
-                        "mobilenet_v3_large_075", "person_vs_background_56x32")
+                        "mobilenet_v3_large_075", "mobilenet_v3_small", "person_vs_background_56x32",
+                        "resnet50", "regnetx_800mf")
 FLOW_TEMPLATES = [t for t in TEMPLATE_NAMES if t not in SAME_PATH_AS_ANOTHER]
 
 
