@@ -1,11 +1,14 @@
 """Atomic file output: readers see the old file or the complete new one, never a half-written file."""
 from __future__ import annotations
 
+import json
 import os
 import tempfile
 from contextlib import contextmanager
 from pathlib import Path
-from typing import Iterator
+from typing import Any, Iterator
+
+from .errors import DataError
 
 
 def _read_umask() -> int:
@@ -31,3 +34,16 @@ def atomic_output(path: str | os.PathLike) -> Iterator[Path]:
     finally:
         if os.path.exists(tmp):
             os.unlink(tmp)
+
+
+def load_json(path: str | os.PathLike, what: str) -> Any:
+    """Parse a JSON file (a UTF-8 byte-order mark is allowed); a missing file or bad JSON is one DataError
+    naming `what`, the path and the line."""
+    path = Path(path)
+    if not path.is_file():
+        raise DataError(f"{what} {path} does not exist")
+    try:
+        return json.loads(path.read_text(encoding="utf-8-sig"))
+    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+        line = f", line {exc.lineno}" if isinstance(exc, json.JSONDecodeError) else ""
+        raise DataError(f"{what} {path}{line}: not valid JSON ({exc})") from None

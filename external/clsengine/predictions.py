@@ -18,23 +18,12 @@ import numpy as np
 
 from .data.annotations import read_class_names  # re-exported: clsengine.predictions.read_class_names
 from .errors import UserError
-from .fileio import atomic_output
+from .fileio import atomic_output, load_json
 from .metrics import confusion_matrix, precision_recall_f1
 
 PRED_KEY = "0_0"
 CLASSES_FILE = "classes.json"
 SUMMARY_FILE = "summary.csv"
-
-
-def _load_json(path: str | os.PathLike, what: str) -> Any:
-    path = Path(path)
-    if not path.is_file():
-        raise UserError(f"{what} {path} does not exist")
-    try:
-        return json.loads(path.read_text(encoding="utf-8"))
-    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
-        line = f", line {exc.lineno}" if isinstance(exc, json.JSONDecodeError) else ""
-        raise UserError(f"{what} {path}{line}: not valid JSON ({exc})") from None
 
 
 def top_k(probs: np.ndarray, classes: list[str], k: int) -> list[list]:
@@ -82,7 +71,7 @@ def read_predictions(pred_dir: str | os.PathLike) -> dict[str, list[tuple[float,
         raise UserError(f"prediction folder {pred_dir} does not exist")
     preds: dict[str, list[tuple[float, str]]] = {}
     for file in sorted(pred_dir.rglob("*.json")):
-        data = _load_json(file, "prediction file")
+        data = load_json(file, "prediction file")
         if not (isinstance(data, dict) and "img_path" in data and PRED_KEY in data):
             continue  # classes.json and other side files
         try:
@@ -99,7 +88,7 @@ def read_predictions(pred_dir: str | os.PathLike) -> dict[str, list[tuple[float,
 
 def read_ground_truth(path: str | os.PathLike, classes: list[str] | None = None) -> dict[str, str]:
     """{img_path: label name}; integer labels are looked up in `classes` (from a class-id file)."""
-    data = _load_json(path, "ground-truth file")
+    data = load_json(path, "ground-truth file")
     if not isinstance(data, dict) or not data:
         raise UserError(f"ground-truth file {path}: expected a non-empty JSON object {{image_path: label}}")
     truth = {}

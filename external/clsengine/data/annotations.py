@@ -12,7 +12,6 @@ Formats:
 """
 from __future__ import annotations
 
-import json
 import os
 import re
 from collections.abc import Mapping
@@ -20,6 +19,7 @@ from pathlib import Path
 from typing import Any, Union
 
 from ..errors import DataError
+from ..fileio import load_json
 from .folder import FolderScan, scan_folder
 from .image import check_image, is_image_file
 
@@ -47,16 +47,6 @@ def _read_lines(path: Path, what: str) -> list[str]:
     return text.splitlines()
 
 
-def _load_json(path: Path, what: str) -> Any:
-    if not path.is_file():
-        raise DataError(f"{what} {path} does not exist")
-    try:
-        return json.loads(path.read_text(encoding="utf-8-sig"))
-    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
-        line = f", line {exc.lineno}" if isinstance(exc, json.JSONDecodeError) else ""
-        raise DataError(f"{what} {path}{line}: not valid JSON ({exc})") from None
-
-
 def _is_json_file(path: Path) -> bool:
     if path.suffix.lower() == ".json":
         return True
@@ -82,7 +72,7 @@ def _resolve_root(root: PathLike | None, ann_file: Path) -> Path:
 
 
 def _class_names_from_json(path: Path) -> list[str]:
-    data = _load_json(path, "class-id file")
+    data = load_json(path, "class-id file")
     if isinstance(data, list) and data and all(isinstance(v, (str, int)) for v in data):
         return [str(v) for v in data]
     if isinstance(data, dict) and data:
@@ -269,7 +259,7 @@ def read_category_map(path: PathLike) -> dict[int, int]:
     one logit). Errors are DataErrors naming the file and the offending key.
     """
     path = Path(path).expanduser()
-    return _check_category_map(_load_json(path, "category map"), f"category map {path}")
+    return _check_category_map(load_json(path, "category map"), f"category map {path}")
 
 
 def _bbox_is_empty(bbox: Any, where: str) -> bool:
@@ -320,7 +310,7 @@ def scan_coco(ann_file: PathLike, root: PathLike | None, category_map: Mapping |
     checked with PIL: undecodable ones go to `skipped`).
     """
     ann_file = Path(ann_file).expanduser()
-    data = _load_json(ann_file, "COCO file")
+    data = load_json(ann_file, "COCO file")
     root = _resolve_root(root, ann_file)
     if not isinstance(data, dict):
         raise DataError(f"COCO file {ann_file}: expected a JSON object with images, annotations and categories")

@@ -23,12 +23,11 @@ import yaml
 
 from clsengine import data as D
 from clsengine.errors import UserError
-from clsengine.checkpoint import load_checkpoint
 from clsengine.compression import is_quantized
 from clsengine.export import INT8_MIN_AGREEMENT, INT8_RTOL, export_onnx, export_openvino, parity_check
 from workbench import builders as B
 from workbench import cli
-from workbench.classifier import load_trained_model
+from workbench.classifier import load_training_checkpoint, model_from_checkpoint
 
 
 def parse_args() -> argparse.Namespace:
@@ -65,7 +64,8 @@ def parity_images(root: str | None, size: tuple[int, int], count: int, order: st
 def main() -> int:
     args = parse_args()
     weights = Path(args.load_weights)
-    t, classes, model = load_trained_model(weights, cli.collect_overrides(args, {}))
+    checkpoint = load_training_checkpoint(weights)
+    t, classes, model = model_from_checkpoint(checkpoint, weights, cli.collect_overrides(args, {}))
 
     size = tuple(args.input_shape) if args.input_shape else B.input_size(t)
     order = t.output_format.openvino_input_format
@@ -87,8 +87,7 @@ def main() -> int:
 
     images, source = parity_images(args.val_data_roots or os.environ.get("VAL_DATA_ROOT"), size,
                                    args.parity_images, order)
-    int8 = is_quantized(load_checkpoint(weights))
-    tolerance = dict(atol=INT8_RTOL, min_top1_agreement=INT8_MIN_AGREEMENT) if int8 else {}
+    tolerance = dict(atol=INT8_RTOL, min_top1_agreement=INT8_MIN_AGREEMENT) if is_quantized(checkpoint) else {}
     report = parity_check(model, written, images, mean=t.input.mean, std=t.input.std, input_order=order,
                           train_order=t.input.channel_order, **tolerance)
     summary = {"weights": str(weights.resolve()), "images": source,

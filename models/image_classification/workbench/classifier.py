@@ -68,15 +68,20 @@ def model_from_checkpoint(checkpoint: dict[str, Any], source: str | Path, overri
     return t, classes, model.eval()
 
 
-def load_trained_model(path: str | Path, overrides: dict[str, Any] | None = None
-                       ) -> tuple[Template, list[str], torch.nn.Module]:
-    """model_from_checkpoint for a file; bare weights are refused: only a checkpoint written by train.py or
-    compress.py says which model and classes the weights are for."""
+def load_training_checkpoint(path: str | Path) -> dict[str, Any]:
+    """A checkpoint written by train.py or compress.py; bare weights are refused: only such a checkpoint
+    says which model and classes the weights are for."""
     checkpoint = load_checkpoint(path)
     if "config" not in checkpoint:
         raise UserError(f"{path} is a bare weights file; a checkpoint written by train.py or compress.py is "
                         f"needed (it holds the classes and the model configuration)")
-    return model_from_checkpoint(checkpoint, path, overrides)
+    return checkpoint
+
+
+def load_trained_model(path: str | Path, overrides: dict[str, Any] | None = None
+                       ) -> tuple[Template, list[str], torch.nn.Module]:
+    """model_from_checkpoint for a file (see load_training_checkpoint)."""
+    return model_from_checkpoint(load_training_checkpoint(path), path, overrides)
 
 
 def load_classifier(path: str | Path, *, template_path: str, overrides: dict[str, Any], classes: list[str] | None,
