@@ -194,7 +194,7 @@ def test_invalid_arguments():
 # create_loss
 
 def test_create_loss():
-    assert LOSSES == ("softmax", "am_softmax")
+    assert LOSSES == ("softmax", "am_softmax", "bce", "asl")
     assert type(create_loss("softmax")) is nn.CrossEntropyLoss
     assert create_loss("softmax", label_smoothing=0.1).label_smoothing == 0.1
     loss = create_loss("am_softmax", scale=7.0, margin=0.2, margin_type="arc", label_smoothing=0.1)

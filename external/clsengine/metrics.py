@@ -1,10 +1,13 @@
-"""Classification metrics computed from logits and labels: top-k, confusion matrix, per-class P/R/F1."""
+"""Classification metrics computed from logits and labels: top-k, confusion matrix, per-class P/R/F1,
+and for multi-label data AP/mAP with thresholded P/R/F1."""
 from __future__ import annotations
 
 from typing import Any
 
 import numpy as np
 import torch
+
+from .errors import UserError
 
 
 def topk_correct(logits: torch.Tensor, labels: torch.Tensor, ks: tuple[int, ...] = (1, 5)) -> dict[int, int]:
@@ -51,3 +54,112 @@ def classification_report(logits: torch.Tensor, labels: torch.Tensor, classes: l
                           "f1": 100.0 * float(f1[i]), "support": int(actual[i])} for i, c in enumerate(classes)},
         "confusion_matrix": cm.tolist(),
     }
+
+
+# --------------------------------------------------------------------------- multi-label
+
+
+def average_precision(scores: np.ndarray, positives: np.ndarray) -> float:
+    """AP of one class (fraction 0..1): mean precision at the rank of each positive, highest score first.
+
+    Ties keep the input order (stable sort) so the value is deterministic; nan without positives,
+    which callers leave out of the mean rather than count as 0.
+    """
+    scores = np.asarray(scores, dtype=np.float64).reshape(-1)
+    positives = np.asarray(positives).reshape(-1) > 0
+    if not positives.any():
+        return float("nan")
+    hits = positives[np.argsort(-scores, kind="stable")]
+    ranks = np.flatnonzero(hits) + 1
+    return float((np.cumsum(hits)[ranks - 1] / ranks).mean())
+
+
+def multilabel_probs(logits: torch.Tensor, background_index: int | None = None,
+                     threshold: float = 0.5) -> torch.Tensor:
+    """Independent per-class probabilities (sigmoid, float32).
+
+    With `background_index`, the background probability is zeroed wherever another class reaches
+    `threshold`: an image with a detected object is not also "background".
+    """
+    probs = torch.sigmoid(logits.detach().float())
+    if background_index is None:
+        return probs
+    num_classes = probs.shape[1]
+    if not -num_classes <= background_index < num_classes:
+        raise UserError(f"background index {background_index} is out of range for {num_classes} classes")
+    background_index %= num_classes
+    others = torch.cat([probs[:, :background_index], probs[:, background_index + 1:]], dim=1)
+    probs[(others >= threshold).any(dim=1), background_index] = 0.0
+    return probs
+
+
+def _mean_ap(probs: np.ndarray, targets: np.ndarray) -> tuple[list[float], float]:
+    """Per-class AP (nan without positives) and their mean over classes with positives (0.0 if none)."""
+    aps = [average_precision(probs[:, c], targets[:, c]) for c in range(targets.shape[1])]
+    present = [ap for ap in aps if not np.isnan(ap)]
+    return aps, float(np.mean(present)) if present else 0.0
+
+
+def _prf(tp: np.ndarray, fp: np.ndarray, fn: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Precision, recall, F1 (fractions; 0 where undefined) from true/false positive and false negative counts."""
+    tp, fp, fn = (np.asarray(a, dtype=np.float64) for a in (tp, fp, fn))
+    predicted, actual = tp + fp, tp + fn
+    precision = np.divide(tp, predicted, out=np.zeros_like(tp), where=predicted > 0)
+    recall = np.divide(tp, actual, out=np.zeros_like(tp), where=actual > 0)
+    f1 = np.divide(2 * precision * recall, precision + recall, out=np.zeros_like(tp),
+                   where=(precision + recall) > 0)
+    return precision, recall, f1
+
+
+def multilabel_report(logits: torch.Tensor, targets: torch.Tensor, classes: list[str], threshold: float = 0.5,
+                      background_index: int | None = None) -> dict[str, Any]:
+    """The multi-label counterpart of classification_report, as plain Python types ready for YAML.
+
+    `targets` is (N, C) multi-hot. mAP is threshold-free; precision/recall/F1 and exact match use
+    `threshold`. Percentages throughout; per-class "ap" is None for a class without positives.
+    """
+    if logits.dim() != 2 or tuple(targets.shape) != tuple(logits.shape):
+        raise UserError(f"multi-label targets of shape {tuple(targets.shape)} do not match logits of shape "
+                        f"{tuple(logits.shape)}")
+    if logits.shape[1] != len(classes):
+        raise UserError(f"logits have {logits.shape[1]} columns for {len(classes)} classes")
+    probs = multilabel_probs(logits, background_index, threshold).cpu().numpy()
+    truth = targets.detach().cpu().float().numpy() > 0.5
+    preds = probs >= threshold
+    tp = (preds & truth).sum(axis=0)
+    fp = (preds & ~truth).sum(axis=0)
+    fn = (~preds & truth).sum(axis=0)
+    precision, recall, f1 = _prf(tp, fp, fn)
+    micro_p, micro_r, micro_f1 = (float(v[0]) for v in _prf([tp.sum()], [fp.sum()], [fn.sum()]))
+    support = truth.sum(axis=0)
+    present = support > 0
+    aps, mean_ap = _mean_ap(probs, truth)
+    n = len(truth)
+
+    def macro(values: np.ndarray) -> float:
+        return 100.0 * float(values[present].mean()) if present.any() else 0.0
+
+    return {
+        "num_samples": int(n),
+        "threshold": float(threshold),
+        "mAP": 100.0 * mean_ap,
+        "micro": {"precision": 100.0 * micro_p, "recall": 100.0 * micro_r, "f1": 100.0 * micro_f1},
+        "macro": {"precision": macro(precision), "recall": macro(recall), "f1": macro(f1)},
+        "exact_match": 100.0 * float((preds == truth).all(axis=1).mean()) if n else 0.0,
+        "per_class": {c: {"ap": None if np.isnan(aps[i]) else 100.0 * aps[i],
+                          "precision": 100.0 * float(precision[i]), "recall": 100.0 * float(recall[i]),
+                          "f1": 100.0 * float(f1[i]), "support": int(support[i])} for i, c in enumerate(classes)},
+    }
+
+
+def primary_score(logits: torch.Tensor, labels: torch.Tensor) -> float:
+    """The number that ranks models (higher is better): top-1 % for class-index labels (1-D),
+    mAP % of plain sigmoid scores for multi-hot labels (2-D)."""
+    if len(labels) == 0:
+        return 0.0
+    if labels.dim() == 1:
+        return 100.0 * topk_correct(logits, labels, (1,))[1] / len(labels)
+    if labels.dim() == 2:
+        probs = torch.sigmoid(logits.detach().float()).cpu().numpy()
+        return 100.0 * _mean_ap(probs, labels.detach().cpu().float().numpy() > 0.5)[1]
+    raise UserError(f"labels must be class indices (N,) or multi-hot (N, C), got shape {tuple(labels.shape)}")

@@ -20,7 +20,7 @@ from typing import Any, Union
 
 from ..errors import DataError
 from ..fileio import load_json
-from .folder import FolderScan, scan_folder
+from .folder import FolderScan, format_names, scan_folder
 from .image import check_image, is_image_file
 
 PathLike = Union[str, os.PathLike]
@@ -136,11 +136,6 @@ def read_class_names(path: PathLike) -> list[str]:
 # --------------------------------------------------------------------------- PaddleClas label list
 
 
-def _format_classes(classes: list[str], limit: int = 10) -> str:
-    shown = ", ".join(classes[:limit])
-    return shown + (f", ... ({len(classes)} in all)" if len(classes) > limit else "")
-
-
 def scan_annotation_list(ann_file: PathLike, root: PathLike | None, classes: list[str] | None = None,
                          verify: bool = True) -> FolderScan:
     """Scan a PaddleClas-style list: one `relative/path label` line per image under `root`.
@@ -206,7 +201,7 @@ def scan_annotation_list(ann_file: PathLike, root: PathLike | None, classes: lis
         if by_index and _INT.match(token):
             raise DataError(f"{ann_file}:{number}: label {token} is not a class index "
                             f"(0..{len(classes) - 1}) nor a class name")
-        raise DataError(f"{ann_file}:{number}: unknown label {token!r} (classes: {_format_classes(classes)})")
+        raise DataError(f"{ann_file}:{number}: unknown label {token!r} (classes: {format_names(classes)})")
 
     samples: list[tuple[str, int | tuple[int, ...]]] = []
     skipped: list[tuple[str, str]] = []
@@ -382,7 +377,7 @@ def scan_coco(ann_file: PathLike, root: PathLike | None, category_map: Mapping |
             for name in (n.strip() for n in caption.split(",")):
                 if name and name not in by_name:
                     raise DataError(f"{where}: caption names unknown category {name!r} "
-                                    f"(categories: {_format_classes(list(by_name))})")
+                                    f"(categories: {format_names(list(by_name))})")
                 if name:
                     cids.append(by_name[name])
         elif "category_id" in annotation:

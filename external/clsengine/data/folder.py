@@ -3,11 +3,13 @@ from __future__ import annotations
 
 import os
 import warnings
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable
 
 import numpy as np
+import torch
 from torch.utils.data import Dataset
 
 from ..errors import DataError
@@ -41,6 +43,51 @@ class FolderScan:
             for index in (label if isinstance(label, (tuple, list)) else (label,)):
                 counts[index] += 1
         return counts
+
+
+def _label_indices(label: int | tuple[int, ...]) -> tuple[int, ...]:
+    return tuple(int(i) for i in label) if isinstance(label, (tuple, list)) else (int(label),)
+
+
+def format_names(names: Sequence[str], limit: int = 10) -> str:
+    """At most `limit` names for a message, with the total when there are more."""
+    shown = ", ".join(names[:limit])
+    return shown + (f", ... ({len(names)} in all)" if len(names) > limit else "")
+
+
+def select_classes(scan: FolderScan, names: Sequence[str], what: str = "--classes") -> FolderScan:
+    """A new scan restricted to the classes `names`, in that order (labels remapped to it).
+
+    Images of other classes are dropped; a multi-label image loses its other labels and is dropped
+    only when none is left. `what` names the option the names came from, for the error messages.
+    """
+    names = [names] if isinstance(names, str) else list(names)
+    if not names:
+        raise DataError(f"{what}: no class given")
+    seen: set[str] = set()
+    for name in names:
+        if name in seen:
+            raise DataError(f"{what}: class '{name}' is given twice")
+        seen.add(name)
+    unknown = [name for name in names if name not in scan.classes]
+    if unknown:
+        raise DataError(f"{what}: unknown class{'es' if len(unknown) > 1 else ''} "
+                        f"{', '.join(repr(n) for n in unknown)} in {scan.source} "
+                        f"(its classes: {format_names(scan.classes)})")
+    new_index = {scan.classes.index(name): i for i, name in enumerate(names)}
+    samples: list[tuple[str, int | tuple[int, ...]]] = []
+    for path, label in scan.samples:
+        if scan.multilabel or isinstance(label, (tuple, list)):
+            kept = sorted({new_index[old] for old in _label_indices(label) if old in new_index})
+            if kept:
+                samples.append((path, tuple(kept)))
+        elif label in new_index:
+            samples.append((path, new_index[label]))
+    if not samples:
+        raise DataError(f"{what}: no image of {format_names(names)} in {scan.source}")
+    return FolderScan(root=scan.root, classes=names, samples=samples, skipped=list(scan.skipped),
+                      multilabel=scan.multilabel, unlabeled=list(scan.unlabeled),
+                      source=f"{scan.source}; classes {format_names(names)}")
 
 
 def _image_files(folder: Path) -> list[Path]:
@@ -137,23 +184,39 @@ def check_same_classes(reference: list[str], other: list[str], reference_name: s
 class ImageDataset(Dataset):
     """(path, label) samples decoded to RGB arrays and passed through `transform`.
 
+    With `multilabel` the label comes out as a float32 multi-hot vector of len(classes) (from a class
+    index or a tuple of them), so batches collate to (N, C) targets.
+
     A file that was readable at scan time but fails to decode later is skipped: the next sample
     is returned instead and the path is reported once as a warning.
     """
 
-    def __init__(self, samples: list[tuple[str, int]], classes: list[str],
-                 transform: Callable[[np.ndarray], object] | None = None):
+    def __init__(self, samples: list[tuple[str, int | tuple[int, ...]]], classes: list[str],
+                 transform: Callable[[np.ndarray], object] | None = None, multilabel: bool = False):
         self.samples = list(samples)
         self.classes = list(classes)
         self.transform = transform
+        self.multilabel = multilabel
         self._reported: set[str] = set()
+        if multilabel:
+            for path, label in self.samples:
+                bad = [i for i in _label_indices(label) if not 0 <= i < len(self.classes)]
+                if bad:
+                    raise DataError(f"{path}: label {bad[0]} is out of range for {len(self.classes)} classes")
 
     def __len__(self) -> int:
         return len(self.samples)
 
     @property
-    def targets(self) -> list[int]:
+    def targets(self) -> list[int | tuple[int, ...]]:
         return [label for _, label in self.samples]
+
+    def _target(self, label: int | tuple[int, ...]):
+        if not self.multilabel:
+            return label
+        hot = torch.zeros(len(self.classes), dtype=torch.float32)
+        hot[list(_label_indices(label))] = 1.0
+        return hot
 
     def __getitem__(self, index: int):
         for attempt in range(len(self.samples)):
@@ -167,5 +230,5 @@ class ImageDataset(Dataset):
                 continue
             if self.transform is not None:
                 image = self.transform(image)
-            return image, label
+            return image, self._target(label)
         raise DataError("none of the dataset's images can be decoded")

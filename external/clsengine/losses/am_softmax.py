@@ -25,7 +25,7 @@ class AMSoftmaxLoss(nn.Module):
     """
 
     def __init__(self, scale: float, margin: float = 0.35, margin_type: str = "cos",
-                 label_smoothing: float = 0.0) -> None:
+                 label_smoothing: float = 0.0, weight: torch.Tensor | None = None) -> None:
         super().__init__()
         if margin_type not in MARGIN_TYPES:
             raise UserError(f"unknown margin type '{margin_type}'; known: {', '.join(MARGIN_TYPES)}")
@@ -37,6 +37,11 @@ class AMSoftmaxLoss(nn.Module):
         self.margin = float(margin)
         self.margin_type = margin_type
         self.label_smoothing = float(label_smoothing)
+        if weight is not None:
+            weight = torch.as_tensor(weight, dtype=torch.float32).detach().clone()
+            if weight.dim() != 1:
+                raise UserError(f"class weights must be one value per class, got shape {tuple(weight.shape)}")
+        self.register_buffer("weight", weight)  # per-class weights of the cross-entropy, or None
 
     def _penalised(self, cos: torch.Tensor) -> torch.Tensor:
         m = self.margin
@@ -50,11 +55,12 @@ class AMSoftmaxLoss(nn.Module):
         index = target.long().unsqueeze(1)
         target_cos = logits.gather(1, index) / self.scale
         modified = logits.scatter(1, index, self.scale * self._penalised(target_cos))
-        return F.cross_entropy(modified, target, label_smoothing=self.label_smoothing)
+        weight = None if self.weight is None else self.weight.to(modified.device)
+        return F.cross_entropy(modified, target, weight=weight, label_smoothing=self.label_smoothing)
 
     def extra_repr(self) -> str:
         return (f"scale={self.scale:.4g}, margin={self.margin}, margin_type={self.margin_type}, "
-                f"label_smoothing={self.label_smoothing}")
+                f"label_smoothing={self.label_smoothing}, weighted={self.weight is not None}")
 
 
 __all__ = ["AMSoftmaxLoss", "MARGIN_TYPES"]
