@@ -34,6 +34,69 @@ def make_image_folder(root: Path, classes: int = 3, per_class: int = 4, size: in
     return root
 
 
+MULTILABEL_CLASSES = ["red", "green", "blue"]
+
+
+def make_multilabel_images(root: Path, count: int, seed: int, size: int = 32) -> list[tuple[str, list[int]]]:
+    """<root>/images/<i>.png on a grey noisy background with one colour patch per label (1 or 2 of
+    MULTILABEL_CLASSES, so every label set is learnable); returns (relative path, label indices) pairs."""
+    rng = np.random.default_rng(seed)
+    (root / "images").mkdir(parents=True, exist_ok=True)
+    items = []
+    for i in range(count):
+        labels = sorted(rng.choice(3, size=1 + i % 2, replace=False).tolist())
+        image = np.clip(110 + rng.integers(0, 40, size=(size, size, 3)), 0, 255).astype(np.uint8)
+        for slot, label in enumerate(labels):
+            y = slot * (size // 2)
+            image[y:y + size // 2 - 2, 2:size - 2] = COLOURS[label]
+        name = f"images/{i}.png"
+        Image.fromarray(image).save(root / name)
+        items.append((name, labels))
+    return items
+
+
+def write_multilabel_coco(root: Path, items: list[tuple[str, list[int]]], name: str) -> Path:
+    """A COCO JSON whose image-level labels are zero-area boxes (category ids 1..3)."""
+    import json
+
+    coco = {"images": [{"id": i + 1, "file_name": path} for i, (path, _) in enumerate(items)],
+            "annotations": [{"id": len(items) * k + i, "image_id": i + 1, "category_id": label + 1,
+                             "bbox": [0, 0, 0, 0]} for i, (_, labels) in enumerate(items)
+                            for k, label in enumerate(labels)],
+            "categories": [{"id": c + 1, "name": n} for c, n in enumerate(MULTILABEL_CLASSES)]}
+    path = root / name
+    path.write_text(json.dumps(coco), encoding="utf-8")
+    return path
+
+
+def run_in_process(wd: Path, script: str, *args: str, monkeypatch) -> int:
+    """Run a work-dir script's main() in this process, as `python script args` from the work dir would,
+    without paying torch's import time again; returns the exit status (2 for a user error)."""
+    import importlib.util
+    import logging
+
+    from workbench import cli
+
+    logger = logging.getLogger("clsengine")  # its console handler would still hold an earlier test's stdout
+    for handler in list(logger.handlers):
+        logger.removeHandler(handler)
+        handler.close()
+
+    monkeypatch.chdir(wd)
+    monkeypatch.setattr(cli, "WORK_DIR", wd)
+    monkeypatch.setattr(sys, "argv", [str(wd / script), *args])
+    for env in ("TRAIN_DATA_ROOT", "VAL_DATA_ROOT", "TEST_DATA_ROOT"):
+        monkeypatch.delenv(env, raising=False)
+    spec = importlib.util.spec_from_file_location(f"wd_{script[:-3]}", wd / script)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    try:
+        cli.run(module.main)
+    except SystemExit as exc:
+        return int(exc.code or 0)
+    return 0
+
+
 @pytest.fixture(autouse=True)
 def _one_torch_thread():
     """In-process tests use tiny workloads: one intra-op thread avoids oversubscribing a small CPU."""

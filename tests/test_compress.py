@@ -99,7 +99,7 @@ def test_budget_not_met_runs_fine_tuning_then_reports_and_resumes(trained, monke
     history = (out / "history.csv").read_text().splitlines()
     assert len(history) == 2  # header + the one fine-tuning epoch that ran in full (target never reached)
     metrics = yaml.safe_load((out / "metrics.yaml").read_text())
-    assert metrics["budget"] == {"max_accuracy_drop": 1.0, "met": False, "drop": 10.0}
+    assert metrics["budget"] == {"metric": "top1", "max_accuracy_drop": 1.0, "met": False, "drop": 10.0}
     log = (out / "compress.log").read_text()
     assert "Quantization-aware training: up to 1 epoch(s)" in log and "accuracy budget NOT met" in log
 

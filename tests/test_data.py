@@ -413,6 +413,6 @@ def test_train_with_corrupt_image_then_eval_from_env(shared_work_dir: Path, tiny
     assert isinstance(data["metrics"], list) and data["metrics"]
     keys = {m["key"] for m in data["metrics"]}
     assert "accuracy" in keys
-    assert data["dataset"]["root"] == str(tiny_dataset / "val")
+    assert data["dataset"]["source"] == f"class folders under {tiny_dataset / 'val'}"
     assert data["dataset"]["num_images"] == 6  # 3 classes x 2 val images
     assert data["classes"] == ["class_0", "class_1", "class_2"]

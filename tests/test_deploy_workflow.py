@@ -137,14 +137,19 @@ def test_bad_inputs_give_one_clear_error(trained, tmp_path):
                        "notes.pth")
     assert_clean_error(run_script(wd, "eval.py", "--load-weights", str(tmp_path / "gone.xml"),
                                   "--test-data-roots", str(val)), "gone.xml")
-    # A test folder with other classes than the exported model's.
-    other = make_image_folder(root / "data" / "four", classes=4, per_class=1)
+    # A test folder that lacks one of the exported model's classes.
+    two = make_image_folder(root / "data" / "two", classes=2, per_class=1)
     assert_clean_error(run_script(wd, "eval.py", "--load-weights", "export/model.onnx", "--test-data-roots",
-                                  str(other)), "class_3")
+                                  str(two)), "class_2")
+    # One with more classes: the model is evaluated on the images of its own classes, with a note.
+    four = make_image_folder(root / "data" / "four", classes=4, per_class=1)
+    result = run_script(wd, "eval.py", "--load-weights", "export/model.onnx", "--test-data-roots", str(four),
+                        "--save-metrics-to", str(tmp_path / "four.yaml"))
+    assert result.returncode == 0 and "knows 3 of the 4 test classes" in result.stdout, result.stderr
+    assert yaml.safe_load((tmp_path / "four.yaml").read_text())["dataset"]["num_images"] == 3
     # Bare weights of a 3-class model against a 2-class test folder: the class count is named.
     bare = tmp_path / "bare.pth"
     torch.save(torch.load(wd / "outputs" / "best.pth", weights_only=True)["model"], bare)
-    two = make_image_folder(root / "data" / "two", classes=2, per_class=1)
     assert_clean_error(run_script(wd, "eval.py", "--load-weights", str(bare), "--test-data-roots", str(two),
                                   "input.size=[32,32]"), "classifier for 3 classes", "has 2")
     assert_clean_error(run_script(wd, "eval.py", "--preds", str(tmp_path)), "--gts")

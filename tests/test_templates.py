@@ -270,3 +270,29 @@ def test_parse_override():
 def test_parse_override_rejects(text):
     with pytest.raises(TemplateError):
         parse_override(text)
+
+
+# ------------------------------------------------------------------------- task and data sections
+def test_task_and_loss_must_agree(tmp_path):
+    text = GOOD + "task:\n  type: multilabel\n"
+    path = write(tmp_path, text)
+    message = error(path)  # the default softmax loss is single-label
+    assert f"{path}" in message and "training.loss.name" in message and "bce or asl" in message
+    t = load_template(path, {"training.loss.name": "asl"})
+    assert t.task.type == "multilabel" and t.training.loss.asl_gamma_neg == 4.0
+    message = error(write(tmp_path, GOOD), {"training.loss.name": "bce"})
+    assert "softmax or am_softmax for task.type multiclass" in message
+    message = error(write(tmp_path, GOOD + "task:\n  background_label: bg\n"))
+    assert "task.background_label" in message
+
+
+def test_data_section_values(tmp_path):
+    t = load_template(write(tmp_path, GOOD + "data:\n  class_weights: [1, 2.5]\n  classes: [a, b]\n"))
+    assert t.data.class_weights == [1.0, 2.5] and t.data.classes == ["a", "b"] and t.data.format == "auto"
+    assert load_template(write(tmp_path, GOOD), {"data.class_weights": "auto"}).data.class_weights == "auto"
+    text = GOOD + "data:\n  class_weights: sometimes\n"
+    path = write(tmp_path, text)
+    message = error(path)
+    assert f"{path}:{line_of(text, 'class_weights')}:" in message and "none, auto or a list" in message
+    assert "a list without repeated names" in error(write(tmp_path, GOOD + "data:\n  classes: [a, a]\n"))
+    assert "one of auto, folders, list, coco" in error(write(tmp_path, GOOD + "data:\n  format: csv\n"))

@@ -95,9 +95,10 @@ def qat_epochs(num_train_images: int, batch_size: int, max_epochs: int = QAT_MAX
 
 @dataclass(frozen=True)
 class AccuracyBudget:
-    """The int8 model may lose at most `max_drop` points of top-1 against the float model."""
+    """The int8 model may lose at most `max_drop` points of top-1 (or `metric`) against the float model."""
     float_top1: float
     max_drop: float
+    metric: str = "top-1"
 
     @property
     def target(self) -> float:
@@ -109,7 +110,7 @@ class AccuracyBudget:
     def describe(self, int8_top1: float) -> str:
         drop = self.float_top1 - int8_top1
         verdict = "met" if self.met(int8_top1) else "NOT met"
-        return (f"accuracy budget {verdict}: int8 top-1 {int8_top1:.2f} vs float {self.float_top1:.2f} "
+        return (f"accuracy budget {verdict}: int8 {self.metric} {int8_top1:.2f} vs float {self.float_top1:.2f} "
                 f"(drop {drop:.2f} points, budget {self.max_drop:.2f})")
 
 

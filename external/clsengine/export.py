@@ -13,7 +13,7 @@ import tempfile
 import warnings
 from contextlib import contextmanager
 from pathlib import Path
-from typing import Iterator, Sequence
+from typing import Any, Iterator, Mapping, Sequence
 
 import numpy as np
 import torch
@@ -81,9 +81,23 @@ def _eval_cpu_copy(model: nn.Module) -> Iterator[nn.Module]:
         del clone
 
 
-def _metadata(input_size: tuple[int, int], mean, std, input_order: str, labels: list[str]) -> dict[str, str]:
+MULTICLASS = {"type": "multiclass"}
+
+
+def _check_task(task: Mapping[str, Any] | None) -> dict[str, Any]:
+    """How outputs are read: {"type": "multiclass"} (softmax, argmax) or {"type": "multilabel", "threshold": t,
+    "background_label": name or None} (sigmoid per label)."""
+    task = dict(task or MULTICLASS)
+    if task.get("type") not in ("multiclass", "multilabel"):
+        raise UserError(f"task type must be multiclass or multilabel, got {task.get('type')!r}")
+    return task
+
+
+def _metadata(input_size: tuple[int, int], mean, std, input_order: str, labels: list[str],
+              task: Mapping[str, Any] | None = None) -> dict[str, str]:
     h, w = (int(v) for v in input_size)
     return {
+        "task": json.dumps(_check_task(task)),
         "labels": json.dumps([str(label) for label in labels]),
         "input_size": f"{h},{w}",
         "mean": json.dumps([float(v) for v in mean]),
@@ -109,8 +123,8 @@ def _check_outputs(logits: torch.Tensor, labels: list[str]) -> None:
 
 def export_onnx(model: nn.Module, path: str | os.PathLike, *, input_size: tuple[int, int], mean, std,
                 input_order: str = "BGR", train_order: str = "RGB", labels: list[str], opset: int = 17,
-                static_batch: bool = False) -> Path:
-    """Write `model` wrapped in DeployModel to ONNX, with labels and preprocessing in metadata_props.
+                static_batch: bool = False, task: Mapping[str, Any] | None = None) -> Path:
+    """Write `model` wrapped in DeployModel to ONNX, with labels, task and preprocessing in metadata_props.
 
     Uses the TorchScript-based exporter (`dynamo=False`): the torch.export-based one needs the
     `onnxscript` package, which this environment lacks; the legacy one still works in torch 2.15
@@ -119,7 +133,7 @@ def export_onnx(model: nn.Module, path: str | os.PathLike, *, input_size: tuple[
     import onnx
 
     h, w = _check_input_size(input_size)
-    meta = _metadata(input_size, mean, std, input_order, labels)
+    meta = _metadata(input_size, mean, std, input_order, labels, task)
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     with _eval_cpu_copy(model) as clone:
@@ -146,7 +160,8 @@ def export_onnx(model: nn.Module, path: str | os.PathLike, *, input_size: tuple[
 
 def export_openvino(model: nn.Module, xml_path: str | os.PathLike, *, input_size: tuple[int, int], mean, std,
                     input_order: str = "BGR", train_order: str = "RGB", labels: list[str], opset: int = 17,
-                    static_batch: bool = False, precision: str = "FP32") -> Path:
+                    static_batch: bool = False, precision: str = "FP32", task: Mapping[str, Any] | None = None
+                    ) -> Path:
     """Write OpenVINO IR (.xml + .bin) with the same metadata in rt_info["model_info"].
 
     Converted from an ONNX file written by export_onnx (in a temporary folder): that way both
@@ -165,13 +180,13 @@ def export_openvino(model: nn.Module, xml_path: str | os.PathLike, *, input_size
     with tempfile.TemporaryDirectory() as tmp:
         onnx_path = export_onnx(model, Path(tmp) / "model.onnx", input_size=input_size, mean=mean, std=std,
                                 input_order=input_order, train_order=train_order, labels=labels,
-                                opset=opset, static_batch=static_batch)
+                                opset=opset, static_batch=static_batch, task=task)
         # Saved before the folder goes: the converted model may still map the ONNX file's weights.
         ov_model = ov.convert_model(str(onnx_path))
         if static_batch:
             h, w = _check_input_size(input_size)
             ov_model.reshape({ov_model.input(0).get_any_name(): ov.PartialShape([1, 3, h, w])})
-        for key, value in _metadata(input_size, mean, std, input_order, labels).items():
+        for key, value in _metadata(input_size, mean, std, input_order, labels, task).items():
             ov_model.set_rt_info(value, [_RT_SECTION, key])
         ov.save_model(ov_model, str(xml_path), compress_to_fp16=(precision == "FP16"))
         del ov_model
@@ -206,7 +221,7 @@ def _read_raw_metadata(path: Path) -> dict[str, str]:
     ov_model = ov.Core().read_model(str(path))
     raw = {}
     if ov_model.has_rt_info([_RT_SECTION]):
-        for key in ("labels", "input_size", "mean", "std", "input_order", "model_type"):
+        for key in ("labels", "input_size", "mean", "std", "input_order", "model_type", "task"):
             if ov_model.has_rt_info([_RT_SECTION, key]):
                 raw[key] = ov_model.get_rt_info([_RT_SECTION, key]).astype(str)
     return raw
@@ -221,6 +236,7 @@ def _parse_metadata(raw: dict[str, str]) -> dict:
         "std": [float(v) for v in json.loads(raw["std"])],
         "input_order": raw["input_order"],
         "model_type": raw.get("model_type", "classification"),
+        "task": _check_task(json.loads(raw["task"]) if "task" in raw else None),
     }
 
 
@@ -276,4 +292,4 @@ def parity_check(model: nn.Module, exported: list[str | os.PathLike], images: to
     return report
 
 
-__all__ = ["DeployModel", "export_onnx", "export_openvino", "parity_check", "read_metadata"]
+__all__ = ["MULTICLASS", "DeployModel", "export_onnx", "export_openvino", "parity_check", "read_metadata"]

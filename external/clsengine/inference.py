@@ -51,6 +51,7 @@ class ExportedClassifier:
         self.input_size: tuple[int, int] = tuple(meta["input_size"])
         self.input_order: str = meta["input_order"]
         self.mean, self.std = meta["mean"], meta["std"]
+        self.task: dict = meta["task"]   # {"type": "multiclass"} or multilabel with threshold / background_label
         core = ov.Core()
         if not device_available(device, core.available_devices):
             raise UserError(f"OpenVINO device '{device}' is not available here; available: "

@@ -1,6 +1,7 @@
 """The training loop: forward, loss, backward, step, schedule, validate, checkpoint. Read it top to bottom."""
 from __future__ import annotations
 
+import copy
 import logging
 import math
 import sys
@@ -17,7 +18,7 @@ from tqdm import tqdm
 from .checkpoint import rng_state, save_checkpoint, set_rng_state
 from .errors import UserError
 from .losses.mutual import mutual_losses
-from .metrics import topk_correct
+from .metrics import primary_score, topk_correct
 from .optim.scheduler import WarmupScheduler
 from .runlog import RunLog
 
@@ -59,6 +60,7 @@ class Recipe:
     ema: nn.Module | None = None                                      # torch AveragedModel of the main model
     amp_dtype: torch.dtype | None = None                              # autocast dtype; None: full precision
     grad_scaler: torch.amp.GradScaler | None = None                   # fp16 only
+    multilabel: bool = False                                          # sigmoid outputs: mutual terms per label
 
     def mutual_weight_at(self, epoch: int) -> float:
         """Weight of the mutual term in (0-based) epoch `epoch`."""
@@ -91,7 +93,7 @@ def _losses(models: list[nn.Module], criteria: list[nn.Module], images: torch.Te
     losses = [criterion(x.float(), labels) for criterion, x in zip(criteria, logits)]
     if mutual_weight > 0:
         losses = [loss + mutual_weight * kl
-                  for loss, kl in zip(losses, mutual_losses(logits, recipe.mutual_temperature))]
+                  for loss, kl in zip(losses, mutual_losses(logits, recipe.mutual_temperature, recipe.multilabel))]
     return losses
 
 
@@ -170,10 +172,29 @@ def predict(model: nn.Module | Callable[[torch.Tensor], torch.Tensor], loader, d
 
 def validate(model: nn.Module, loader, criterion: nn.Module, device: torch.device,
              progress: bool = True) -> dict[str, float]:
+    """Loss and top-1/top-5, or mAP when the loader yields multi-hot (multi-label) targets."""
     logits, labels = predict(model, loader, device, desc="val", progress=progress)
-    correct = topk_correct(logits, labels, (1, 5))
-    n = max(1, len(labels))
-    return {"loss": float(criterion(logits, labels)), "top1": 100.0 * correct[1] / n, "top5": 100.0 * correct[5] / n}
+    if any(b.device.type != "cpu" for b in criterion.buffers()):  # e.g. class weights on the GPU
+        criterion = copy.deepcopy(criterion).cpu()
+    stats = {"loss": float(criterion(logits, labels))}
+    if labels.dim() == 2:
+        stats["mAP"] = primary_score(logits, labels)
+    else:
+        correct = topk_correct(logits, labels, (1, 5))
+        n = max(1, len(labels))
+        stats.update(top1=100.0 * correct[1] / n, top5=100.0 * correct[5] / n)
+    return stats
+
+
+def score_key(stats: dict[str, float]) -> str:
+    """The key that ranks epochs: top-1, or mAP for multi-label."""
+    return "mAP" if "mAP" in stats else "top1"
+
+
+def _metrics_text(stats: dict[str, float]) -> str:
+    if "mAP" in stats:
+        return f"mAP {stats['mAP']:6.2f}"
+    return f"top-1 {stats['top1']:6.2f}  top-5 {stats['top5']:6.2f}"
 
 
 def fit(model: nn.Module, train_loader, val_loader, criterion: nn.Module, optimizer: torch.optim.Optimizer,
@@ -220,8 +241,9 @@ def fit(model: nn.Module, train_loader, val_loader, criterion: nn.Module, optimi
             val_stats = validate(model, val_loader, criterion, device, progress=cfg.progress)
             ema_stats = (validate(recipe.ema.module, val_loader, criterion, device, progress=cfg.progress)
                          if recipe.ema is not None else None)
-            use_ema = ema_stats is not None and ema_stats["top1"] > val_stats["top1"]
-            score = ema_stats["top1"] if use_ema else val_stats["top1"]
+            key = score_key(val_stats)
+            use_ema = ema_stats is not None and ema_stats[key] > val_stats[key]
+            score = ema_stats[key] if use_ema else val_stats[key]
             if cfg.score_fn is not None:
                 score, use_ema = float(cfg.score_fn(model)), False
             lr = scheduler.lr
@@ -230,8 +252,9 @@ def fit(model: nn.Module, train_loader, val_loader, criterion: nn.Module, optimi
             if improved:
                 best_top1, best_epoch = score, epoch + 1
             row = {"epoch": epoch + 1, "train_loss": train_stats["loss"], "val_loss": val_stats["loss"],
-                   "val_top1": val_stats["top1"], "val_top5": val_stats["top5"],
-                   "ema_val_top1": ema_stats["top1"] if ema_stats else "", "lr": lr,
+                   "val_top1": val_stats.get("top1", ""), "val_top5": val_stats.get("top5", ""),
+                   "val_map": val_stats.get("mAP", ""),
+                   f"ema_val_{key.lower()}": ema_stats[key] if ema_stats else "", "lr": lr,
                    "epoch_time_s": train_stats["time_s"], "images_per_s": train_stats["images_per_s"]}
             runlog.add_epoch(row)
             state = {
@@ -261,10 +284,9 @@ def fit(model: nn.Module, train_loader, val_loader, criterion: nn.Module, optimi
                     best["model"], best["weights_from"] = recipe.ema.module.state_dict(), "ema"
                 save_checkpoint(best, output_dir / "best.pth")
             runlog.flush()
-            ema_text = f"  EMA top-1 {ema_stats['top1']:6.2f}" if ema_stats else ""
+            ema_text = f"  EMA {'top-1' if key == 'top1' else key} {ema_stats[key]:6.2f}" if ema_stats else ""
             logger.info(f"epoch {epoch + 1:3d}/{cfg.epochs}  loss {train_stats['loss']:.4f}  "
-                        f"val loss {val_stats['loss']:.4f}  top-1 {val_stats['top1']:6.2f}  "
-                        f"top-5 {val_stats['top5']:6.2f}{ema_text}"
+                        f"val loss {val_stats['loss']:.4f}  {_metrics_text(val_stats)}{ema_text}"
                         + (f"  score {score:6.2f}" if cfg.score_fn is not None else "")
                         + f"  lr {lr:.3g}  {train_stats['time_s']:.1f}s  "
                         f"{train_stats['images_per_s']:.0f} img/s" + ("  *best*" if improved else ""))

@@ -37,17 +37,18 @@ def plot_confusion_matrix(cm: Sequence[Sequence[int]], classes: list[str], path:
 
 
 def plot_training_curves(history: list[dict], path: str | os.PathLike) -> Path:
-    """Loss, validation top-1 and learning rate per epoch, from the rows of the epoch CSV."""
+    """Loss, validation top-1 (or mAP) and learning rate per epoch, from the rows of the epoch CSV."""
     epochs = [row["epoch"] for row in history]
     fig, axes = plt.subplots(1, 3, figsize=(15, 4))
     axes[0].plot(epochs, [row["train_loss"] for row in history], marker="o")
     axes[0].set_title("train loss")
-    axes[1].plot(epochs, [row["val_top1"] for row in history], marker="o", label="top-1")
-    axes[1].plot(epochs, [row["val_top5"] for row in history], marker=".", label="top-5")
-    if any(row.get("ema_val_top1", "") != "" for row in history):
-        axes[1].plot(epochs, [row.get("ema_val_top1") or float("nan") for row in history], marker="x",
-                     label="EMA top-1")
-    axes[1].set_title("validation accuracy (%)")
+    curves = (("val_top1", "top-1", "o"), ("val_top5", "top-5", "."), ("val_map", "mAP", "o"),
+              ("ema_val_top1", "EMA top-1", "x"), ("ema_val_map", "EMA mAP", "x"))
+    for key, label, marker in curves:
+        if any(row.get(key, "") not in ("", None) for row in history):
+            axes[1].plot(epochs, [float(row[key]) if row.get(key, "") not in ("", None) else float("nan")
+                                  for row in history], marker=marker, label=label)
+    axes[1].set_title("validation top-k accuracy / mAP (%)")
     axes[1].legend()
     axes[2].plot(epochs, [row["lr"] for row in history], marker="o")
     axes[2].set_title("learning rate (end of epoch)")

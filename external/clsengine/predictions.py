@@ -33,6 +33,12 @@ def top_k(probs: np.ndarray, classes: list[str], k: int) -> list[list]:
     return [[round(float(probs[i]), 6), classes[i]] for i in order]
 
 
+def above_threshold(probs: np.ndarray, classes: list[str], threshold: float) -> list[list]:
+    """[[score, label], ...] of every label whose probability reaches `threshold` (multi-label), best first."""
+    order = np.argsort(-probs, kind="stable")
+    return [[round(float(probs[i]), 6), classes[i]] for i in order if probs[i] >= threshold]
+
+
 def prediction_file(out_dir: Path, image: str, base: Path) -> Path:
     """Where the JSON of `image` goes: its path under `base` + .json, so that images with the same name
     in different folders do not overwrite each other."""
@@ -41,8 +47,12 @@ def prediction_file(out_dir: Path, image: str, base: Path) -> Path:
 
 
 def write_predictions(out_dir: str | os.PathLike, images: list[str], probs: np.ndarray, classes: list[str],
-                      k: int, root: str | os.PathLike | None = None) -> Path:
-    """One prediction JSON per image, plus summary.csv (top-1 per image) and classes.json in `out_dir`."""
+                      k: int, root: str | os.PathLike | None = None, threshold: float | None = None) -> Path:
+    """One prediction JSON per image, plus summary.csv (top-1 per image) and classes.json in `out_dir`.
+
+    With `threshold` (multi-label models) each JSON lists every label whose probability reaches it,
+    possibly none, and is marked "multilabel": true; summary.csv then holds all of them, ';'-separated.
+    """
     import csv
 
     out_dir = Path(out_dir)
@@ -53,13 +63,20 @@ def write_predictions(out_dir: str | os.PathLike, images: list[str], probs: np.n
         base = Path(os.path.commonpath(parents))
     with atomic_output(out_dir / SUMMARY_FILE) as tmp, open(tmp, "w", newline="", encoding="utf-8") as summary:
         writer = csv.writer(summary)
-        writer.writerow(["img_path", "label", "score"])
+        writer.writerow(["img_path", "label", "score"] if threshold is None else ["img_path", "labels", "scores"])
         for image, p in zip(images, probs):
-            best = top_k(p, classes, k)
             path = prediction_file(out_dir, image, base)
             path.parent.mkdir(parents=True, exist_ok=True)
-            path.write_text(json.dumps({"img_path": image, PRED_KEY: best}), encoding="utf-8")
-            writer.writerow([image, best[0][1], f"{best[0][0]:.6f}"])
+            if threshold is None:
+                best = top_k(p, classes, k)
+                path.write_text(json.dumps({"img_path": image, PRED_KEY: best}), encoding="utf-8")
+                writer.writerow([image, best[0][1], f"{best[0][0]:.6f}"])
+            else:
+                found = above_threshold(p, classes, threshold)
+                path.write_text(json.dumps({"img_path": image, PRED_KEY: found, "multilabel": True}),
+                                encoding="utf-8")
+                writer.writerow([image, ";".join(label for _, label in found),
+                                 ";".join(f"{score:.6f}" for score, _ in found)])
     (out_dir / CLASSES_FILE).write_text(json.dumps(classes, indent=1), encoding="utf-8")
     return out_dir / SUMMARY_FILE
 
@@ -74,6 +91,10 @@ def read_predictions(pred_dir: str | os.PathLike) -> dict[str, list[tuple[float,
         data = load_json(file, "prediction file")
         if not (isinstance(data, dict) and "img_path" in data and PRED_KEY in data):
             continue  # classes.json and other side files
+        if data.get("multilabel"):
+            raise UserError(f"prediction file {file} holds multi-label predictions; end-to-end evaluation of "
+                            f"prediction files is for single-label models (evaluate the model with eval.py "
+                            f"--load-weights on an annotated test set)")
         try:
             entries = [(float(score), str(label)) for score, label in data[PRED_KEY]]
         except (TypeError, ValueError):
@@ -191,5 +212,5 @@ def evaluate_predictions(preds: dict[str, list[tuple[float, str]]], truth: dict[
         per_class=per_class, missing=missing, unmatched=len(preds) - len(matched))
 
 
-__all__ = ["read_class_names", "top_k", "write_predictions", "read_predictions", "read_ground_truth",
+__all__ = ["read_class_names", "top_k", "above_threshold", "write_predictions", "read_predictions", "read_ground_truth",
            "evaluate_predictions", "PredictionReport", "CLASSES_FILE", "SUMMARY_FILE"]

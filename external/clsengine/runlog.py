@@ -10,8 +10,9 @@ from pathlib import Path
 from .fileio import atomic_output
 from .plots import plot_training_curves
 
-HISTORY_FIELDS = ("epoch", "train_loss", "val_loss", "val_top1", "val_top5", "ema_val_top1", "lr", "epoch_time_s",
-                  "images_per_s")
+# val_map and ema_val_map are filled for multi-label runs, the top-1/top-5 columns for the others.
+HISTORY_FIELDS = ("epoch", "train_loss", "val_loss", "val_top1", "val_top5", "val_map", "ema_val_top1", "ema_val_map",
+                  "lr", "epoch_time_s", "images_per_s")
 
 
 def get_logger(log_file: str | os.PathLike | None = None, name: str = "clsengine") -> logging.Logger:
@@ -59,10 +60,9 @@ class RunLog:
             self.writer.add_scalar("train/lr", row["lr"], step)
             self.writer.add_scalar("train/images_per_s", row["images_per_s"], step)
             self.writer.add_scalar("val/loss", row["val_loss"], step)
-            self.writer.add_scalar("val/top1", row["val_top1"], step)
-            self.writer.add_scalar("val/top5", row["val_top5"], step)
-            if row.get("ema_val_top1", "") != "":
-                self.writer.add_scalar("val/ema_top1", row["ema_val_top1"], step)
+            for key in ("val_top1", "val_top5", "val_map", "ema_val_top1", "ema_val_map"):
+                if row.get(key, "") != "":
+                    self.writer.add_scalar("val/" + key.removeprefix("val_"), row[key], step)
             self.writer.flush()
 
     def flush(self) -> None:

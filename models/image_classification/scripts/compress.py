@@ -5,10 +5,10 @@
                      --val-ann-files '' --val-data-roots DATA/val --save-checkpoints-to outputs_int8 \\
                      --nncf-quantization
 
-1. Measures the float model's top-1 on the validation data.
+1. Measures the float model's top-1 (mAP for multi-label models) on the validation data.
 2. Post-training quantization (nncf.quantize): activation ranges from compression.calibration_subset
    training images, fast bias correction, the template's preset and ignored scope.
-3. If the int8 model loses more than compression.max_accuracy_drop top-1 points, quantization-aware
+3. If the int8 model loses more than compression.max_accuracy_drop points, quantization-aware
    fine-tuning with the template's loss and optimizer at base_learning_rate x compression.qat_lr_factor,
    for compression.qat_epochs epochs (null: computed from the dataset size), stopping as soon as the
    budget is met. Resumable: --resume-from <dir>/latest.pth.
@@ -32,13 +32,12 @@ import openvino as ov
 import torch
 import yaml
 
-from clsengine import data as D
 from clsengine.checkpoint import load_checkpoint, save_checkpoint
 from clsengine.compression import AccuracyBudget, is_quantized, qat_epochs, quantization_state, quantize
 from clsengine.errors import UserError
 from clsengine.export import export_openvino
 from clsengine.loop import FitConfig, fit
-from clsengine.metrics import topk_correct
+from clsengine.metrics import primary_score
 from clsengine.optim import create_scheduler
 from clsengine.runlog import get_logger
 from clsengine.speed import ov_throughput
@@ -59,6 +58,7 @@ def parse_args() -> argparse.Namespace:
     p.add_argument("--load-weights", default=None, help="the float checkpoint to compress (train.py's best.pth)")
     cli.add_data_args(p, "train", "TRAIN_DATA_ROOT")
     cli.add_data_args(p, "val", "VAL_DATA_ROOT")
+    cli.add_dataset_args(p)
     p.add_argument("--save-checkpoints-to", default=str(cli.WORK_DIR / "outputs_int8"),
                    help="output folder (default: WORK_DIR/outputs_int8)")
     p.add_argument("--nncf-quantization", action="store_true",
@@ -96,7 +96,8 @@ def qat_scheduler(optimizer: torch.optim.Optimizer, epochs: int, iters_per_epoch
 
 
 class IRJudge:
-    """Top-1 of a model as it ships: exported to OpenVINO IR and run on the validation images by OpenVINO.
+    """Top-1 (mAP for multi-label) of a model as it ships: exported to OpenVINO IR and run on the validation
+    images by OpenVINO.
 
     Budget decisions use it rather than PyTorch's fake-quantization, whose numbers can differ from real
     int8 kernels by a point or so."""
@@ -110,14 +111,15 @@ class IRJudge:
         t = self.t
         return export_openvino(model, xml, input_size=B.input_size(t), mean=t.input.mean, std=t.input.std,
                                input_order=t.output_format.openvino_input_format, train_order=t.input.channel_order,
-                               labels=self.classes, static_batch=t.output_format.static_shape)
+                               labels=self.classes, static_batch=t.output_format.static_shape,
+                               task=B.task_metadata(t))
 
     def top1(self, xml: Path) -> float:
         ir = load_classifier(xml, template_path=self.template_path, overrides=self.overrides, classes=self.classes,
                              classes_source="the compressed checkpoint")
         ir.template = self.t
         logits, labels = ir.predict(self.samples, f"val ({xml.parent.name})")
-        return 100.0 * topk_correct(logits, labels, (1,))[1] / max(1, len(labels))
+        return primary_score(logits, labels)
 
     def __call__(self, model: torch.nn.Module) -> float:
         with tempfile.TemporaryDirectory() as tmp:
@@ -126,7 +128,7 @@ class IRJudge:
 
 def main() -> int:
     args = parse_args()
-    overrides = cli.collect_overrides(args, FLAG_KEYS)
+    overrides = cli.collect_overrides(args, {**FLAG_KEYS, **cli.DATASET_FLAG_KEYS})
     resume = load_checkpoint(args.resume_from) if args.resume_from else None
     if resume is not None and not is_quantized(resume):
         raise UserError(f"{args.resume_from} is not a checkpoint written by compress.py")
@@ -146,29 +148,24 @@ def main() -> int:
     logger = get_logger(out / "compress.log")
     seed_everything(t.training.seed, t.training.deterministic)
     device = select_device(t.gpu_num)
-    train_scan = D.scan_folder(cli.data_root(args, "train", "TRAIN_DATA_ROOT"))
-    val_scan = D.scan_folder(cli.data_root(args, "val", "VAL_DATA_ROOT"))
-    for name, scan in (("train", train_scan), ("val", val_scan)):
-        D.check_same_classes(classes, scan.classes, f"checkpoint {weights}", f"{name} data {scan.root}")
-        B.report_skipped(scan, logger, out / "skipped_images.txt")
+    train_scan, val_scan = cli.scan_train_val(args, t, logger, out, classes)
 
     basic = t.hyper_parameters.basic
-    train_loader = B.make_loader(D.ImageDataset(train_scan.samples, classes, B.train_transform(t)), t,
-                                 basic.batch_size, train=True, device=device)
-    val_loader = B.make_loader(D.ImageDataset(val_scan.samples, classes, B.eval_transform(t)), t,
-                               basic.batch_size, train=False, device=device)
-    calibration = B.make_loader(D.ImageDataset(calibration_samples(train_scan.samples, c.calibration_subset,
-                                                                    t.training.seed), classes, B.eval_transform(t)),
+    train_loader = B.train_loader(t, train_scan, device)
+    val_loader = B.val_loader(t, val_scan, device)
+    calibration = B.make_loader(B.dataset(t, calibration_samples(train_scan.samples, c.calibration_subset,
+                                                                 t.training.seed), classes, B.eval_transform(t)),
                                 t, 1, train=False, device=device)
-    criterion = B.build_loss(t, len(classes))
+    criterion = B.build_loss(t, len(classes), train_scan.counts()).to(device)
     float_model.to(device)
     judge = IRJudge(t, classes, val_scan.samples, args.template, overrides)
 
     float_xml = judge.export(float_model, out / "export_fp32" / "model.xml")
     float_top1 = judge.top1(float_xml)
-    budget = AccuracyBudget(float_top1, c.max_accuracy_drop)
-    logger.info(f"{t.name}: float IR top-1 {float_top1:.2f} on {len(val_scan.samples)} val images; budget: at most "
-                f"{c.max_accuracy_drop:g} points lost (int8 IR top-1 >= {budget.target:.2f}); device {device}")
+    key, metric = ("mAP", "mAP") if B.is_multilabel(t) else ("top1", "top-1")  # metrics.yaml key, log name
+    budget = AccuracyBudget(float_top1, c.max_accuracy_drop, metric)
+    logger.info(f"{t.name}: float IR {metric} {float_top1:.2f} on {len(val_scan.samples)} val images; budget: at "
+                f"most {c.max_accuracy_drop:g} points lost (int8 IR {metric} >= {budget.target:.2f}); device {device}")
 
     # Post-training quantization (or the resumed quantized model).
     if resume is None:
@@ -199,7 +196,7 @@ def main() -> int:
     if resume is not None or (not budget.met(ptq_top1) and epochs > 0):
         lr = basic.base_learning_rate * c.qat_lr_factor
         logger.info(f"Quantization-aware training: up to {epochs} epoch(s) at LR {lr:.3g}, stopping once the "
-                    f"int8 IR's top-1 >= {budget.target:.2f}")
+                    f"int8 IR's {metric} >= {budget.target:.2f}")
         optimizer = B.build_optimizer(t, model, lr=lr)
         scheduler = qat_scheduler(optimizer, epochs, len(train_loader))
         tensorboard_dir = Path(args.tensorboard_dir or out / "tensorboard") if t.tensorboard else None
@@ -224,25 +221,25 @@ def main() -> int:
     for name, xml, top1 in (("float", float_xml, float_top1), ("int8", int8_xml, judge.top1(int8_xml))):
         speed = (ov_throughput(core, xml, "CPU", B.input_size(t), args.benchmark_seconds)[0]
                  if args.benchmark_seconds > 0 else None)
-        rows[name] = {"top1": round(top1, 2), "ir": str(xml), "size_bytes": files_size(xml),
+        rows[name] = {key: round(top1, 2), "ir": str(xml), "size_bytes": files_size(xml),
                       "throughput_img_s": round(speed, 1) if speed else None}
-    final = AccuracyBudget(rows["float"]["top1"], c.max_accuracy_drop)
+    final = AccuracyBudget(rows["float"][key], c.max_accuracy_drop, metric)
     summary = {
-        "budget": {"max_accuracy_drop": c.max_accuracy_drop, "met": final.met(rows["int8"]["top1"]),
-                   "drop": round(rows["float"]["top1"] - rows["int8"]["top1"], 2)},
+        "budget": {"metric": key, "max_accuracy_drop": c.max_accuracy_drop, "met": final.met(rows["int8"][key]),
+                   "drop": round(rows["float"][key] - rows["int8"][key], 2)},
         "float": rows["float"], "int8": rows["int8"],
-        "steps": {"ptq_top1": round(ptq_top1, 2), "best_checkpoint": str(out / "best.pth")},
+        "steps": {f"ptq_{key}": round(ptq_top1, 2), "best_checkpoint": str(out / "best.pth")},
         "machine": {"cpu_count": os.cpu_count(), "benchmark_seconds": args.benchmark_seconds},
     }
     (out / "metrics.yaml").write_text(yaml.safe_dump(summary, sort_keys=False), encoding="utf-8")
     for name in ("float", "int8"):
         r = rows[name]
-        logger.info(f"{name:5s} IR: top-1 {r['top1']:6.2f}  size {r['size_bytes'] / 1e6:7.2f} MB"
+        logger.info(f"{name:5s} IR: {metric} {r[key]:6.2f}  size {r['size_bytes'] / 1e6:7.2f} MB"
                     + (f"  {r['throughput_img_s']:.1f} img/s" if r["throughput_img_s"] else ""))
-    message = final.describe(rows["int8"]["top1"])
+    message = final.describe(rows["int8"][key])
     logger.info(f"{message[0].upper()}{message[1:]}. Int8 IR in {int8_xml}, checkpoint {out / 'best.pth'}, "
                 f"metrics in {out / 'metrics.yaml'}")
-    if not final.met(rows["int8"]["top1"]):
+    if not final.met(rows["int8"][key]):
         logger.warning("The int8 model misses the accuracy budget; raise compression.max_accuracy_drop, fine-tune "
                        "longer (--epochs), or keep sensitive layers in float (compression.ignored_scope)")
         return BUDGET_NOT_MET

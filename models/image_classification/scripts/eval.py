@@ -1,8 +1,10 @@
 #!/usr/bin/env python3
-"""Evaluate a model on a class-folder dataset and write metrics.yaml, or evaluate prediction files.
+"""Evaluate a model on a test set (class folders, label list or COCO JSON) and write metrics.yaml, or
+evaluate prediction files.
 
   python eval.py --load-weights outputs/best.pth --test-data-roots DATA/val --save-metrics-to metrics.yaml
   python eval.py --load-weights export/model.xml   # the exported IR (or export/model.onnx), same metrics
+  python eval.py --load-weights outputs/best.pth --test-ann-files test.json --test-data-roots IMAGES
   python eval.py --preds predictions/ --gts ground_truth.json   # end-to-end: writes eval_results.txt
 
 A model is a training checkpoint, bare weights (classes then come from the test folders and the model
@@ -10,7 +12,9 @@ from the work dir's template), an OpenVINO IR (.xml) or an ONNX file; all are fe
 (resized to the model's input size, 0..255, in its channel order). The test root falls back to
 $TEST_DATA_ROOT. metrics.yaml holds top-1/top-5, per-class precision, recall and F1, macro F1, the
 confusion matrix (also drawn as confusion_matrix.png beside it), the model's size and complexity and
-the sha256 and size of the files evaluated.
+the sha256 and size of the files evaluated. For a multi-label model it holds mAP, per-class AP and
+precision/recall/F1 at the model's threshold (micro and macro) and the exact-match ratio instead. A model
+trained on some of the classes (--classes) is evaluated on the test images of those classes.
 
 With --preds, the folder holds one JSON per image as predict.py writes them
 ({"img_path": ..., "0_0": [[score, label], ...]}) and --gts one JSON object {image_path: label};
@@ -28,10 +32,11 @@ from clsengine import data as D
 from clsengine import predictions as P
 from clsengine.errors import UserError
 from clsengine.hub import sha256_of
-from clsengine.metrics import classification_report
+from clsengine.metrics import classification_report, multilabel_report
 from clsengine.plots import plot_confusion_matrix
 from workbench import cli
 from workbench.classifier import load_classifier
+from workbench.template import load_template
 
 FLAG_KEYS = {"batch_size": "hyper_parameters.basic.batch_size", "gpu_num": "gpu_num", "workers": "training.workers"}
 
@@ -41,6 +46,7 @@ def parse_args() -> argparse.Namespace:
     p.add_argument("--load-weights", default=None,
                    help="model to evaluate: checkpoint (best.pth...), OpenVINO IR (.xml) or ONNX (.onnx)")
     cli.add_data_args(p, "test", "TEST_DATA_ROOT")
+    cli.add_dataset_args(p)
     p.add_argument("--save-metrics-to", default=str(cli.WORK_DIR / "metrics.yaml"),
                    help="metrics file to write (default: WORK_DIR/metrics.yaml)")
     p.add_argument("--save-output-to", default=None,
@@ -49,7 +55,6 @@ def parse_args() -> argparse.Namespace:
     e2e = p.add_argument_group("end-to-end evaluation of prediction files")
     e2e.add_argument("--preds", default=None, help="folder of per-image prediction JSON files (from predict.py)")
     e2e.add_argument("--gts", default=None, help="ground-truth JSON {image_path: label}")
-    e2e.add_argument("--class-id-path", default=None, help="class-id JSON naming integer labels of --gts")
     cli.add_runtime_args(p)
     cli.add_template_args(p)
     return p.parse_intermixed_args()  # KEY=VALUE overrides may stand between flags
@@ -74,59 +79,113 @@ def evaluate_prediction_files(args: argparse.Namespace) -> int:
     return 0
 
 
+def _size_metrics(model) -> list[dict]:
+    cx = model.complexity()
+    return [{"display_name": "Size", "key": "size", "unit": "Mp", "value": round(cx["size_mp"], 3)},
+            {"display_name": "Complexity", "key": "complexity", "unit": "GFLOPs",
+             "value": round(cx["complexity_gflops"], 3)}]
+
+
+def _percent(name: str, key: str, value: float) -> dict:
+    return {"display_name": name, "key": key, "unit": "%", "value": round(value, 2)}
+
+
+def multiclass_results(model, logits, labels, metrics_path: Path) -> tuple[dict, str]:
+    """metrics.yaml content and the summary line of a single-label model."""
+    report = classification_report(logits, labels, model.classes)
+    cm_png = plot_confusion_matrix(report["confusion_matrix"], model.classes,
+                                   metrics_path.with_name("confusion_matrix.png"))
+    result = {
+        "metrics": _size_metrics(model) + [
+            _percent("Top-1 accuracy", "accuracy", report["top1"]),
+            _percent("Top-5 accuracy", "accuracy_top5", report["top5"]),
+            _percent("Macro F1", "macro_f1", report["macro_f1"])],
+        "per_class": report["per_class"],
+        "confusion_matrix": report["confusion_matrix"],
+        "confusion_matrix_png": str(cm_png.resolve()),
+    }
+    return result, (f"top-1 {report['top1']:.2f}  top-5 {report['top5']:.2f}  macro F1 {report['macro_f1']:.2f}  "
+                    f"on {report['num_samples']} images; metrics in {metrics_path}, confusion matrix in {cm_png}")
+
+
+def multilabel_results(model, logits, labels, metrics_path: Path) -> tuple[dict, str]:
+    """metrics.yaml content and the summary line of a multi-label model: mAP and scores at the threshold."""
+    r = multilabel_report(logits, labels, model.classes, model.threshold, model.background_index)
+    result = {
+        "metrics": _size_metrics(model) + [
+            _percent("mAP", "mAP", r["mAP"]),
+            _percent(f"Micro F1 at {r['threshold']:g}", "micro_f1", r["micro"]["f1"]),
+            _percent(f"Macro F1 at {r['threshold']:g}", "macro_f1", r["macro"]["f1"]),
+            _percent("Exact match", "exact_match", r["exact_match"])],
+        "threshold": r["threshold"],
+        "background_label": model.task.get("background_label"),
+        "micro": r["micro"],
+        "macro": r["macro"],
+        "per_class": r["per_class"],
+    }
+    return result, (f"mAP {r['mAP']:.2f}  micro P/R/F1 {r['micro']['precision']:.2f}/{r['micro']['recall']:.2f}/"
+                    f"{r['micro']['f1']:.2f} at {r['threshold']:g}  exact match {r['exact_match']:.2f}  on "
+                    f"{r['num_samples']} images; metrics in {metrics_path}")
+
+
 def main() -> int:
     args = parse_args()
     if args.preds or args.gts:
         return evaluate_prediction_files(args)
     if not args.load_weights:
         raise UserError("pass --load-weights MODEL (or --preds and --gts for prediction files)")
-    overrides = cli.collect_overrides(args, FLAG_KEYS)
-    scan = D.scan_folder(cli.data_root(args, "test", "TEST_DATA_ROOT"))
+    overrides = cli.collect_overrides(args, {**FLAG_KEYS, **cli.DATASET_FLAG_KEYS})
+    scan = cli.scan_split(args, "test", "TEST_DATA_ROOT", load_template(args.template, overrides))
     model = load_classifier(args.load_weights, template_path=args.template, overrides=overrides,
-                            classes=scan.classes, classes_source=f"test data {scan.root}", ov_device=args.device)
+                            classes=scan.classes, classes_source=f"test data ({scan.source})", ov_device=args.device,
+                            allow_subset=True)
     classes = model.classes
+    if classes != scan.classes:  # a model trained on some of the classes: evaluated on those
+        print(f"note: the model knows {len(classes)} of the {len(scan.classes)} test classes; evaluating on those")
+        scan = D.select_classes(scan, classes, what=f"classes of {args.load_weights}")
     logits, labels = model.predict(scan.samples, "test")
-    report = classification_report(logits, labels, classes)
-    cx = model.complexity()
 
     metrics_path = Path(args.save_metrics_to)
     metrics_path.parent.mkdir(parents=True, exist_ok=True)
-    cm_png = plot_confusion_matrix(report["confusion_matrix"], classes, metrics_path.with_name("confusion_matrix.png"))
+    results = multilabel_results if model.multilabel else multiclass_results
+    task_result, summary = results(model, logits, labels, metrics_path)
     result = {
         "model": {"path": str(Path(args.load_weights).resolve()), "format": model.kind,
-                  "input_size": list(model.input_size), "input_order": model.input_order},
+                  "input_size": list(model.input_size), "input_order": model.input_order, "task": model.task["type"]},
         "files": [{"name": f.name, "path": str(f.resolve()), "sha256": sha256_of(f), "size": f.stat().st_size}
                   for f in model.files],
-        "metrics": [
-            {"display_name": "Size", "key": "size", "unit": "Mp", "value": round(cx["size_mp"], 3)},
-            {"display_name": "Complexity", "key": "complexity", "unit": "GFLOPs",
-             "value": round(cx["complexity_gflops"], 3)},
-            {"display_name": "Top-1 accuracy", "key": "accuracy", "unit": "%", "value": round(report["top1"], 2)},
-            {"display_name": "Top-5 accuracy", "key": "accuracy_top5", "unit": "%", "value": round(report["top5"], 2)},
-            {"display_name": "Macro F1", "key": "macro_f1", "unit": "%", "value": round(report["macro_f1"], 2)},
-        ],
-        "dataset": {"root": str(scan.root), "num_images": report["num_samples"], "skipped_files": len(scan.skipped)},
+        "dataset": {"source": scan.source, "num_images": int(len(labels)), "skipped_files": len(scan.skipped),
+                    "unlabeled_images": len(scan.unlabeled)},
         "classes": classes,
-        "per_class": report["per_class"],
-        "confusion_matrix": report["confusion_matrix"],
-        "confusion_matrix_png": str(cm_png.resolve()),
+        **task_result,
     }
     metrics_path.write_text(yaml.safe_dump(result, sort_keys=False), encoding="utf-8")
 
     if args.save_output_to:
-        out_dir = Path(args.save_output_to)
-        out_dir.mkdir(parents=True, exist_ok=True)
-        probs = logits.softmax(dim=1)
-        with open(out_dir / "predictions.csv", "w", newline="", encoding="utf-8") as f:
-            writer = csv.writer(f)
-            writer.writerow(["path", "label", "prediction", "score"])
-            for (path, label), p in zip(scan.samples, probs):
-                writer.writerow([path, classes[label], classes[int(p.argmax())], f"{float(p.max()):.4f}"])
+        write_per_image(Path(args.save_output_to), model, scan.samples, model.probabilities(logits))
     if scan.skipped:
         print(f"warning: skipped {len(scan.skipped)} unreadable file(s), e.g. {scan.skipped[0][0]}")
-    print(f"{model.kind}: top-1 {report['top1']:.2f}  top-5 {report['top5']:.2f}  macro F1 {report['macro_f1']:.2f}  "
-          f"on {report['num_samples']} images; metrics in {metrics_path}, confusion matrix in {cm_png}")
+    print(f"{model.kind}: {summary}")
     return 0
+
+
+def write_per_image(out_dir: Path, model, samples: list, probs) -> None:
+    """predictions.csv: each image's true label(s) and prediction(s) with their scores."""
+    out_dir.mkdir(parents=True, exist_ok=True)
+    classes = model.classes
+    with open(out_dir / "predictions.csv", "w", newline="", encoding="utf-8") as f:
+        writer = csv.writer(f)
+        if model.multilabel:
+            writer.writerow(["path", "labels", "predictions", "scores"])
+            for (path, label), p in zip(samples, probs):
+                truth = label if isinstance(label, (tuple, list)) else (label,)
+                found = P.above_threshold(p.numpy(), classes, model.threshold)
+                writer.writerow([path, ";".join(classes[i] for i in truth), ";".join(n for _, n in found),
+                                 ";".join(f"{s:.4f}" for s, _ in found)])
+        else:
+            writer.writerow(["path", "label", "prediction", "score"])
+            for (path, label), p in zip(samples, probs):
+                writer.writerow([path, classes[label], classes[int(p.argmax())], f"{float(p.max()):.4f}"])
 
 
 if __name__ == "__main__":

@@ -43,7 +43,8 @@ def parse_args() -> argparse.Namespace:
                    help="static input shape [1, 3, H, W], as NPU compilers need (default: the template's "
                         "output_format.static_shape)")
     p.add_argument("--opset", type=int, default=17, help="ONNX opset")
-    p.add_argument("--val-data-roots", default=None, help="images for the parity check (default: $VAL_DATA_ROOT)")
+    p.add_argument("--val-data-roots", default=None,
+                   help="folder of images (searched recursively) for the parity check (default: $VAL_DATA_ROOT)")
     p.add_argument("--parity-images", type=int, default=16, help="images used by the parity check")
     cli.add_template_args(p)
     return p.parse_intermixed_args()  # KEY=VALUE overrides may stand between flags
@@ -52,11 +53,11 @@ def parse_args() -> argparse.Namespace:
 def parity_images(root: str | None, size: tuple[int, int], count: int, order: str) -> tuple[torch.Tensor, str]:
     """Images as deployment feeds them: (N, 3, H, W) float 0..255 in `order`; real ones when a root is given."""
     if root:
-        scan = D.scan_folder(root)
-        step = max(1, len(scan.samples) // count)
+        files, _ = D.list_images(root)  # any images under the root: class folders or an annotated image folder
+        step = max(1, len(files) // count)
         transform = D.build_deploy_transform(size, bgr=order == "BGR")
-        batch = torch.stack([transform(D.read_image(path)) for path, _ in scan.samples[::step][:count]])
-        return batch, f"{len(batch)} images from {scan.root}"
+        batch = torch.stack([transform(D.read_image(path)) for path in files[::step][:count]])
+        return batch, f"{len(batch)} images from {root}"
     batch = torch.rand(count, 3, *size, generator=torch.Generator().manual_seed(0)) * 255.0
     return batch, f"{count} random images"
 
@@ -71,7 +72,8 @@ def main() -> int:
     order = t.output_format.openvino_input_format
     common = dict(input_size=size, mean=t.input.mean, std=t.input.std, input_order=order,
                   train_order=t.input.channel_order, labels=classes, opset=args.opset,
-                  static_batch=t.output_format.static_shape if args.static is None else args.static)
+                  static_batch=t.output_format.static_shape if args.static is None else args.static,
+                  task=B.task_metadata(t))
     want_onnx, want_ir = args.onnx, args.openvino
     if not (want_onnx or want_ir):
         want_onnx, want_ir = t.output_format.onnx, t.output_format.openvino

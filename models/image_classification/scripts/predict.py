@@ -6,7 +6,8 @@
 
 Writes one JSON per image, {"img_path": path, "0_0": [[score, label], ...]} (best first, softmax
 scores), mirroring the input folder's tree, plus summary.csv (top-1 per image) and classes.json in
---save-to. Labels are the class names the model holds (training checkpoints and exported files carry
+--save-to. A multi-label model lists instead every label whose sigmoid score reaches its threshold
+(task.threshold, or --threshold), possibly none, and summary.csv holds them all. Labels are the class names the model holds (training checkpoints and exported files carry
 them), or those of --class-id-path (a JSON list of names, or {"0": name, ...}), which bare weights need.
 Evaluate the output with: python eval.py --preds PRED_DIR --gts GT_JSON
 """
@@ -32,6 +33,8 @@ def parse_args() -> argparse.Namespace:
     p.add_argument("--save-to", default=str(cli.WORK_DIR / "predictions"), help="output folder")
     p.add_argument("--topk", type=int, default=5, help="classes listed per image (default 5)")
     p.add_argument("--class-id-path", default=None, help="class names: JSON list or {\"0\": name, ...}")
+    p.add_argument("--threshold", type=float, default=None,
+                   help="multi-label models: list labels scoring at least this (default: the model's task.threshold)")
     p.add_argument("--device", default="CPU", help="OpenVINO device for .xml/.onnx models (CPU, GPU, NPU...)")
     cli.add_runtime_args(p)
     cli.add_template_args(p)
@@ -48,10 +51,12 @@ def main() -> int:
                             classes_source=f"class-id file {args.class_id_path}", ov_device=args.device)
     files, skipped = D.list_images(args.input)
     # The sample's "label" is its index in `files`, so each result stays tied to its image.
-    logits, index = model.predict([(f, i) for i, f in enumerate(files)], "predict")
-    probs = logits.softmax(dim=1).numpy()
+    logits, index = model.predict([(f, i) for i, f in enumerate(files)], "predict", multihot=False)
+    probs = model.probabilities(logits).numpy()
     images = [files[int(i)] for i in index]
-    summary = P.write_predictions(args.save_to, images, probs, model.classes, args.topk, root=args.input)
+    threshold = (args.threshold if args.threshold is not None else model.threshold) if model.multilabel else None
+    summary = P.write_predictions(args.save_to, images, probs, model.classes, args.topk, root=args.input,
+                                  threshold=threshold)
     for path, reason in skipped:
         print(f"warning: skipped {path}: {reason}")
     print(f"Predicted {len(images)} image(s) with the {model.kind} {args.load_weights}; "

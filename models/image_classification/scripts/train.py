@@ -1,10 +1,15 @@
 #!/usr/bin/env python3
-"""Train this work dir's model on a class-folder dataset.
+"""Train this work dir's model on class folders, a label list or a COCO JSON.
 
   python train.py --train-ann-files '' --train-data-roots DATA/train \\
                   --val-ann-files '' --val-data-roots DATA/val --save-checkpoints-to outputs
+  python train.py --train-ann-files train.txt --train-data-roots IMAGES --val-ann-files val.txt \\
+                  --val-data-roots IMAGES --class-id-path classes.txt     # 'relative/path label' lines
+  python train.py --train-ann-files train.json --val-ann-files val.json --category-map level1.json  # COCO
 
-Data roots fall back to $TRAIN_DATA_ROOT / $VAL_DATA_ROOT. Any template key can be overridden with
+Data roots fall back to $TRAIN_DATA_ROOT / $VAL_DATA_ROOT. A dataset report (images per class, imbalance,
+unlabeled and unreadable images, majority-class baseline) is printed and written to dataset_report.txt/.yaml
+before training. Any template key can be overridden with
 KEY=VALUE arguments (e.g. training.optimizer.name=adamw); the effective configuration is written to
 <save-checkpoints-to>/config.yaml. An interrupted run continues with --resume-from <dir>/latest.pth.
 """
@@ -20,6 +25,7 @@ import torch
 from clsengine import data as D
 from clsengine.checkpoint import load_checkpoint
 from clsengine.errors import UserError
+from clsengine.fileio import atomic_output
 from clsengine.loop import FitConfig, fit
 from clsengine.models import freeze_backbone
 from clsengine.runlog import get_logger
@@ -37,6 +43,7 @@ def parse_args() -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     cli.add_data_args(p, "train", "TRAIN_DATA_ROOT")
     cli.add_data_args(p, "val", "VAL_DATA_ROOT")
+    cli.add_dataset_args(p, training=True)
     p.add_argument("--save-checkpoints-to", default=str(cli.WORK_DIR / "outputs"),
                    help="output folder: checkpoints, config.yaml, logs (default: WORK_DIR/outputs)")
     p.add_argument("--load-weights", default=None,
@@ -59,7 +66,7 @@ def parse_args() -> argparse.Namespace:
 
 def main() -> int:
     args = parse_args()
-    overrides = cli.collect_overrides(args, FLAG_KEYS)
+    overrides = cli.collect_overrides(args, {**FLAG_KEYS, **cli.DATASET_FLAG_KEYS})
     if args.lr_finder is not None:
         overrides["training.lr_finder.enabled"] = args.lr_finder != "off"
         if args.lr_finder != "off":
@@ -80,17 +87,18 @@ def main() -> int:
     seed_everything(t.training.seed, t.training.deterministic)
     device = select_device(t.gpu_num)
 
-    train_scan = D.scan_folder(cli.data_root(args, "train", "TRAIN_DATA_ROOT"))
-    val_scan = D.scan_folder(cli.data_root(args, "val", "VAL_DATA_ROOT"))
-    D.check_same_classes(train_scan.classes, val_scan.classes, f"train data {train_scan.root}",
-                         f"val data {val_scan.root}")
+    train_scan, val_scan = cli.scan_train_val(args, t, logger, out, resume["classes"] if resume else None)
     classes = train_scan.classes
-    if resume is not None:
-        D.check_same_classes(resume["classes"], classes, f"checkpoint {args.resume_from}",
-                             f"train data {train_scan.root}")
-    for scan in (train_scan, val_scan):
-        B.report_skipped(scan, logger, out / "skipped_images.txt")
-    logger.info(f"{t.name}: {len(classes)} classes, {len(train_scan.samples)} train / "
+    if t.task.background_label is not None and t.task.background_label not in classes:
+        raise UserError(f"task.background_label '{t.task.background_label}' is not one of the classes "
+                        f"({D.format_names(classes)})")
+    report = D.dataset_report(train_scan, val_scan)
+    text = D.format_dataset_report(report)
+    logger.info(text)
+    dump_config(report, out / "dataset_report.yaml")
+    with atomic_output(out / "dataset_report.txt") as tmp:
+        Path(tmp).write_text(text + "\n", encoding="utf-8")
+    logger.info(f"{t.name}: {len(classes)} classes ({t.task.type}), {len(train_scan.samples)} train / "
                 f"{len(val_scan.samples)} val images, device {device}")
 
     weights = args.load_weights
@@ -105,11 +113,10 @@ def main() -> int:
     model.to(device)
 
     basic = t.hyper_parameters.basic
-    train_loader = B.make_loader(D.ImageDataset(train_scan.samples, classes, B.train_transform(t)), t,
-                                 basic.batch_size, train=True, device=device)
-    val_loader = B.make_loader(D.ImageDataset(val_scan.samples, classes, B.eval_transform(t)), t,
-                               basic.batch_size, train=False, device=device)
-    criterion = B.build_loss(t, len(classes))
+    train_loader = B.train_loader(t, train_scan, device)
+    val_loader = B.val_loader(t, val_scan, device)
+    counts = train_scan.counts()
+    criterion = B.build_loss(t, len(classes), counts).to(device)
     if t.training.lr_finder.enabled and resume is None:
         lr = B.find_learning_rate(t, model, criterion, train_loader, val_loader, device, out, logger)
         t.hyper_parameters.basic.base_learning_rate = lr
@@ -117,7 +124,7 @@ def main() -> int:
             dump_config({"template": t.to_dict(), "classes": classes}, out / "config.yaml")
             logger.info(f"stop_after: the learning rate is {lr:.4g}; train with --base-learning-rate {lr:.4g}")
             return 0
-    recipe = B.build_recipe(t, model, len(classes), device)
+    recipe = B.build_recipe(t, model, len(classes), device, counts)
     if args.load_aux_weights and resume is None:
         B.load_aux_weights(recipe.aux_models, args.load_aux_weights)
     optimizer = B.build_optimizer(t, [model, *recipe.aux_models])
@@ -127,8 +134,8 @@ def main() -> int:
     config = {
         "template": t.to_dict(),
         "classes": classes,
-        "run": {"command": " ".join(sys.argv), "train_data_root": str(train_scan.root),
-                "val_data_root": str(val_scan.root), "initial_weights": weights, "resumed_from": args.resume_from,
+        "run": {"command": " ".join(sys.argv), "train_data": train_scan.source, "val_data": val_scan.source,
+                "initial_weights": weights, "resumed_from": args.resume_from,
                 "device": str(device), "torch": str(torch.__version__), "python": platform.python_version()},
     }
     dump_config(config, out / "config.yaml")
@@ -139,7 +146,8 @@ def main() -> int:
                         checkpoint_extra={"config": config, "classes": classes, "arch": t.model.architecture})
     result = fit(model, train_loader, val_loader, criterion, optimizer, scheduler, device,
                  fit_cfg, logger, resume=resume, recipe=recipe)
-    logger.info(f"Done: best val top-1 {result['best_top1']:.2f} at epoch {result['best_epoch']}. "
+    score = "mAP" if B.is_multilabel(t) else "top-1"
+    logger.info(f"Done: best val {score} {result['best_top1']:.2f} at epoch {result['best_epoch']}. "
                 f"Results in {out}: latest.pth, best.pth, config.yaml, train.log, history.csv, training_curves.png"
                 + (f", TensorBoard logs in {tensorboard_dir}" if tensorboard_dir else ""))
     return 0

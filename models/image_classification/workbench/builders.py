@@ -40,22 +40,47 @@ def build_model(t: Template, num_classes: int, pretrained: str | None = None) ->
     return _create(t.model, t.training.loss, num_classes, pretrained)
 
 
-def _loss(loss: LossSection, num_classes: int) -> nn.Module:
+def is_multilabel(t: Template) -> bool:
+    return t.task.type == "multilabel"
+
+
+def task_metadata(t: Template) -> dict:
+    """How the model's outputs are read; stored in exported files (clsengine.export)."""
+    if not is_multilabel(t):
+        return {"type": "multiclass"}
+    return {"type": "multilabel", "threshold": t.task.threshold, "background_label": t.task.background_label}
+
+
+def class_weights(t: Template, class_counts: list[int] | None) -> torch.Tensor | None:
+    """data.class_weights as a tensor (None when off or when no counts are known, e.g. at evaluation)."""
+    if class_counts is None:
+        return None
+    try:
+        return D.class_weights(class_counts, t.data.class_weights)
+    except UserError as exc:
+        raise UserError(f"data.class_weights: {exc}") from None
+
+
+def _loss(loss: LossSection, num_classes: int, weight: torch.Tensor | None = None) -> nn.Module:
     return create_loss(loss.name, label_smoothing=loss.label_smoothing, scale=cosine_scale(loss, num_classes),
-                       margin=loss.margin, margin_type=loss.margin_type)
+                       margin=loss.margin, margin_type=loss.margin_type, weight=weight,
+                       asl_gamma_neg=loss.asl_gamma_neg, asl_gamma_pos=loss.asl_gamma_pos, asl_clip=loss.asl_clip)
 
 
-def build_loss(t: Template, num_classes: int) -> nn.Module:
-    return _loss(t.training.loss, num_classes)
+def build_loss(t: Template, num_classes: int, class_counts: list[int] | None = None) -> nn.Module:
+    """The template's loss; with training-set `class_counts`, weighted as data.class_weights says."""
+    return _loss(t.training.loss, num_classes, class_weights(t, class_counts))
 
 
-def build_aux(t: Template, num_classes: int, device: torch.device) -> tuple[list[nn.Module], list[nn.Module]]:
+def build_aux(t: Template, num_classes: int, device: torch.device, class_counts: list[int] | None = None
+              ) -> tuple[list[nn.Module], list[nn.Module]]:
     """Mutual-learning partners and their losses (empty lists when mutual learning is off)."""
     ml = t.training.mutual_learning
     if not ml.enabled:
         return [], []
     models = [_create(aux.model, aux.loss, num_classes).to(device) for aux in ml.aux_models]
-    return models, [_loss(aux.loss, num_classes) for aux in ml.aux_models]
+    weight = class_weights(t, class_counts)
+    return models, [_loss(aux.loss, num_classes, weight).to(device) for aux in ml.aux_models]
 
 
 def amp_dtype(t: Template, device: torch.device) -> torch.dtype | None:
@@ -73,13 +98,15 @@ def amp_dtype(t: Template, device: torch.device) -> torch.dtype | None:
     return torch.bfloat16 if amp == "bf16" else None
 
 
-def build_recipe(t: Template, model: nn.Module, num_classes: int, device: torch.device) -> Recipe:
+def build_recipe(t: Template, model: nn.Module, num_classes: int, device: torch.device,
+                 class_counts: list[int] | None = None) -> Recipe:
     """The in-loop parts of the recipe: auxiliary models, mutual loss, EMA and mixed precision."""
-    aux_models, aux_criteria = build_aux(t, num_classes, device)
+    aux_models, aux_criteria = build_aux(t, num_classes, device, class_counts)
     ml, ema = t.training.mutual_learning, t.training.ema
     dtype = amp_dtype(t, device)
     return Recipe(aux_models=aux_models, aux_criteria=aux_criteria, mutual_weight=ml.weight,
                   mutual_temperature=ml.temperature, mutual_off_after_epoch=ml.off_after_epoch,
+                  multilabel=is_multilabel(t),
                   ema=create_ema(model, ema.decay, ema.warmup) if ema.enabled else None, amp_dtype=dtype,
                   grad_scaler=torch.amp.GradScaler("cuda") if dtype == torch.float16 else None)
 
@@ -97,7 +124,7 @@ def report_skipped(scan: D.FolderScan, logger: logging.Logger, out_file: Path | 
     """Log unreadable files (skipped, never fatal) and list them all in out_file."""
     if not scan.skipped:
         return
-    logger.warning(f"{scan.root}: skipped {len(scan.skipped)} unreadable file(s), e.g. {scan.skipped[0][0]}"
+    logger.warning(f"{scan.source}: skipped {len(scan.skipped)} unreadable file(s), e.g. {scan.skipped[0][0]}"
                    + (f"; full list in {out_file}" if out_file else ""))
     if out_file is not None:
         out_file.parent.mkdir(parents=True, exist_ok=True)
@@ -105,10 +132,28 @@ def report_skipped(scan: D.FolderScan, logger: logging.Logger, out_file: Path | 
             f.writelines(f"{path}\t{reason}\n" for path, reason in scan.skipped)
 
 
-def make_loader(dataset: D.ImageDataset, t: Template, batch_size: int, train: bool,
-                device: torch.device) -> D.EpochLoader:
+def make_loader(dataset: D.ImageDataset, t: Template, batch_size: int, train: bool, device: torch.device,
+                sample_weights: list[float] | None = None) -> D.EpochLoader:
     return D.EpochLoader(dataset, batch_size=batch_size, shuffle=train, workers=t.training.workers,
-                         seed=t.training.seed, drop_last=train, pin_memory=device.type == "cuda")
+                         seed=t.training.seed, drop_last=train, pin_memory=device.type == "cuda",
+                         sample_weights=sample_weights)
+
+
+def dataset(t: Template, samples: list, classes: list[str], transform) -> D.ImageDataset:
+    """Images with labels as the task wants them: class indices, or multi-hot vectors for multi-label."""
+    return D.ImageDataset(samples, classes, transform, multilabel=is_multilabel(t))
+
+
+def train_loader(t: Template, scan: D.FolderScan, device: torch.device) -> D.EpochLoader:
+    """Augmented, shuffled training batches; class-balanced draws with data.balanced_sampler."""
+    weights = D.sample_weights(scan.samples, scan.counts()) if t.data.balanced_sampler else None
+    return make_loader(dataset(t, scan.samples, scan.classes, train_transform(t)), t,
+                       t.hyper_parameters.basic.batch_size, train=True, device=device, sample_weights=weights)
+
+
+def val_loader(t: Template, scan: D.FolderScan, device: torch.device) -> D.EpochLoader:
+    return make_loader(dataset(t, scan.samples, scan.classes, eval_transform(t)), t,
+                       t.hyper_parameters.basic.batch_size, train=False, device=device)
 
 
 def build_optimizer(t: Template, models: nn.Module | list[nn.Module], lr: float | None = None,
@@ -157,16 +202,22 @@ def load_aux_weights(aux_models: list[nn.Module], paths: list[str]) -> None:
 def describe_recipe(t: Template, recipe: Recipe) -> str:
     """One line naming the techniques switched on, so a log says what was trained."""
     tr = t.training
-    parts = [f"loss {tr.loss.name}" + (f" (m={tr.loss.margin}, {tr.loss.margin_type})"
-                                        if tr.loss.name == "am_softmax" else ""),
-             f"optimizer {tr.optimizer.name}" + (f"+SAM(rho={tr.optimizer.sam.rho})" if tr.optimizer.sam.enabled
-                                                  else ""),
-             f"scheduler {tr.scheduler.name}"]
+    detail = {"am_softmax": f" (m={tr.loss.margin}, {tr.loss.margin_type})",
+              "asl": f" (gamma-={tr.loss.asl_gamma_neg:g}, gamma+={tr.loss.asl_gamma_pos:g}, clip={tr.loss.asl_clip:g})"}
+    weights = t.data.class_weights
+    parts = ["multi-label"] if is_multilabel(t) else []
+    parts += [f"loss {tr.loss.name}" + detail.get(tr.loss.name, "")
+              + ("" if weights == "none" else f" with class weights ({'auto' if weights == 'auto' else 'given'})"),
+              f"optimizer {tr.optimizer.name}" + (f"+SAM(rho={tr.optimizer.sam.rho})" if tr.optimizer.sam.enabled
+                                                   else ""),
+              f"scheduler {tr.scheduler.name}"]
     if recipe.aux_models:
         parts.append(f"mutual learning with {len(recipe.aux_models)} auxiliary model(s) "
                      f"({', '.join(a.model.architecture for a in tr.mutual_learning.aux_models)})")
     if recipe.ema is not None:
         parts.append(f"EMA(decay={tr.ema.decay})")
+    if t.data.balanced_sampler:
+        parts.append("class-balanced sampler")
     if tr.augmentation.augmix:
         parts.append("AugMix")
     if recipe.amp_dtype is not None:
@@ -179,14 +230,14 @@ def find_learning_rate(t: Template, model: nn.Module, criterion: nn.Module, trai
     """Run the template's LR finder on the main model; the model comes back unchanged.
 
     fast_ai: the range test over [min_lr, max_lr] (after optional warm-up epochs, then restored).
-    tpe / grid: optuna trials of `trial_epochs` epochs each on fresh copies of the model, scored by val top-1.
+    tpe / grid: optuna trials of `trial_epochs` epochs each on fresh copies of the model, scored by val top-1 (mAP for multi-label).
     The result goes to lr_finder.yaml and a PNG in `out_dir`.
     """
     import copy
 
     import yaml
 
-    from clsengine.loop import train_one_epoch, validate
+    from clsengine.loop import score_key, train_one_epoch, validate
     from clsengine.lr_finder import range_test, search_lr
 
     f = t.training.lr_finder
@@ -212,13 +263,14 @@ def find_learning_rate(t: Template, model: nn.Module, criterion: nn.Module, trai
             trial_model.load_state_dict(initial)
             optimizer = build_optimizer(t, trial_model, lr, sam=False)
             scheduler = create_scheduler(optimizer, "cosine", f.trial_epochs, len(train_loader))
-            top1 = 0.0
+            score = 0.0
             for epoch in range(f.trial_epochs):
                 train_one_epoch(trial_model, train_loader, criterion, optimizer, scheduler, device,
                                 desc=f"LR trial {lr:.3g} epoch {epoch + 1}/{f.trial_epochs}")
-                top1 = validate(trial_model, val_loader, criterion, device)["top1"]
-                report(epoch + 1, top1)
-            return top1
+                stats = validate(trial_model, val_loader, criterion, device)
+                score = stats[score_key(stats)]
+                report(epoch + 1, score)
+            return score
 
         result = search_lr(train_and_score, min_lr=f.min_lr, max_lr=f.max_lr, mode=f.mode, n_trials=f.n_trials,
                            seed=t.training.seed, plot_path=plot_path)

@@ -18,6 +18,7 @@ from clsengine.errors import UserError
 from clsengine.export import DeployModel
 from clsengine.inference import ExportedClassifier, is_exported_model
 from clsengine.loop import predict
+from clsengine.metrics import multilabel_probs
 from clsengine.utils import select_device
 
 from . import builders as B
@@ -35,14 +36,37 @@ class Classifier:
     kind: str                                      # "checkpoint", "OpenVINO IR" or "ONNX"
     complexity: Callable[[], dict[str, float]]
     template: Template   # the checkpoint's; for exported files the work dir's (it sets batch size and workers)
+    task: dict           # {"type": "multiclass"} or {"type": "multilabel", "threshold", "background_label"}
+
+    @property
+    def multilabel(self) -> bool:
+        return self.task["type"] == "multilabel"
+
+    @property
+    def threshold(self) -> float:
+        return float(self.task.get("threshold", 0.5))
+
+    @property
+    def background_index(self) -> int | None:
+        name = self.task.get("background_label")
+        return self.classes.index(name) if name in self.classes else None
+
+    def probabilities(self, logits: torch.Tensor) -> torch.Tensor:
+        """Softmax, or for multi-label independent sigmoids (with the background label suppressed)."""
+        if self.multilabel:
+            return multilabel_probs(logits, self.background_index, self.threshold)
+        return logits.softmax(dim=1)
 
     def transform(self) -> D.transforms.Pipeline:
         return D.build_deploy_transform(self.input_size, bgr=self.input_order == "BGR")
 
-    def predict(self, samples: list[tuple[str, int]], desc: str) -> tuple[torch.Tensor, torch.Tensor]:
-        """Logits of (path, label) samples, and the labels of the samples actually decoded."""
+    def predict(self, samples: list[tuple[str, int]], desc: str, multihot: bool | None = None
+                ) -> tuple[torch.Tensor, torch.Tensor]:
+        """Logits of (path, label) samples, and the labels of the samples decoded: multi-hot for a
+        multi-label model unless `multihot` is False (labels that are not classes, e.g. image indices)."""
         t = self.template
-        dataset = D.ImageDataset(samples, self.classes, self.transform())
+        dataset = D.ImageDataset(samples, self.classes, self.transform(),
+                                 multilabel=self.multilabel if multihot is None else multihot)
         loader = B.make_loader(dataset, t, t.hyper_parameters.basic.batch_size, train=False, device=self.device)
         return predict(self.run, loader, self.device, desc=f"{desc} ({self.kind})")
 
@@ -84,30 +108,36 @@ def load_trained_model(path: str | Path, overrides: dict[str, Any] | None = None
     return model_from_checkpoint(load_training_checkpoint(path), path, overrides)
 
 
+def _check_classes(own: list[str], classes: list[str] | None, own_source: str, classes_source: str,
+                   allow_subset: bool) -> None:
+    if classes is None or (allow_subset and set(own) < set(classes)):
+        return
+    D.check_same_classes(own, classes, own_source, classes_source)
+
+
 def load_classifier(path: str | Path, *, template_path: str, overrides: dict[str, Any], classes: list[str] | None,
-                    classes_source: str, ov_device: str = "CPU") -> Classifier:
+                    classes_source: str, ov_device: str = "CPU", allow_subset: bool = False) -> Classifier:
     """Open `path` for inference.
 
     `classes` (named by `classes_source`, e.g. the test folder) are needed for bare weights, which do not
-    know their classes, and are checked against the classes a training checkpoint or exported file holds.
+    know their classes, and are checked against the classes a training checkpoint or exported file holds
+    (`allow_subset`: the model may know only some of them, e.g. one trained with --classes).
     """
     path = Path(path)
     if is_exported_model(path):
         exported = ExportedClassifier(path, ov_device)
-        if classes is not None:
-            D.check_same_classes(exported.labels, classes, str(path), classes_source)
+        _check_classes(exported.labels, classes, str(path), classes_source, allow_subset)
         return Classifier(run=exported, classes=exported.labels, input_size=exported.input_size,
                           input_order=exported.input_order, device=torch.device("cpu"), files=exported.files,
                           kind="OpenVINO IR" if path.suffix == ".xml" else "ONNX", complexity=exported.complexity,
-                          template=load_template(template_path, overrides))
+                          template=load_template(template_path, overrides), task=exported.task)
     if path.suffix == ".bin" and path.with_suffix(".xml").is_file():
         raise UserError(f"{path} is the weights half of an OpenVINO IR; pass {path.with_suffix('.xml')}")
     checkpoint = load_checkpoint(path)
     quantized = is_quantized(checkpoint)
     if "config" in checkpoint:  # written by train.py or compress.py: it knows its model and classes
         t, own, model = model_from_checkpoint(checkpoint, path, overrides)
-        if classes is not None:
-            D.check_same_classes(own, classes, f"checkpoint {path}", classes_source)
+        _check_classes(own, classes, f"checkpoint {path}", classes_source, allow_subset)
         classes = own
     else:  # bare weights: the work dir's template and the caller's classes define the model
         t = load_template(template_path, overrides)
@@ -126,5 +156,5 @@ def load_classifier(path: str | Path, *, template_path: str, overrides: dict[str
     size = B.input_size(t)
     return Classifier(run=deploy, classes=classes, input_size=size, input_order=order, device=device,
                       files=[path], kind="int8 checkpoint" if quantized else "checkpoint",
-                      complexity=lambda: complexity(model, size), template=t)
+                      complexity=lambda: complexity(model, size), template=t, task=B.task_metadata(t))
 

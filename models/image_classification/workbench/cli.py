@@ -2,15 +2,18 @@
 from __future__ import annotations
 
 import argparse
+import logging
 import os
 import sys
 import warnings
 from pathlib import Path
 from typing import Any, Callable
 
+from clsengine import data as D
 from clsengine.errors import UserError
 
-from .template import TemplateError, parse_override
+from .builders import report_skipped
+from .template import Template, TemplateError, parse_override
 
 WORK_DIR = Path(sys.argv[0]).resolve().parent
 
@@ -32,21 +35,109 @@ def add_runtime_args(parser: argparse.ArgumentParser) -> None:
 
 def add_data_args(parser: argparse.ArgumentParser, split: str, env: str) -> None:
     parser.add_argument(f"--{split}-ann-files", default="",
-                        help=f"annotation file of the {split} data ('' for class folders)")
+                        help=f"{split} annotations: a list file of 'relative/path label' lines or a COCO JSON "
+                             f"('' or left out: class folders)")
     parser.add_argument(f"--{split}-data-roots", default=None,
-                        help=f"{split} images: a folder with one sub-folder per class (default: ${env})")
+                        help=f"{split} images: a folder with one sub-folder per class, or the folder the "
+                             f"annotation file's paths are relative to (default: ${env}; with an annotation "
+                             f"file, its own folder)")
 
 
-def data_root(args: argparse.Namespace, split: str, env: str) -> str:
-    """The data root from the flag, else from the environment variable; annotation files are not read yet."""
-    ann = getattr(args, f"{split}_ann_files")
-    if ann:
-        raise UserError(f"--{split}-ann-files {ann}: annotation files are not supported yet; "
-                        f"pass '' and a class-folder root in --{split}-data-roots")
-    root = getattr(args, f"{split}_data_roots") or os.environ.get(env, "")
-    if not root:
-        raise UserError(f"no {split} data: pass --{split}-data-roots or set {env}")
-    return root
+DATASET_FLAG_KEYS = {"data_format": "data.format", "category_map": "data.category_map", "classes": "data.classes",
+                     "class_weights": "data.class_weights", "balanced_sampler": "data.balanced_sampler"}
+
+
+def _name_list(text: str) -> list[str]:
+    names = [n.strip() for n in text.split(",")]
+    if not all(names):
+        raise argparse.ArgumentTypeError(f"expected comma-separated class names, got {text!r}")
+    return names
+
+
+def _weights(text: str) -> str | list[float]:
+    if text in ("none", "auto"):
+        return text
+    try:
+        return [float(v) for v in text.split(",")]
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected none, auto or comma-separated numbers, got {text!r}") from None
+
+
+def add_dataset_args(parser: argparse.ArgumentParser, training: bool = False) -> None:
+    """How annotation files are read (template section `data`); `training` adds the balancing flags."""
+    g = parser.add_argument_group("dataset format (template section data)")
+    g.add_argument("--data-format", choices=("auto", "folders", "list", "coco"), default=None,
+                   help="dataset layout (data.format; auto: class folders without an annotation file, COCO for "
+                        "a .json one, a label list otherwise)")
+    g.add_argument("--class-id-path", default=None,
+                   help="class names of integer labels: text lines 'id name' or JSON (a list or {\"0\": name})")
+    g.add_argument("--category-map", default=None, type=lambda p: str(Path(p).expanduser().resolve()),
+                   help="COCO: JSON {category_id: logit} selecting and merging categories (data.category_map)")
+    g.add_argument("--classes", type=_name_list, default=None, metavar="A,B,C",
+                   help="use only these classes, in this order (data.classes)")
+    if training:
+        g.add_argument("--class-weights", type=_weights, default=None, metavar="auto|none|W1,W2,...",
+                       help="loss weight per class: auto (inverse frequency) or one number per class "
+                            "(data.class_weights)")
+        g.add_argument("--balanced-sampler", action="store_const", const=True, default=None,
+                       help="draw training images so that every class is seen equally often "
+                            "(data.balanced_sampler)")
+
+
+def scan_split(args: argparse.Namespace, split: str, env: str, t: Template,
+               classes: list[str] | None = None) -> D.FolderScan:
+    """The images and labels of one split, read as the template's data section (and the flags) say.
+
+    `classes` fixes class order and the names of integer labels (e.g. the training classes for the
+    validation split); else they come from --class-id-path, the class folders or the annotations.
+    data.classes then restricts the scan to a subset.
+    """
+    ann = getattr(args, f"{split}_ann_files", "") or ""
+    root = getattr(args, f"{split}_data_roots", None) or os.environ.get(env, "")
+    if not ann and not root:
+        raise UserError(f"no {split} data: pass --{split}-data-roots (and --{split}-ann-files) or set {env}")
+    fmt = t.data.format
+    if fmt == "folders" and ann:
+        raise UserError(f"--{split}-ann-files {ann}: data.format is folders; pass '' or set --data-format")
+    if fmt in ("list", "coco") and not ann:
+        raise UserError(f"data.format is {fmt}: pass the {split} annotation file with --{split}-ann-files")
+    coco = fmt == "coco" or (fmt == "auto" and str(ann).lower().endswith(".json"))
+    class_id_path = getattr(args, "class_id_path", None)
+    if not ann:  # class folders name their classes; a reference list would only renumber them
+        classes = None
+    if classes is None and class_id_path and not coco:
+        classes = D.read_class_names(class_id_path)
+    category_map = t.data.category_map and WORK_DIR / Path(t.data.category_map).expanduser()  # relative: work dir
+    if category_map and not coco:
+        raise UserError(f"data.category_map {t.data.category_map} applies to COCO annotation files only")
+    root = root or None
+    if not ann:
+        scan = D.scan_dataset(root, "", classes=classes)
+    elif coco:
+        scan = D.scan_coco(ann, root, category_map=category_map)
+    else:
+        scan = D.scan_annotation_list(ann, root, classes=classes)
+    if t.data.classes:
+        scan = D.select_classes(scan, t.data.classes, what="data.classes (--classes)")
+    if scan.multilabel and t.task.type != "multilabel":
+        raise UserError(f"{split} data ({scan.source}) has images with several labels, but task.type is "
+                        f"multiclass; use a multi-label template or task.type=multilabel")
+    return scan
+
+
+def scan_train_val(args: argparse.Namespace, t: Template, logger: logging.Logger, out: Path,
+                   classes: list[str] | None = None) -> tuple[D.FolderScan, D.FolderScan]:
+    """Training and validation splits with the same classes (`classes`: a checkpoint's, else the training
+    data's); unreadable files are logged and listed in out/skipped_images.txt."""
+    train = scan_split(args, "train", "TRAIN_DATA_ROOT", t, None if t.data.classes else classes)
+    reference = classes or train.classes
+    val = scan_split(args, "val", "VAL_DATA_ROOT", t, None if t.data.classes else reference)
+    for name, scan in (("train", train), ("val", val)):
+        if classes is not None:
+            D.check_same_classes(classes, scan.classes, "the checkpoint", f"{name} data ({scan.source})")
+        report_skipped(scan, logger, out / "skipped_images.txt")
+    D.check_same_classes(train.classes, val.classes, f"train data ({train.source})", f"val data ({val.source})")
+    return train, val
 
 
 def collect_overrides(args: argparse.Namespace, flag_keys: dict[str, str]) -> dict[str, Any]:

@@ -86,11 +86,14 @@ class SchedulerSection:
 
 @dataclass
 class LossSection:
-    name: str = "softmax"                   # softmax | am_softmax
+    name: str = "softmax"                   # multiclass: softmax | am_softmax; multilabel: bce | asl
     label_smoothing: float = 0.0
     margin: float = 0.35                    # am_softmax
     margin_type: str = "cos"                # am_softmax: cos | arc
     scale: float | None = None              # am_softmax: null computes max(sqrt(2) ln(C-1), 3)
+    asl_gamma_neg: float = 4.0              # asl: focusing of negatives (easy negatives weigh less)
+    asl_gamma_pos: float = 0.0              # asl: focusing of positives
+    asl_clip: float = 0.05                  # asl: probability shift discarding very easy negatives
 
 
 @dataclass
@@ -177,6 +180,23 @@ class CompressionSection:
 
 
 @dataclass
+class TaskSection:
+    type: str = "multiclass"                # multiclass (one label per image, softmax) | multilabel (sigmoid)
+    threshold: float = 0.5                  # multilabel: a label is predicted when its probability reaches this
+    background_label: str | None = None     # multilabel: class zeroed whenever another label is predicted
+
+
+@dataclass
+class DataSection:
+    """How datasets are read and balanced; every key also has a train.py flag."""
+    format: str = "auto"                    # auto | folders | list | coco (auto: from the annotation file given)
+    category_map: str | None = None         # COCO: JSON {category_id: logit}; relative to the work dir
+    classes: list[str] = field(default_factory=list)    # train on these classes only (empty: all)
+    class_weights: str | list[float] = "none"           # none | auto (inverse frequency) | one weight per class
+    balanced_sampler: bool = False          # draw training images so every class is seen equally often
+
+
+@dataclass
 class Snapshot:
     location: str                           # URL or path (relative paths are relative to the template)
     sha256: str
@@ -193,6 +213,8 @@ class Template:
     model: ModelSection
     hyper_parameters: HyperParameters
     input: InputSection = field(default_factory=InputSection)
+    task: TaskSection = field(default_factory=TaskSection)
+    data: DataSection = field(default_factory=DataSection)
     training: TrainingSection = field(default_factory=TrainingSection)
     metrics: list[Metric] = field(default_factory=list)
     output_format: OutputFormat = field(default_factory=OutputFormat)
@@ -287,7 +309,12 @@ class _Validator:
             if value is None and type(None) in args:
                 return None
             inner = [a for a in args if a is not type(None)]
-            return self.value(inner[0], value, path)
+            for alternative in inner[:-1]:  # the first alternative the value fits, e.g. str | list[float]
+                try:
+                    return self.value(alternative, value, path)
+                except TemplateError:
+                    pass
+            return self.value(inner[-1], value, path)
         if dataclasses.is_dataclass(tp):
             return self.build(tp, value, path)
         if origin is tuple:
@@ -356,7 +383,17 @@ def _check_semantics(t: Template, v: _Validator) -> None:
         ("training.workers", t.training.workers >= 0, "0 or more"),
         ("gpu_num", t.gpu_num >= 0, "0 or more"),
         ("output_format.openvino_input_format", t.output_format.openvino_input_format in ("RGB", "BGR"), "RGB or BGR"),
+        ("task.type", t.task.type in ("multiclass", "multilabel"), "multiclass or multilabel"),
+        ("task.threshold", 0 < t.task.threshold < 1, "between 0 and 1"),
+        ("task.background_label", t.task.background_label is None or t.task.type == "multilabel",
+         "null unless task.type is multilabel (background suppression is a multi-label feature)"),
+        ("data.format", t.data.format in ("auto", "folders", "list", "coco"), "one of auto, folders, list, coco"),
+        ("data.class_weights", not isinstance(t.data.class_weights, str) or t.data.class_weights in ("none", "auto"),
+         "none, auto or a list of numbers (one per class)"),
+        ("data.classes", len(set(t.data.classes)) == len(t.data.classes), "a list without repeated names"),
     ]
+    multilabel = t.task.type == "multilabel"
+    loss_names = ("bce", "asl") if multilabel else ("softmax", "am_softmax")
     heads = [("model", t.model, "training.loss", t.training.loss)] + [
         (f"training.mutual_learning.aux_models[{i}].model", aux.model,
          f"training.mutual_learning.aux_models[{i}].loss", aux.loss)
@@ -364,7 +401,11 @@ def _check_semantics(t: Template, v: _Validator) -> None:
     for model_path, model, loss_path, loss in heads:
         checks += [
             (f"{model_path}.head", model.head in ("linear", "cosine"), "linear or cosine"),
-            (f"{loss_path}.name", loss.name in ("softmax", "am_softmax"), "softmax or am_softmax"),
+            (f"{loss_path}.name", loss.name in loss_names,
+             f"{' or '.join(loss_names)} for task.type {t.task.type}"),
+            (f"{loss_path}.asl_clip", 0 <= loss.asl_clip < 1, "between 0 and 1"),
+            (f"{loss_path}.asl_gamma_neg", loss.asl_gamma_neg >= 0 and loss.asl_gamma_pos >= 0,
+             "0 or more (as asl_gamma_pos)"),
             (f"{loss_path}.margin_type", loss.margin_type in ("cos", "arc"), "cos or arc"),
             (f"{loss_path}.name", loss.name != "am_softmax" or model.head == "cosine",
              f"softmax unless {model_path}.head is cosine (am_softmax needs a cosine head)"),
