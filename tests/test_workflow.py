@@ -208,7 +208,9 @@ def test_offline_snapshot_is_one_line_and_work_dir_still_trains(tmp_path: Path) 
 def test_script_help_and_bad_override(tmp_path: Path, tiny_dataset: Path, work_dir, monkeypatch, capsys) -> None:
     wd = work_dir("resnet18")
     # --help of every script, in-process (each script's parse_args; a subprocess each would cost seconds).
-    for script in ("train.py", "eval.py", "export.py", "predict.py", "compress.py"):
+    scripts = sorted(p.name for p in wd.glob("*.py"))
+    assert {"train.py", "eval.py", "export.py", "predict.py", "compress.py", "optimize.py"} <= set(scripts)
+    for script in scripts:
         spec = importlib.util.spec_from_file_location(f"help_{script[:-3]}", wd / script)
         module = importlib.util.module_from_spec(spec)
         spec.loader.exec_module(module)
@@ -216,7 +218,7 @@ def test_script_help_and_bad_override(tmp_path: Path, tiny_dataset: Path, work_d
         with pytest.raises(SystemExit) as exit_info:
             module.parse_args()
         assert exit_info.value.code == 0
-        assert "--load-weights" in capsys.readouterr().out, script
+        assert "--template" in capsys.readouterr().out, script
     result = run_script(wd, "train.py", "--train-data-roots", str(tiny_dataset / "train"), "--val-data-roots",
                         str(tiny_dataset / "val"), "training.optimizer.nmae=adam")
     assert_clean_error(result, "training.optimizer.nmae", "command-line override")

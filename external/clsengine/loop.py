@@ -15,6 +15,7 @@ import torch
 import torch.nn as nn
 from tqdm import tqdm
 
+from . import distributed as dist
 from .checkpoint import rng_state, save_checkpoint, set_rng_state
 from .errors import UserError
 from .losses.mutual import mutual_losses
@@ -37,6 +38,7 @@ class FitConfig:
     score_fn: Callable[[nn.Module], float] | None = None
     # Stored verbatim in every checkpoint (class names, effective config...): plain Python types only.
     checkpoint_extra: dict[str, Any] = field(default_factory=dict)
+    checkpoints: bool = True                     # write latest.pth / best.pth (off for search trials)
 
 
 def _progress(iterable: Iterable, total: int, desc: str, enabled: bool) -> tqdm:
@@ -100,10 +102,15 @@ def _losses(models: list[nn.Module], criteria: list[nn.Module], images: torch.Te
 def train_one_epoch(model: nn.Module, loader, criterion: nn.Module, optimizer: torch.optim.Optimizer,
                     scheduler: WarmupScheduler, device: torch.device, desc: str = "train",
                     max_grad_norm: float | None = None, progress: bool = True, recipe: Recipe | None = None,
-                    epoch: int = 0) -> dict[str, float]:
-    """One pass over `loader`. With a SAM optimizer every step takes two forward/backward passes."""
+                    epoch: int = 0, forward_models: list[nn.Module] | None = None) -> dict[str, float]:
+    """One pass over `loader`. With a SAM optimizer every step takes two forward/backward passes.
+
+    `forward_models` (the model and auxiliary models wrapped in DistributedDataParallel) run the forward
+    passes in a distributed run, so that gradients are averaged over the ranks.
+    """
     recipe = recipe or Recipe()
     models = [model, *recipe.aux_models]
+    forward = forward_models or models
     criteria = [criterion, *recipe.aux_criteria]
     params = [p for m in models for p in m.parameters() if p.requires_grad]
     mutual_weight = recipe.mutual_weight_at(epoch)
@@ -128,7 +135,7 @@ def train_one_epoch(model: nn.Module, loader, criterion: nn.Module, optimizer: t
     for images, labels in bar:
         images = images.to(device, non_blocking=True)
         labels = labels.to(device, non_blocking=True)
-        losses = _losses(models, criteria, images, labels, recipe, mutual_weight)
+        losses = _losses(forward, criteria, images, labels, recipe, mutual_weight)
         main_loss = losses[0].item()
         if not math.isfinite(main_loss):
             raise UserError(f"{desc}: the loss became {main_loss} (learning rate {scheduler.lr:.3g} too high?)")
@@ -136,7 +143,7 @@ def train_one_epoch(model: nn.Module, loader, criterion: nn.Module, optimizer: t
         if sam:
             optimizer.first_step(zero_grad=True)
             with _frozen_bn_stats(models):
-                backward(sum(_losses(models, criteria, images, labels, recipe, mutual_weight)))
+                backward(sum(_losses(forward, criteria, images, labels, recipe, mutual_weight)))
             optimizer.second_step(zero_grad=True)
         elif scaler is not None:
             scaler.step(optimizer)
@@ -153,6 +160,7 @@ def train_one_epoch(model: nn.Module, loader, criterion: nn.Module, optimizer: t
         bar.set_postfix(loss=f"{total_loss / seen:.4f}", lr=f"{scheduler.lr:.3g}", img_s=f"{seen / elapsed:.1f}",
                         refresh=False)
     elapsed = time.perf_counter() - start
+    total_loss, seen = dist.all_sum(total_loss, seen)  # over every rank's shard
     return {"loss": total_loss / max(1, seen), "time_s": elapsed, "images_per_s": seen / max(elapsed, 1e-9)}
 
 
@@ -167,7 +175,8 @@ def predict(model: nn.Module | Callable[[torch.Tensor], torch.Tensor], loader, d
     for images, labels in _progress(loader, len(loader), desc, progress):
         all_logits.append(model(images.to(device, non_blocking=True)).float().cpu())
         all_labels.append(labels)
-    return torch.cat(all_logits), torch.cat(all_labels)
+    # A distributed loader gives each rank a shard: every rank gets all of them, so metrics are whole.
+    return dist.gather(torch.cat(all_logits)), dist.gather(torch.cat(all_labels))
 
 
 def validate(model: nn.Module, loader, criterion: nn.Module, device: torch.device,
@@ -209,6 +218,8 @@ def fit(model: nn.Module, train_loader, val_loader, criterion: nn.Module, optimi
     and best metric it holds.
     """
     recipe = recipe or Recipe()
+    world = dist.info()
+    main = world.is_main  # only rank 0 writes checkpoints, logs and curves
     output_dir = Path(cfg.output_dir)
     output_dir.mkdir(parents=True, exist_ok=True)
     start_epoch, best_top1, best_epoch, history = 0, -1.0, 0, []
@@ -227,7 +238,9 @@ def fit(model: nn.Module, train_loader, val_loader, criterion: nn.Module, optimi
         history = list(resume.get("history", []))
         set_rng_state(resume["rng"])
         logger.info(f"Resuming after epoch {start_epoch} (best top-1 {best_top1:.2f} at epoch {best_epoch})")
-    runlog = RunLog(output_dir, cfg.tensorboard_dir, history)
+    runlog = RunLog(output_dir, cfg.tensorboard_dir if main else None, history, write=main)
+    forward_models = [dist.wrap(m) for m in (model, *recipe.aux_models)] if world.enabled else None
+    progress = cfg.progress and main
 
     stopped_early = False
     try:
@@ -237,9 +250,11 @@ def fit(model: nn.Module, train_loader, val_loader, criterion: nn.Module, optimi
                     loader.set_epoch(epoch)
             train_stats = train_one_epoch(model, train_loader, criterion, optimizer, scheduler, device,
                                           desc=f"epoch {epoch + 1}/{cfg.epochs}", max_grad_norm=cfg.max_grad_norm,
-                                          progress=cfg.progress, recipe=recipe, epoch=epoch)
-            val_stats = validate(model, val_loader, criterion, device, progress=cfg.progress)
-            ema_stats = (validate(recipe.ema.module, val_loader, criterion, device, progress=cfg.progress)
+                                          progress=progress, recipe=recipe, epoch=epoch, forward_models=forward_models)
+            for m in (model, *recipe.aux_models, *([recipe.ema] if recipe.ema is not None else [])):
+                dist.broadcast_buffers(m)  # BatchNorm statistics: rank 0's everywhere, as in the checkpoint
+            val_stats = validate(model, val_loader, criterion, device, progress=progress)
+            ema_stats = (validate(recipe.ema.module, val_loader, criterion, device, progress=progress)
                          if recipe.ema is not None else None)
             key = score_key(val_stats)
             use_ema = ema_stats is not None and ema_stats[key] > val_stats[key]
@@ -257,32 +272,34 @@ def fit(model: nn.Module, train_loader, val_loader, criterion: nn.Module, optimi
                    f"ema_val_{key.lower()}": ema_stats[key] if ema_stats else "", "lr": lr,
                    "epoch_time_s": train_stats["time_s"], "images_per_s": train_stats["images_per_s"]}
             runlog.add_epoch(row)
-            state = {
-                "format": "clsengine-checkpoint-v1",
-                "model": model.state_dict(),
-                "weights_from": "model",
-                "optimizer": optimizer.state_dict(),
-                "scheduler": scheduler.state_dict(),
-                "epoch": epoch + 1,
-                "best_top1": best_top1,
-                "best_epoch": best_epoch,
-                "val_top1": score,
-                "history": runlog.history,
-                "rng": rng_state(),
-                **cfg.checkpoint_extra,
-            }
-            if recipe.aux_models:
-                state["aux_models"] = [aux.state_dict() for aux in recipe.aux_models]
-            if recipe.ema is not None:
-                state["ema"] = recipe.ema.state_dict()
-            if recipe.grad_scaler is not None:
-                state["grad_scaler"] = recipe.grad_scaler.state_dict()
-            save_checkpoint(state, output_dir / "latest.pth")
-            if improved:
-                best = dict(state)
-                if use_ema:
-                    best["model"], best["weights_from"] = recipe.ema.module.state_dict(), "ema"
-                save_checkpoint(best, output_dir / "best.pth")
+            row["score"] = score
+            if main and cfg.checkpoints:
+                state = {
+                    "format": "clsengine-checkpoint-v1",
+                    "model": model.state_dict(),
+                    "weights_from": "model",
+                    "optimizer": optimizer.state_dict(),
+                    "scheduler": scheduler.state_dict(),
+                    "epoch": epoch + 1,
+                    "best_top1": best_top1,
+                    "best_epoch": best_epoch,
+                    "val_top1": score,
+                    "history": runlog.history,
+                    "rng": rng_state(),
+                    **cfg.checkpoint_extra,
+                }
+                if recipe.aux_models:
+                    state["aux_models"] = [aux.state_dict() for aux in recipe.aux_models]
+                if recipe.ema is not None:
+                    state["ema"] = recipe.ema.state_dict()
+                if recipe.grad_scaler is not None:
+                    state["grad_scaler"] = recipe.grad_scaler.state_dict()
+                save_checkpoint(state, output_dir / "latest.pth")
+                if improved:
+                    best = dict(state)
+                    if use_ema:
+                        best["model"], best["weights_from"] = recipe.ema.module.state_dict(), "ema"
+                    save_checkpoint(best, output_dir / "best.pth")
             runlog.flush()
             ema_text = f"  EMA {'top-1' if key == 'top1' else key} {ema_stats[key]:6.2f}" if ema_stats else ""
             logger.info(f"epoch {epoch + 1:3d}/{cfg.epochs}  loss {train_stats['loss']:.4f}  "

@@ -15,10 +15,12 @@ HISTORY_FIELDS = ("epoch", "train_loss", "val_loss", "val_top1", "val_top5", "va
                   "lr", "epoch_time_s", "images_per_s")
 
 
-def get_logger(log_file: str | os.PathLike | None = None, name: str = "clsengine") -> logging.Logger:
-    """Console (message only) plus an optional timestamped log file."""
+def get_logger(log_file: str | os.PathLike | None = None, name: str = "clsengine",
+               quiet: bool = False) -> logging.Logger:
+    """Console (message only) plus an optional timestamped log file; `quiet` keeps warnings only (the
+    other ranks of a distributed run, whose rank 0 reports)."""
     logger = logging.getLogger(name)
-    logger.setLevel(logging.INFO)
+    logger.setLevel(logging.WARNING if quiet else logging.INFO)
     logger.propagate = False
     if not any(isinstance(h, logging.StreamHandler) and not isinstance(h, logging.FileHandler)
                for h in logger.handlers):
@@ -41,16 +43,19 @@ class RunLog:
     """Epoch-level records of a run. `history` is the source of truth and lives in every checkpoint,
     so a resumed run rewrites the CSV, curves and TensorBoard from it without duplicates."""
 
-    def __init__(self, output_dir: Path, tensorboard_dir: Path | None, history: list[dict] | None = None):
+    def __init__(self, output_dir: Path, tensorboard_dir: Path | None, history: list[dict] | None = None,
+                 write: bool = True):
         self.output_dir = Path(output_dir)
+        self.write = write  # False: keep the history in memory only (ranks other than 0)
         self.history: list[dict] = list(history or [])
         self.csv_path = self.output_dir / "history.csv"
         self.curves_path = self.output_dir / "training_curves.png"
         self.writer = None
-        if tensorboard_dir is not None:
+        if tensorboard_dir is not None and write:
             from torch.utils.tensorboard import SummaryWriter
             self.writer = SummaryWriter(str(tensorboard_dir), purge_step=len(self.history) + 1)
-        self._write_csv()
+        if write:
+            self._write_csv()
 
     def add_epoch(self, row: dict) -> None:
         self.history.append({k: row.get(k, "") for k in HISTORY_FIELDS})
@@ -66,6 +71,8 @@ class RunLog:
             self.writer.flush()
 
     def flush(self) -> None:
+        if not self.write:
+            return
         self._write_csv()
         if self.history:
             plot_training_curves(self.history, self.curves_path)

@@ -4,39 +4,84 @@ from __future__ import annotations
 from collections.abc import Sequence
 
 import torch
-from torch.utils.data import DataLoader, Dataset, WeightedRandomSampler
+from torch.utils.data import DataLoader, Dataset, Sampler
 
+from .. import distributed as dist
 from .balance import check_sample_weights
 
 
-class EpochLoader:
-    """Wraps a DataLoader; `loader.set_epoch(e)` reseeds shuffling and worker RNGs for epoch e.
+class EpochSampler(Sampler[int]):
+    """The sample indices of one epoch: shuffled, drawn by weight (with replacement), or in order; in a
+    distributed run, this rank's shard of them.
 
-    With `sample_weights` (one per sample, e.g. from data.sample_weights) each epoch draws
-    len(dataset) samples with replacement in proportion to the weights instead of shuffling,
-    reseeded by set_epoch all the same.
+    The order depends only on (seed, epoch), so it is the same on every rank and the shards never overlap.
+    Training shards (`pad`) are made equal in length by repeating the first indices, so that every rank takes
+    the same number of steps; evaluation shards are not padded, so outputs gathered from the ranks hold each
+    image exactly once.
+    """
+
+    def __init__(self, size: int, shuffle: bool, seed: int = 0, weights: Sequence[float] | None = None,
+                 rank: int = 0, world_size: int = 1, pad: bool = True):
+        self.size, self.shuffle, self.seed = size, shuffle, seed
+        self.weights = torch.tensor(check_sample_weights(weights, size), dtype=torch.float64) \
+            if weights is not None else None
+        self.rank, self.world_size, self.pad = rank, world_size, pad
+        self.epoch = 0
+
+    def set_epoch(self, epoch: int) -> None:
+        self.epoch = epoch
+
+    def _order(self) -> torch.Tensor:
+        generator = torch.Generator().manual_seed(self.seed * 1000003 + self.epoch)
+        if self.weights is not None:
+            return torch.multinomial(self.weights, self.size, replacement=True, generator=generator)
+        if self.shuffle:
+            return torch.randperm(self.size, generator=generator)
+        return torch.arange(self.size)
+
+    def __iter__(self):
+        order = self._order()
+        if self.world_size > 1:
+            if self.pad:
+                total = -(-self.size // self.world_size) * self.world_size
+                order = torch.cat([order, order[:total - self.size]])
+            order = order[self.rank::self.world_size]
+        return iter(order.tolist())
+
+    def __len__(self) -> int:
+        if self.world_size == 1:
+            return self.size
+        if self.pad:
+            return -(-self.size // self.world_size)
+        return len(range(self.rank, self.size, self.world_size))
+
+
+class EpochLoader:
+    """Wraps a DataLoader; `loader.set_epoch(e)` reseeds the sample order and the worker RNGs for epoch e.
+
+    With `sample_weights` (one per sample, e.g. from data.sample_weights) each epoch draws len(dataset)
+    samples with replacement in proportion to the weights instead of shuffling. In a distributed run each
+    rank loads its shard of the epoch (EpochSampler) with its own augmentation randomness.
     """
 
     def __init__(self, dataset: Dataset, batch_size: int, shuffle: bool, workers: int, seed: int = 0,
                  drop_last: bool = False, pin_memory: bool = False,
                  sample_weights: Sequence[float] | None = None):
-        self.seed = seed
-        self.generator = torch.Generator()
-        self.generator.manual_seed(seed)
-        # drop_last on a dataset smaller than one batch would give empty epochs.
-        drop_last = drop_last and len(dataset) > batch_size
-        sampler = None
-        if sample_weights is not None:
-            weights = check_sample_weights(sample_weights, len(dataset))
-            sampler = WeightedRandomSampler(weights, num_samples=len(dataset), replacement=True,
-                                            generator=self.generator)
-            shuffle = False  # the sampler decides the order
-        self.loader = DataLoader(dataset, batch_size=batch_size, shuffle=shuffle, sampler=sampler,
-                                 num_workers=workers, drop_last=drop_last, pin_memory=pin_memory,
-                                 generator=self.generator, persistent_workers=False)
+        world = dist.info()
+        self.seed, self.rank = seed, world.rank
+        self.sampler = EpochSampler(len(dataset), shuffle, seed, sample_weights, world.rank, world.world_size,
+                                    pad=shuffle or sample_weights is not None)
+        self.generator = torch.Generator()  # worker seeds, hence augmentation
+        self.set_epoch(0)
+        # drop_last on a shard smaller than one batch would give empty epochs.
+        drop_last = drop_last and len(self.sampler) > batch_size
+        self.loader = DataLoader(dataset, batch_size=batch_size, sampler=self.sampler, num_workers=workers,
+                                 drop_last=drop_last, pin_memory=pin_memory, generator=self.generator,
+                                 persistent_workers=False)
 
     def set_epoch(self, epoch: int) -> None:
-        self.generator.manual_seed(self.seed * 1000003 + epoch)
+        self.sampler.set_epoch(epoch)
+        self.generator.manual_seed((self.seed * 1000003 + epoch) * 1009 + self.rank)
 
     @property
     def dataset(self) -> Dataset:

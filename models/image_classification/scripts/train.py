@@ -12,27 +12,32 @@ unlabeled and unreadable images, majority-class baseline) is printed and written
 before training. Any template key can be overridden with
 KEY=VALUE arguments (e.g. training.optimizer.name=adamw); the effective configuration is written to
 <save-checkpoints-to>/config.yaml. An interrupted run continues with --resume-from <dir>/latest.pth.
+A WORK_DIR/hpo_best.yaml written by optimize.py sets the learning rate, batch size and weight decay
+(flags and KEY=VALUE overrides still win).
+
+  python train.py --gpu-num 4 ...     # 4 processes on this machine (torchrun, DistributedDataParallel)
+  torchrun --nnodes 2 --node-rank 0 --nproc-per-node 8 --rdzv-backend c10d --rdzv-endpoint HOST:29500 \\
+      train.py ...                    # one of two machines; the other with --node-rank 1
 """
 from __future__ import annotations
 
 import argparse
-import platform
 import sys
 from pathlib import Path
 
 import torch
 
 from clsengine import data as D
+from clsengine import distributed as dist
 from clsengine.checkpoint import load_checkpoint
 from clsengine.errors import UserError
 from clsengine.fileio import atomic_output
-from clsengine.loop import FitConfig, fit
-from clsengine.models import freeze_backbone
 from clsengine.runlog import get_logger
 from clsengine.utils import seed_everything, select_device
 from workbench import builders as B
 from workbench import cli
 from workbench.template import dump_config, load_template, template_from_dict
+from workbench.training import train
 
 FLAG_KEYS = {"epochs": "hyper_parameters.basic.epochs", "batch_size": "hyper_parameters.basic.batch_size",
              "base_learning_rate": "hyper_parameters.basic.base_learning_rate", "gpu_num": "gpu_num",
@@ -64,6 +69,21 @@ def parse_args() -> argparse.Namespace:
     return p.parse_intermixed_args()  # KEY=VALUE overrides may stand between flags
 
 
+def launch_processes(n: int) -> int:
+    """Start n copies of this command through torchrun on this machine (one per GPU, or CPU processes
+    with the gloo backend when there is no GPU); their exit status is this run's."""
+    import subprocess
+
+    if not torch.cuda.is_available():
+        print(f"warning: no CUDA device: --gpu-num {n} starts {n} CPU processes (gloo backend), which exercises "
+              f"the distributed path but is not faster than one process", file=sys.stderr)
+    elif torch.cuda.device_count() < n:
+        raise UserError(f"--gpu-num {n}: only {torch.cuda.device_count()} CUDA device(s) visible")
+    command = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={n}",
+               sys.argv[0], *sys.argv[1:]]
+    return subprocess.call(command)
+
+
 def main() -> int:
     args = parse_args()
     overrides = cli.collect_overrides(args, {**FLAG_KEYS, **cli.DATASET_FLAG_KEYS})
@@ -72,20 +92,27 @@ def main() -> int:
         if args.lr_finder != "off":
             overrides["training.lr_finder.mode"] = args.lr_finder
     resume = load_checkpoint(args.resume_from) if args.resume_from else None
+    hpo_file = cli.WORK_DIR / cli.HPO_BEST
     if resume is not None:
         if "config" not in resume:
             raise UserError(f"{args.resume_from} is a weights file, not a training checkpoint; "
-                                f"use --load-weights to start from it")
+                            f"use --load-weights to start from it")
         # The checkpoint's configuration is authoritative; flags given now (e.g. --epochs) still apply.
         t = template_from_dict(resume["config"]["template"], f"checkpoint {args.resume_from}", overrides)
+        hpo = {}
     else:
-        t = load_template(args.template, overrides)
+        hpo = cli.hpo_overrides(hpo_file)  # optimize.py's result, below the command line
+        t = load_template(args.template, {**hpo, **overrides})
+    if t.gpu_num > 1 and not dist.launched_by_torchrun():
+        return launch_processes(t.gpu_num)
 
+    world, device = dist.init_from_env(use_cuda=t.gpu_num >= 1 and torch.cuda.is_available())
+    if not world.enabled:
+        device = select_device(min(t.gpu_num, 1))
     out = Path(args.save_checkpoints_to).resolve()
     out.mkdir(parents=True, exist_ok=True)
-    logger = get_logger(out / "train.log")
+    logger = get_logger(out / "train.log" if world.is_main else None, quiet=not world.is_main)
     seed_everything(t.training.seed, t.training.deterministic)
-    device = select_device(t.gpu_num)
 
     train_scan, val_scan = cli.scan_train_val(args, t, logger, out, resume["classes"] if resume else None)
     classes = train_scan.classes
@@ -95,61 +122,33 @@ def main() -> int:
     report = D.dataset_report(train_scan, val_scan)
     text = D.format_dataset_report(report)
     logger.info(text)
-    dump_config(report, out / "dataset_report.yaml")
-    with atomic_output(out / "dataset_report.txt") as tmp:
-        Path(tmp).write_text(text + "\n", encoding="utf-8")
+    if world.is_main:
+        dump_config(report, out / "dataset_report.yaml")
+        with atomic_output(out / "dataset_report.txt") as tmp:
+            Path(tmp).write_text(text + "\n", encoding="utf-8")
+    if hpo:
+        logger.info(f"Using {hpo_file} (optimize.py): " + ", ".join(f"{k}={v}" for k, v in hpo.items()
+                                                                  if k not in overrides))
     logger.info(f"{t.name}: {len(classes)} classes ({t.task.type}), {len(train_scan.samples)} train / "
-                f"{len(val_scan.samples)} val images, device {device}")
+                f"{len(val_scan.samples)} val images, device {device}"
+                + (f", {world.world_size} processes" if world.enabled else ""))
 
     weights = args.load_weights
     if weights is None and (cli.WORK_DIR / "snapshot.pth").is_file():
         weights = str(cli.WORK_DIR / "snapshot.pth")
     if resume is not None:
         weights = None
-    model = B.build_model(t, len(classes), pretrained=weights)
     logger.info(f"Initial weights: {weights}" if weights else "Training from scratch")
-    if t.training.freeze_backbone:
-        freeze_backbone(model)
-    model.to(device)
-
-    basic = t.hyper_parameters.basic
-    train_loader = B.train_loader(t, train_scan, device)
-    val_loader = B.val_loader(t, val_scan, device)
-    counts = train_scan.counts()
-    criterion = B.build_loss(t, len(classes), counts).to(device)
-    if t.training.lr_finder.enabled and resume is None:
-        lr = B.find_learning_rate(t, model, criterion, train_loader, val_loader, device, out, logger)
-        t.hyper_parameters.basic.base_learning_rate = lr
-        if t.training.lr_finder.stop_after:
-            dump_config({"template": t.to_dict(), "classes": classes}, out / "config.yaml")
-            logger.info(f"stop_after: the learning rate is {lr:.4g}; train with --base-learning-rate {lr:.4g}")
-            return 0
-    recipe = B.build_recipe(t, model, len(classes), device, counts)
-    if args.load_aux_weights and resume is None:
-        B.load_aux_weights(recipe.aux_models, args.load_aux_weights)
-    optimizer = B.build_optimizer(t, [model, *recipe.aux_models])
-    scheduler = B.build_scheduler(t, optimizer, len(train_loader))
-    logger.info(B.describe_recipe(t, recipe))
-
-    config = {
-        "template": t.to_dict(),
-        "classes": classes,
-        "run": {"command": " ".join(sys.argv), "train_data": train_scan.source, "val_data": val_scan.source,
-                "initial_weights": weights, "resumed_from": args.resume_from,
-                "device": str(device), "torch": str(torch.__version__), "python": platform.python_version()},
-    }
-    dump_config(config, out / "config.yaml")
     tensorboard_dir = Path(args.tensorboard_dir or out / "tensorboard") if t.tensorboard else None
-    fit_cfg = FitConfig(epochs=basic.epochs, output_dir=out,
-                        early_stopping_patience=t.training.early_stopping_patience,
-                        tensorboard_dir=tensorboard_dir, max_grad_norm=t.training.optimizer.max_grad_norm,
-                        checkpoint_extra={"config": config, "classes": classes, "arch": t.model.architecture})
-    result = fit(model, train_loader, val_loader, criterion, optimizer, scheduler, device,
-                 fit_cfg, logger, resume=resume, recipe=recipe)
-    score = "mAP" if B.is_multilabel(t) else "top-1"
-    logger.info(f"Done: best val {score} {result['best_top1']:.2f} at epoch {result['best_epoch']}. "
-                f"Results in {out}: latest.pth, best.pth, config.yaml, train.log, history.csv, training_curves.png"
-                + (f", TensorBoard logs in {tensorboard_dir}" if tensorboard_dir else ""))
+    result = train(t, train_scan, val_scan, out, device, logger, weights=weights, resume=resume,
+                   aux_weights=args.load_aux_weights, run_info={"resumed_from": args.resume_from},
+                   tensorboard_dir=tensorboard_dir)
+    if result is not None:
+        score = "mAP" if B.is_multilabel(t) else "top-1"
+        logger.info(f"Done: best val {score} {result['best_top1']:.2f} at epoch {result['best_epoch']}. "
+                    f"Results in {out}: latest.pth, best.pth, config.yaml, train.log, history.csv, "
+                    f"training_curves.png" + (f", TensorBoard logs in {tensorboard_dir}" if tensorboard_dir else ""))
+    dist.shutdown()
     return 0
 
 

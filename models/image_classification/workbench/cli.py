@@ -9,6 +9,8 @@ import warnings
 from pathlib import Path
 from typing import Any, Callable
 
+import yaml
+
 from clsengine import data as D
 from clsengine.errors import UserError
 
@@ -138,6 +140,23 @@ def scan_train_val(args: argparse.Namespace, t: Template, logger: logging.Logger
         report_skipped(scan, logger, out / "skipped_images.txt")
     D.check_same_classes(train.classes, val.classes, f"train data ({train.source})", f"val data ({val.source})")
     return train, val
+
+
+HPO_BEST = "hpo_best.yaml"   # written by optimize.py into the work dir, applied by train.py
+
+
+def hpo_overrides(path: Path) -> dict[str, Any]:
+    """The template keys optimize.py chose ({} when there is no such file); a damaged file is an error."""
+    if not path.is_file():
+        return {}
+    try:
+        data = yaml.safe_load(path.read_text(encoding="utf-8"))
+    except yaml.YAMLError as exc:
+        raise UserError(f"{path}: invalid YAML ({getattr(exc, 'problem', exc)}); delete it or rerun optimize.py")
+    params = data.get("params") if isinstance(data, dict) else None
+    if not isinstance(params, dict) or not all(isinstance(k, str) for k in params):
+        raise UserError(f"{path}: expected a 'params' mapping of template keys; delete it or rerun optimize.py")
+    return dict(params)
 
 
 def collect_overrides(args: argparse.Namespace, flag_keys: dict[str, str]) -> dict[str, Any]:

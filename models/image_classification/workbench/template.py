@@ -147,6 +147,7 @@ class TrainingSection:
     seed: int = 5
     deterministic: bool = False
     workers: int = 2
+    scale_lr: str = "none"                  # several processes: none | linear (LR x N) | sqrt (LR x sqrt N)
 
 
 @dataclass
@@ -197,6 +198,17 @@ class DataSection:
 
 
 @dataclass
+class HpoSection:
+    """optimize.py: an optuna search whose best parameters go to WORK_DIR/hpo_best.yaml for train.py."""
+    learning_rate: list[float] | None = None    # log-uniform [low, high]; null: base_learning_rate / 10 .. x 10
+    weight_decay: list[float] = field(default_factory=lambda: [1e-5, 1e-3])   # log-uniform [low, high]
+    batch_size: list[int] = field(default_factory=list)   # choices; empty: keep hyper_parameters.basic.batch_size
+    epochs_per_trial: int | None = None         # null: a fifth of hyper_parameters.basic.epochs (at least 1)
+    time_budget: float = 1.0                    # the search's time as a ratio of one normal training run
+    n_trials: int = 20                          # at most this many trials per optimize.py run
+
+
+@dataclass
 class Snapshot:
     location: str                           # URL or path (relative paths are relative to the template)
     sha256: str
@@ -219,6 +231,7 @@ class Template:
     metrics: list[Metric] = field(default_factory=list)
     output_format: OutputFormat = field(default_factory=OutputFormat)
     compression: CompressionSection = field(default_factory=CompressionSection)
+    hpo: HpoSection = field(default_factory=HpoSection)
     snapshot: Snapshot | None = None
     gpu_num: int = 1
     training_target: list[str] = field(default_factory=lambda: ["CPU", "GPU"])
@@ -381,6 +394,16 @@ def _check_semantics(t: Template, v: _Validator) -> None:
          not t.training.mutual_learning.enabled or t.training.mutual_learning.aux_models,
          "a non-empty list when mutual learning is enabled"),
         ("training.workers", t.training.workers >= 0, "0 or more"),
+        ("training.scale_lr", t.training.scale_lr in ("none", "linear", "sqrt"), "one of none, linear, sqrt"),
+        ("hpo.learning_rate", t.hpo.learning_rate is None or (len(t.hpo.learning_rate) == 2
+                                                              and 0 < t.hpo.learning_rate[0] <= t.hpo.learning_rate[1]),
+         "null or [low, high] with 0 < low <= high"),
+        ("hpo.weight_decay", len(t.hpo.weight_decay) == 2 and 0 < t.hpo.weight_decay[0] <= t.hpo.weight_decay[1],
+         "[low, high] with 0 < low <= high"),
+        ("hpo.batch_size", all(b >= 1 for b in t.hpo.batch_size), "a list of batch sizes >= 1"),
+        ("hpo.epochs_per_trial", t.hpo.epochs_per_trial is None or t.hpo.epochs_per_trial >= 1, "null or at least 1"),
+        ("hpo.time_budget", t.hpo.time_budget > 0, "positive"),
+        ("hpo.n_trials", t.hpo.n_trials >= 1, "at least 1"),
         ("gpu_num", t.gpu_num >= 0, "0 or more"),
         ("output_format.openvino_input_format", t.output_format.openvino_input_format in ("RGB", "BGR"), "RGB or BGR"),
         ("task.type", t.task.type in ("multiclass", "multilabel"), "multiclass or multilabel"),

@@ -1,0 +1,112 @@
+#!/usr/bin/env python3
+"""Search the learning rate, batch size and weight decay with optuna; the next train.py run uses the best.
+
+  python optimize.py --train-data-roots DATA/train --val-data-roots DATA/val [--time-budget 0.5]
+                     [--n-trials 20] [--storage sqlite:////shared/hpo.db] [--study-name my_search]
+
+Each trial trains hpo.epochs_per_trial epochs with the template's recipe (LR finder off, no checkpoints)
+at parameters drawn by TPE from the template's hpo ranges, scored by val top-1 (mAP for multi-label);
+a trial below the median of earlier trials at the same epoch is pruned. The search ends after --n-trials
+trials or when its time is spent: --time-budget x the duration of one normal training run
+(hyper_parameters.basic.epochs epochs), estimated from the first epoch. The study lives in --storage
+(default: an SQLite file WORK_DIR/hpo/study.db); workers on several machines share one study through one
+database URL and --study-name. The best parameters (over all workers' trials) go to WORK_DIR/hpo_best.yaml,
+which train.py then applies (its flags and KEY=VALUE overrides still win; delete the file to stop).
+Data flags are train.py's, and fall back to $TRAIN_DATA_ROOT / $VAL_DATA_ROOT.
+"""
+from __future__ import annotations
+
+import argparse
+import tempfile
+from pathlib import Path
+
+import yaml
+
+from clsengine.hpo import Budget, SearchSpace, create_study, search
+from clsengine.runlog import get_logger
+from clsengine.utils import seed_everything, select_device
+from workbench import builders as B
+from workbench import cli
+from workbench.template import load_template, template_from_dict
+from workbench.training import train
+
+FLAG_KEYS = {"time_budget": "hpo.time_budget", "n_trials": "hpo.n_trials", "epochs_per_trial": "hpo.epochs_per_trial",
+             "gpu_num": "gpu_num", "workers": "training.workers"}
+# hpo_best.yaml keys: the template keys train.py overrides with the search's result.
+PARAM_KEYS = {"learning_rate": "hyper_parameters.basic.base_learning_rate",
+              "weight_decay": "training.optimizer.weight_decay", "batch_size": "hyper_parameters.basic.batch_size"}
+
+
+def parse_args() -> argparse.Namespace:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    cli.add_data_args(p, "train", "TRAIN_DATA_ROOT")
+    cli.add_data_args(p, "val", "VAL_DATA_ROOT")
+    cli.add_dataset_args(p, training=True)
+    p.add_argument("--time-budget", type=float, default=None,
+                   help="search time as a ratio of one normal training run (hpo.time_budget)")
+    p.add_argument("--n-trials", type=int, default=None, help="at most this many trials here (hpo.n_trials)")
+    p.add_argument("--epochs-per-trial", type=int, default=None, help="epochs of each trial (hpo.epochs_per_trial)")
+    p.add_argument("--storage", default=None,
+                   help="optuna storage URL (default: sqlite:///WORK_DIR/hpo/study.db); e.g. "
+                        "postgresql://user:pass@host/db for workers on several machines")
+    p.add_argument("--study-name", default=None, help="study to create or join (default: the template's name)")
+    p.add_argument("--save-to", default=str(cli.WORK_DIR / cli.HPO_BEST),
+                   help=f"where the best parameters go (default: WORK_DIR/{cli.HPO_BEST}, read by train.py)")
+    cli.add_runtime_args(p)
+    cli.add_template_args(p)
+    return p.parse_intermixed_args()
+
+
+def main() -> int:
+    args = parse_args()
+    overrides = cli.collect_overrides(args, {**FLAG_KEYS, **cli.DATASET_FLAG_KEYS,
+                                             "batch_size": "hyper_parameters.basic.batch_size"})
+    t = load_template(args.template, overrides)
+    h, basic = t.hpo, t.hyper_parameters.basic
+    out = cli.WORK_DIR / "hpo"
+    out.mkdir(parents=True, exist_ok=True)
+    logger = get_logger(out / "optimize.log")
+    seed_everything(t.training.seed, t.training.deterministic)
+    device = select_device(min(t.gpu_num, 1))
+    train_scan, val_scan = cli.scan_train_val(args, t, logger, out)
+
+    lr_range = h.learning_rate or [basic.base_learning_rate / 10, basic.base_learning_rate * 10]
+    space = SearchSpace(learning_rate=tuple(lr_range), weight_decay=tuple(h.weight_decay), batch_size=h.batch_size)
+    epochs = h.epochs_per_trial or max(1, basic.epochs // 5)
+    storage = args.storage or f"sqlite:///{out / 'study.db'}"
+    name = args.study_name or t.name
+    metric = "mAP" if B.is_multilabel(t) else "top-1"
+    logger.info(f"{t.name}: optuna study '{name}' in {storage}; up to {h.n_trials} trials of {epochs} epoch(s), "
+                f"time budget {h.time_budget:g} x a {basic.epochs}-epoch run; score: val {metric}; "
+                f"learning rate {lr_range[0]:.3g}..{lr_range[1]:.3g}, weight decay {h.weight_decay[0]:.3g}.."
+                f"{h.weight_decay[1]:.3g}" + (f", batch size in {h.batch_size}" if h.batch_size else ""))
+
+    def train_trial(params: dict, report) -> float:
+        trial_overrides = {PARAM_KEYS[k]: v for k, v in params.items()}
+        trial_overrides.update({"hyper_parameters.basic.epochs": epochs, "training.lr_finder.enabled": False,
+                                "training.early_stopping_patience": None})
+        trial_t = template_from_dict(t.to_dict(), "hpo trial", trial_overrides)
+        with tempfile.TemporaryDirectory(dir=out) as tmp:
+            result = train(trial_t, train_scan, val_scan, Path(tmp), device, logger, checkpoints=False,
+                           on_epoch_end=lambda epoch, row: report(epoch, row["score"]))
+        return result["best_top1"]
+
+    study = create_study(storage, name, seed=t.training.seed)
+    summary = search(study, train_trial, space, Budget(h.time_budget, basic.epochs), h.n_trials, logger)
+    best = {"params": {PARAM_KEYS[k]: v for k, v in summary["params"].items()},
+            "score": round(summary["score"], 2), "metric": metric, "study": name, "storage": storage,
+            "epochs_per_trial": epochs, "complete_trials": summary["complete_trials"],
+            "pruned_trials": summary["pruned_trials"], "elapsed_s": summary["elapsed_s"],
+            "budget_s": summary["budget_s"]}
+    save_to = Path(args.save_to)
+    save_to.parent.mkdir(parents=True, exist_ok=True)
+    save_to.write_text(yaml.safe_dump(best, sort_keys=False), encoding="utf-8")
+    chosen = ", ".join(f"{k.rsplit('.', 1)[1]} {v:.4g}" if isinstance(v, float) else f"{k.rsplit('.', 1)[1]} {v}"
+                       for k, v in best["params"].items())
+    logger.info(f"Best of {summary['complete_trials']} complete trial(s) ({summary['pruned_trials']} pruned): "
+                f"{chosen} -> val {metric} {summary['score']:.2f}. Written to {save_to}; train.py applies it.")
+    return 0
+
+
+if __name__ == "__main__":
+    cli.run(main)

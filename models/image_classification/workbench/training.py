@@ -1,0 +1,89 @@
+"""One training run from a template and scanned data: what train.py runs once and optimize.py once per trial."""
+from __future__ import annotations
+
+import logging
+import platform
+import sys
+from pathlib import Path
+from typing import Any, Callable
+
+import torch
+
+from clsengine import data as D
+from clsengine import distributed as dist
+from clsengine.loop import FitConfig, fit
+from clsengine.models import freeze_backbone
+
+from . import builders as B
+from .template import Template, dump_config
+
+
+def scale_learning_rate(t: Template, world_size: int) -> float:
+    """The base LR for `world_size` processes: each takes a batch of batch_size, so the global batch grows
+    with the world; training.scale_lr linear (x N) or sqrt (x sqrt N) follows it, none keeps the LR."""
+    lr = t.hyper_parameters.basic.base_learning_rate
+    factor = {"none": 1.0, "linear": float(world_size), "sqrt": float(world_size) ** 0.5}[t.training.scale_lr]
+    return lr * factor
+
+
+def train(t: Template, train_scan: D.FolderScan, val_scan: D.FolderScan, out: Path, device: torch.device,
+          logger: logging.Logger, *, weights: str | None = None, resume: dict[str, Any] | None = None,
+          aux_weights: list[str] | None = None, run_info: dict[str, Any] | None = None,
+          tensorboard_dir: Path | None = None, checkpoints: bool = True, progress: bool = True,
+          on_epoch_end: Callable[[int, dict], None] | None = None) -> dict[str, Any] | None:
+    """Build the model, loaders, loss and recipe of `t` and fit; returns fit's result, or None when the LR
+    finder was asked to stop after finding the rate. `t`'s learning rate is updated in place (LR finder,
+    world-size scaling) so that the configuration saved is the one trained."""
+    classes = train_scan.classes
+    world = dist.info()
+    model = B.build_model(t, len(classes), pretrained=weights)
+    if t.training.freeze_backbone:
+        freeze_backbone(model)
+    model.to(device)
+
+    train_loader = B.train_loader(t, train_scan, device)
+    val_loader = B.val_loader(t, val_scan, device)
+    counts = train_scan.counts()
+    criterion = B.build_loss(t, len(classes), counts).to(device)
+    basic = t.hyper_parameters.basic
+    if t.training.lr_finder.enabled and resume is None:
+        # Every rank runs the finder on its shard; all then take rank 0's rate.
+        lr = dist.broadcast_object(B.find_learning_rate(t, model, criterion, train_loader, val_loader, device,
+                                                        out, logger))
+        basic.base_learning_rate = lr
+        if t.training.lr_finder.stop_after:
+            if world.is_main:
+                dump_config({"template": t.to_dict(), "classes": classes}, out / "config.yaml")
+            logger.info(f"stop_after: the learning rate is {lr:.4g}; train with --base-learning-rate {lr:.4g}")
+            return None
+    if world.enabled and resume is None:
+        scaled = scale_learning_rate(t, world.world_size)
+        if scaled != basic.base_learning_rate:
+            logger.info(f"{world.world_size} processes x batch {basic.batch_size}: learning rate "
+                        f"{basic.base_learning_rate:.4g} -> {scaled:.4g} (training.scale_lr {t.training.scale_lr})")
+            basic.base_learning_rate = scaled
+    recipe = B.build_recipe(t, model, len(classes), device, counts)
+    if aux_weights and resume is None:
+        B.load_aux_weights(recipe.aux_models, aux_weights)
+    optimizer = B.build_optimizer(t, [model, *recipe.aux_models])
+    scheduler = B.build_scheduler(t, optimizer, len(train_loader))
+    logger.info(B.describe_recipe(t, recipe))
+
+    config = {
+        "template": t.to_dict(),
+        "classes": classes,
+        "run": {"command": " ".join(sys.argv), "train_data": train_scan.source, "val_data": val_scan.source,
+                "initial_weights": weights, "processes": world.world_size, "device": str(device),
+                "torch": str(torch.__version__), "python": platform.python_version(), **(run_info or {})},
+    }
+    if world.is_main:
+        dump_config(config, out / "config.yaml")
+    fit_cfg = FitConfig(epochs=basic.epochs, output_dir=out, early_stopping_patience=t.training.early_stopping_patience,
+                        tensorboard_dir=tensorboard_dir, max_grad_norm=t.training.optimizer.max_grad_norm,
+                        progress=progress, checkpoints=checkpoints,
+                        checkpoint_extra={"config": config, "classes": classes, "arch": t.model.architecture})
+    return fit(model, train_loader, val_loader, criterion, optimizer, scheduler, device, fit_cfg, logger,
+               resume=resume, recipe=recipe, on_epoch_end=on_epoch_end)
+
+
+__all__ = ["scale_learning_rate", "train"]

@@ -1,0 +1,133 @@
+#!/usr/bin/env python3
+"""Does the data pipeline keep the model busy? Training images/s of the full pipeline against the model alone.
+
+  python tools/benchmark_pipeline.py [--templates mobilenet_v3_large_1 resnet18] [--sizes 32 224]
+                                     [--workers N] [--epochs 1] [--out /tmp/pipeline_bench]
+
+For each template and input size, on scikit-learn's digits written as PNG files at that size (1438 training
+images), three measurements of the template's real training step (its model, loss, optimizer incl. SAM,
+EMA, mutual learning; clsengine.loop.train_one_epoch):
+  pipeline  images from disk: decoding, augmentation, batching by the template's loader (training.workers
+            processes unless --workers), then forward, backward and step;
+  limit     the same step on one batch already in memory, repeated as many times: the most this model can
+            train on this machine;
+  loader    the loader alone, its batches consumed and dropped.
+Each is timed over --epochs epochs after one warm-up epoch. Prints a markdown table with the ratio
+pipeline / limit (1.0: the data never keeps the model waiting).
+"""
+from __future__ import annotations
+
+import argparse
+import os
+import platform
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+REPO_ROOT = Path(__file__).resolve().parent.parent
+DOMAIN_DIR = REPO_ROOT / "models" / "image_classification"
+sys.path.insert(0, str(DOMAIN_DIR))
+sys.path.insert(0, str(REPO_ROOT / "tools"))
+
+from benchmark_recipe import TEMPLATES, digits_dataset  # noqa: E402
+from clsengine import data as D  # noqa: E402
+from clsengine.loop import train_one_epoch  # noqa: E402
+from clsengine.utils import seed_everything, select_device  # noqa: E402
+from workbench import builders as B  # noqa: E402
+from workbench.template import load_template  # noqa: E402
+
+
+class Repeated:
+    """`steps` copies of one batch already in memory: a loader that costs nothing."""
+
+    def __init__(self, batch: tuple[torch.Tensor, torch.Tensor], steps: int):
+        self.batch, self.steps = batch, steps
+
+    def __len__(self) -> int:
+        return self.steps
+
+    def __iter__(self):
+        return (self.batch for _ in range(self.steps))
+
+
+def measure(template: str, size: int, args: argparse.Namespace) -> dict:
+    overrides = {"input.size": [size, size], "training.lr_finder.enabled": False}
+    if args.workers is not None:
+        overrides["training.workers"] = args.workers
+    t = load_template(TEMPLATES / template / "template.yaml", overrides)
+    seed_everything(t.training.seed)
+    device = select_device(args.gpu_num)
+    data = digits_dataset(args.out / f"size{size}", size)
+    scan = D.scan_folder(data / "train")
+    n = len(scan.classes)
+    model = B.build_model(t, n).to(device)
+    recipe = B.build_recipe(t, model, n, device)
+    optimizer = B.build_optimizer(t, [model, *recipe.aux_models])
+    loader = B.train_loader(t, scan, device)
+    scheduler = B.build_scheduler(t, optimizer, len(loader))
+    criterion = B.build_loss(t, n).to(device)
+
+    def run(source, epochs: int) -> float:
+        images = seconds = 0.0
+        for epoch in range(epochs + 1):       # the first epoch warms up (allocations, kernels, workers)
+            if hasattr(source, "set_epoch"):
+                source.set_epoch(epoch)
+            stats = train_one_epoch(model, source, criterion, optimizer, scheduler, device, progress=False,
+                                    recipe=recipe)
+            if epoch:
+                images += stats["images_per_s"] * stats["time_s"]
+                seconds += stats["time_s"]
+        return images / seconds
+
+    pipeline = run(loader, args.epochs)
+    batch = next(iter(loader))
+    limit = run(Repeated(batch, len(loader)), args.epochs)
+    count = start = 0.0
+    for epoch in range(args.epochs + 1):
+        loader.set_epoch(epoch)
+        if epoch == 1:
+            start = time.perf_counter()
+        for images, _ in loader:
+            count += images.shape[0] if epoch else 0
+    loader_only = count / (time.perf_counter() - start)
+    return {"template": template, "size": size, "workers": t.training.workers, "batch": t.hyper_parameters.basic.batch_size,
+            "pipeline": pipeline, "limit": limit, "loader": loader_only, "ratio": pipeline / limit}
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--templates", nargs="+", default=["mobilenet_v3_large_1", "resnet18"])
+    parser.add_argument("--sizes", nargs="+", type=int, default=[32, 224])
+    parser.add_argument("--workers", type=int, default=None, help="loader processes (default: the template's)")
+    parser.add_argument("--epochs", type=int, default=1, help="timed epochs after the warm-up epoch")
+    parser.add_argument("--gpu-num", type=int, default=0, help="1: train on the first CUDA device")
+    parser.add_argument("--out", type=Path, default=Path("/tmp/pipeline_bench"))
+    args = parser.parse_args()
+    for name in args.templates:
+        if not (TEMPLATES / name / "template.yaml").is_file():
+            print(f"error: no template {name} in {TEMPLATES}", file=sys.stderr)
+            return 2
+    rows = []
+    for name in args.templates:
+        for size in args.sizes:
+            row = measure(name, size, args)
+            rows.append(row)
+            print(f"{name} {size}x{size}: pipeline {row['pipeline']:.0f}  limit {row['limit']:.0f}  "
+                  f"loader {row['loader']:.0f} img/s  ratio {row['ratio']:.2f}", file=sys.stderr, flush=True)
+    device = "CUDA " + torch.cuda.get_device_name(0) if args.gpu_num and torch.cuda.is_available() else "CPU"
+    print(f"\n{platform.processor() or platform.machine()}, {os.cpu_count()} cores, {device}, torch "
+          f"{torch.__version__}, {torch.get_num_threads()} threads; full template recipe, "
+          f"{args.epochs} timed epoch(s) of 1438 digits images\n")
+    print("| template | input | batch | workers | pipeline (img/s) | model limit (img/s) | loader alone (img/s) "
+          "| pipeline / limit |")
+    print("|---|---|---:|---:|---:|---:|---:|---:|")
+    for r in rows:
+        print(f"| {r['template']} | {r['size']}x{r['size']} | {r['batch']} | {r['workers']} | {r['pipeline']:.0f} | "
+              f"{r['limit']:.0f} | {r['loader']:.0f} | {r['ratio']:.2f} |")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
