@@ -2,10 +2,10 @@
 """Does the data pipeline keep the model busy? Training images/s of the full pipeline against the model alone.
 
   python tools/benchmark_pipeline.py [--templates mobilenet_v3_large_1 resnet18] [--sizes 32 224]
-                                     [--workers N] [--epochs 1] [--out /tmp/pipeline_bench]
+                                     [--workers N] [--epochs 1] [--max-images 0] [--out /tmp/pipeline_bench]
 
-For each template and input size, on scikit-learn's digits written as PNG files at that size (1438 training
-images), three measurements of the template's real training step (its model, loss, optimizer incl. SAM,
+For each template and input size, on scikit-learn's digits written as PNG files at that size (--max-images of
+the 1438 training images), three measurements of the template's real training step (its model, loss, optimizer incl. SAM,
 EMA, mutual learning; clsengine.loop.train_one_epoch):
   pipeline  images from disk: decoding, augmentation, batching by the template's loader (training.workers
             processes unless --workers), then forward, backward and step;
@@ -61,6 +61,9 @@ def measure(template: str, size: int, args: argparse.Namespace) -> dict:
     device = select_device(args.gpu_num)
     data = digits_dataset(args.out / f"size{size}", size)
     scan = D.scan_folder(data / "train")
+    if args.max_images and len(scan.samples) > args.max_images:  # every class kept, in proportion
+        step = len(scan.samples) / args.max_images
+        scan.samples = [scan.samples[int(i * step)] for i in range(args.max_images)]
     n = len(scan.classes)
     model = B.build_model(t, n).to(device)
     recipe = B.build_recipe(t, model, n, device)
@@ -92,8 +95,11 @@ def measure(template: str, size: int, args: argparse.Namespace) -> dict:
         for images, _ in loader:
             count += images.shape[0] if epoch else 0
     loader_only = count / (time.perf_counter() - start)
-    return {"template": template, "size": size, "workers": t.training.workers, "batch": t.hyper_parameters.basic.batch_size,
-            "pipeline": pipeline, "limit": limit, "loader": loader_only, "ratio": pipeline / limit}
+    workers = B.loader_workers(t, device)
+    return {"template": template, "size": size, "images": len(scan.samples),
+            "workers": f"{t.training.workers} ({workers})" if t.training.workers == "auto" else workers,
+            "batch": t.hyper_parameters.basic.batch_size, "pipeline": pipeline, "limit": limit,
+            "loader": loader_only, "ratio": pipeline / limit}
 
 
 def main() -> int:
@@ -102,6 +108,7 @@ def main() -> int:
     parser.add_argument("--sizes", nargs="+", type=int, default=[32, 224])
     parser.add_argument("--workers", type=int, default=None, help="loader processes (default: the template's)")
     parser.add_argument("--epochs", type=int, default=1, help="timed epochs after the warm-up epoch")
+    parser.add_argument("--max-images", type=int, default=0, help="training images used (0: all 1438)")
     parser.add_argument("--gpu-num", type=int, default=0, help="1: train on the first CUDA device")
     parser.add_argument("--out", type=Path, default=Path("/tmp/pipeline_bench"))
     args = parser.parse_args()
@@ -119,7 +126,7 @@ def main() -> int:
     device = "CUDA " + torch.cuda.get_device_name(0) if args.gpu_num and torch.cuda.is_available() else "CPU"
     print(f"\n{platform.processor() or platform.machine()}, {os.cpu_count()} cores, {device}, torch "
           f"{torch.__version__}, {torch.get_num_threads()} threads; full template recipe, "
-          f"{args.epochs} timed epoch(s) of 1438 digits images\n")
+          f"{args.epochs} timed epoch(s) of {rows[0]['images']} digits images\n")
     print("| template | input | batch | workers | pipeline (img/s) | model limit (img/s) | loader alone (img/s) "
           "| pipeline / limit |")
     print("|---|---|---:|---:|---:|---:|---:|---:|")

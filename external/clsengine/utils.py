@@ -21,11 +21,10 @@ def seed_everything(seed: int, deterministic: bool = False) -> None:
 
 
 def select_device(gpu_num: int) -> torch.device:
-    """CUDA when asked for and present, otherwise the CPU. More than one GPU needs a distributed launch."""
+    """The device of a single-process run: the first CUDA device when GPUs are asked for and present, else
+    the CPU. (Several processes, one per GPU, are train.py's business: clsengine.distributed.)"""
     if gpu_num < 0:
         raise UserError(f"gpu_num must be 0 or more, got {gpu_num}")
-    if gpu_num > 1:
-        raise UserError(f"gpu_num={gpu_num}: multi-GPU training is not supported yet; use --gpu-num 1 or 0")
     if gpu_num >= 1 and torch.cuda.is_available():
         return torch.device("cuda", 0)
     return torch.device("cpu")

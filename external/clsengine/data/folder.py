@@ -3,13 +3,15 @@ from __future__ import annotations
 
 import os
 import warnings
-from collections.abc import Sequence
+from collections.abc import Iterable, Sequence
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable
 
 import numpy as np
 import torch
+from PIL import Image, UnidentifiedImageError
 from torch.utils.data import Dataset
 
 from ..errors import DataError
@@ -181,6 +183,30 @@ def check_same_classes(reference: list[str], other: list[str], reference_name: s
     raise DataError(f"classes of {other_name} do not match {reference_name} ({'; '.join(parts)})")
 
 
+def decoded_bytes(paths: Iterable[str]) -> int:
+    """Memory the images would take decoded to RGB (from their headers; an unreadable file counts as 0)."""
+    total = 0
+    for path in paths:
+        try:
+            with Image.open(path) as img:
+                width, height = img.size
+        except (UnidentifiedImageError, OSError, ValueError, SyntaxError):
+            continue
+        total += width * height * 3
+    return total
+
+
+def decode_all(paths: list[str]) -> list[np.ndarray | None]:
+    """Every image decoded (None where decoding fails), in threads: PIL releases the GIL while decoding."""
+    def decode(path: str) -> np.ndarray | None:
+        try:
+            return read_image(path)
+        except UnreadableImageError:
+            return None
+    with ThreadPoolExecutor(max_workers=max(1, min(8, os.cpu_count() or 1))) as pool:
+        return list(pool.map(decode, paths))
+
+
 class ImageDataset(Dataset):
     """(path, label) samples decoded to RGB arrays and passed through `transform`.
 
@@ -189,15 +215,23 @@ class ImageDataset(Dataset):
 
     A file that was readable at scan time but fails to decode later is skipped: the next sample
     is returned instead and the path is reported once as a warning.
+
+    `cache_bytes`: when every image decoded fits in this many bytes, they are all decoded once, here (in
+    threads), and kept in memory; loader worker processes forked later share them, so no epoch decodes
+    a file again. Small datasets then cost only their augmentation per epoch.
     """
 
     def __init__(self, samples: list[tuple[str, int | tuple[int, ...]]], classes: list[str],
-                 transform: Callable[[np.ndarray], object] | None = None, multilabel: bool = False):
+                 transform: Callable[[np.ndarray], object] | None = None, multilabel: bool = False,
+                 cache_bytes: int = 0):
         self.samples = list(samples)
         self.classes = list(classes)
         self.transform = transform
         self.multilabel = multilabel
         self._reported: set[str] = set()
+        self._cache: list[np.ndarray | None] | None = None
+        if cache_bytes > 0 and self.samples and decoded_bytes(p for p, _ in self.samples) <= cache_bytes:
+            self._cache = decode_all([p for p, _ in self.samples])
         if multilabel:
             for path, label in self.samples:
                 bad = [i for i in _label_indices(label) if not 0 <= i < len(self.classes)]
@@ -220,9 +254,12 @@ class ImageDataset(Dataset):
 
     def __getitem__(self, index: int):
         for attempt in range(len(self.samples)):
-            path, label = self.samples[(index + attempt) % len(self.samples)]
+            i = (index + attempt) % len(self.samples)
+            path, label = self.samples[i]
             try:
-                image = read_image(path)
+                image = self._cache[i] if self._cache is not None else read_image(path)
+                if image is None:
+                    image = read_image(path)  # failed when cached: raises again, with the reason
             except UnreadableImageError as exc:
                 if path not in self._reported:
                     self._reported.add(path)

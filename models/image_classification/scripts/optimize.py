@@ -67,7 +67,7 @@ def main() -> int:
     out.mkdir(parents=True, exist_ok=True)
     logger = get_logger(out / "optimize.log")
     seed_everything(t.training.seed, t.training.deterministic)
-    device = select_device(min(t.gpu_num, 1))
+    device = select_device(t.gpu_num)
     train_scan, val_scan = cli.scan_train_val(args, t, logger, out)
 
     lr_range = h.learning_rate or [basic.base_learning_rate / 10, basic.base_learning_rate * 10]

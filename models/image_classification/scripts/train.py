@@ -108,7 +108,7 @@ def main() -> int:
 
     world, device = dist.init_from_env(use_cuda=t.gpu_num >= 1 and torch.cuda.is_available())
     if not world.enabled:
-        device = select_device(min(t.gpu_num, 1))
+        device = select_device(t.gpu_num)
     out = Path(args.save_checkpoints_to).resolve()
     out.mkdir(parents=True, exist_ok=True)
     logger = get_logger(out / "train.log" if world.is_main else None, quiet=not world.is_main)

@@ -132,27 +132,37 @@ def report_skipped(scan: D.FolderScan, logger: logging.Logger, out_file: Path | 
             f.writelines(f"{path}\t{reason}\n" for path, reason in scan.skipped)
 
 
+def loader_workers(t: Template, device: torch.device) -> int:
+    """training.workers, with auto resolved for this device and the processes sharing the machine."""
+    if t.training.workers != "auto":
+        return int(t.training.workers)
+    from clsengine import distributed as dist
+    return D.auto_workers(device.type, dist.info().world_size)
+
+
 def make_loader(dataset: D.ImageDataset, t: Template, batch_size: int, train: bool, device: torch.device,
                 sample_weights: list[float] | None = None) -> D.EpochLoader:
-    return D.EpochLoader(dataset, batch_size=batch_size, shuffle=train, workers=t.training.workers,
+    return D.EpochLoader(dataset, batch_size=batch_size, shuffle=train, workers=loader_workers(t, device),
                          seed=t.training.seed, drop_last=train, pin_memory=device.type == "cuda",
                          sample_weights=sample_weights)
 
 
-def dataset(t: Template, samples: list, classes: list[str], transform) -> D.ImageDataset:
-    """Images with labels as the task wants them: class indices, or multi-hot vectors for multi-label."""
-    return D.ImageDataset(samples, classes, transform, multilabel=is_multilabel(t))
+def dataset(t: Template, samples: list, classes: list[str], transform, cache: bool = False) -> D.ImageDataset:
+    """Images with labels as the task wants them: class indices, or multi-hot vectors for multi-label;
+    `cache`: decoded once and kept in memory when they fit in data.cache_mb (datasets read every epoch)."""
+    return D.ImageDataset(samples, classes, transform, multilabel=is_multilabel(t),
+                          cache_bytes=t.data.cache_mb * 2 ** 20 if cache else 0)
 
 
 def train_loader(t: Template, scan: D.FolderScan, device: torch.device) -> D.EpochLoader:
     """Augmented, shuffled training batches; class-balanced draws with data.balanced_sampler."""
     weights = D.sample_weights(scan.samples, scan.counts()) if t.data.balanced_sampler else None
-    return make_loader(dataset(t, scan.samples, scan.classes, train_transform(t)), t,
+    return make_loader(dataset(t, scan.samples, scan.classes, train_transform(t), cache=True), t,
                        t.hyper_parameters.basic.batch_size, train=True, device=device, sample_weights=weights)
 
 
 def val_loader(t: Template, scan: D.FolderScan, device: torch.device) -> D.EpochLoader:
-    return make_loader(dataset(t, scan.samples, scan.classes, eval_transform(t)), t,
+    return make_loader(dataset(t, scan.samples, scan.classes, eval_transform(t), cache=True), t,
                        t.hyper_parameters.basic.batch_size, train=False, device=device)
 
 

@@ -146,7 +146,7 @@ class TrainingSection:
     freeze_backbone: bool = False
     seed: int = 5
     deterministic: bool = False
-    workers: int = 2
+    workers: int | str = "auto"             # data-loading processes; auto: see clsengine.data.auto_workers
     scale_lr: str = "none"                  # several processes: none | linear (LR x N) | sqrt (LR x sqrt N)
 
 
@@ -195,6 +195,8 @@ class DataSection:
     classes: list[str] = field(default_factory=list)    # train on these classes only (empty: all)
     class_weights: str | list[float] = "none"           # none | auto (inverse frequency) | one weight per class
     balanced_sampler: bool = False          # draw training images so every class is seen equally often
+    cache_mb: int = 1024                    # a dataset whose decoded images fit in this many MiB is decoded
+                                            # once and kept in memory (0: decode every epoch)
 
 
 @dataclass
@@ -393,7 +395,8 @@ def _check_semantics(t: Template, v: _Validator) -> None:
         ("training.mutual_learning.aux_models",
          not t.training.mutual_learning.enabled or t.training.mutual_learning.aux_models,
          "a non-empty list when mutual learning is enabled"),
-        ("training.workers", t.training.workers >= 0, "0 or more"),
+        ("training.workers", t.training.workers == "auto" or (isinstance(t.training.workers, int)
+                                                              and t.training.workers >= 0), "auto or 0 or more"),
         ("training.scale_lr", t.training.scale_lr in ("none", "linear", "sqrt"), "one of none, linear, sqrt"),
         ("hpo.learning_rate", t.hpo.learning_rate is None or (len(t.hpo.learning_rate) == 2
                                                               and 0 < t.hpo.learning_rate[0] <= t.hpo.learning_rate[1]),
@@ -414,6 +417,7 @@ def _check_semantics(t: Template, v: _Validator) -> None:
         ("data.class_weights", not isinstance(t.data.class_weights, str) or t.data.class_weights in ("none", "auto"),
          "none, auto or a list of numbers (one per class)"),
         ("data.classes", len(set(t.data.classes)) == len(t.data.classes), "a list without repeated names"),
+        ("data.cache_mb", t.data.cache_mb >= 0, "0 or more"),
     ]
     multilabel = t.task.type == "multilabel"
     loss_names = ("bce", "asl") if multilabel else ("softmax", "am_softmax")
