@@ -2,7 +2,7 @@
 """Does the data pipeline keep the model busy? Training images/s of the full pipeline against the model alone.
 
   python tools/benchmark_pipeline.py [--templates mobilenet_v3_large_1 resnet18] [--sizes 32 224]
-                                     [--workers N] [--epochs 1] [--max-images 0] [--out /tmp/pipeline_bench]
+                                     [--workers N] [--epochs 3] [--max-images 0] [--out /tmp/pipeline_bench]
 
 For each template and input size, on scikit-learn's digits written as PNG files at that size (--max-images of
 the 1438 training images), three measurements of the template's real training step (its model, loss, optimizer incl. SAM,
@@ -12,7 +12,8 @@ EMA, mutual learning; clsengine.loop.train_one_epoch):
   limit     the same step on one batch already in memory, repeated as many times: the most this model can
             train on this machine;
   loader    the loader alone, its batches consumed and dropped.
-Each is timed over --epochs epochs after one warm-up epoch. Prints a markdown table with the ratio
+After one warm-up epoch of each, --epochs pipeline epochs alternate with as many limit epochs (so that drifts
+of the machine's speed hit both alike); medians are reported, with the median of the per-pair ratios
 pipeline / limit (1.0: the data never keeps the model waiting).
 """
 from __future__ import annotations
@@ -20,6 +21,7 @@ from __future__ import annotations
 import argparse
 import os
 import platform
+import statistics
 import sys
 import time
 from pathlib import Path
@@ -36,7 +38,7 @@ from clsengine import data as D  # noqa: E402
 from clsengine.loop import train_one_epoch  # noqa: E402
 from clsengine.utils import seed_everything, select_device  # noqa: E402
 from workbench import builders as B  # noqa: E402
-from workbench.template import load_template  # noqa: E402
+from workbench.template import load_template, parse_override  # noqa: E402
 
 
 class Repeated:
@@ -53,7 +55,8 @@ class Repeated:
 
 
 def measure(template: str, size: int, args: argparse.Namespace) -> dict:
-    overrides = {"input.size": [size, size], "training.lr_finder.enabled": False}
+    overrides = {**dict(parse_override(o) for o in args.set), "input.size": [size, size],
+                 "training.lr_finder.enabled": False}
     if args.workers is not None:
         overrides["training.workers"] = args.workers
     t = load_template(TEMPLATES / template / "template.yaml", overrides)
@@ -72,21 +75,21 @@ def measure(template: str, size: int, args: argparse.Namespace) -> dict:
     scheduler = B.build_scheduler(t, optimizer, len(loader))
     criterion = B.build_loss(t, n).to(device)
 
-    def run(source, epochs: int) -> float:
-        images = seconds = 0.0
-        for epoch in range(epochs + 1):       # the first epoch warms up (allocations, kernels, workers)
-            if hasattr(source, "set_epoch"):
-                source.set_epoch(epoch)
-            stats = train_one_epoch(model, source, criterion, optimizer, scheduler, device, progress=False,
-                                    recipe=recipe)
-            if epoch:
-                images += stats["images_per_s"] * stats["time_s"]
-                seconds += stats["time_s"]
-        return images / seconds
+    def epoch_speed(source, epoch: int) -> float:
+        if hasattr(source, "set_epoch"):
+            source.set_epoch(epoch)
+        stats = train_one_epoch(model, source, criterion, optimizer, scheduler, device, progress=False,
+                                recipe=recipe)
+        return stats["images_per_s"]
 
-    pipeline = run(loader, args.epochs)
-    batch = next(iter(loader))
-    limit = run(Repeated(batch, len(loader)), args.epochs)
+    repeated = Repeated(next(iter(loader)), len(loader))
+    epoch_speed(loader, 0)               # warm-up: allocations, kernels, first decoding
+    epoch_speed(repeated, 0)
+    # Pipeline and limit epochs alternate, so that drifts of the machine's speed hit both alike.
+    pairs = [(epoch_speed(loader, e), epoch_speed(repeated, e)) for e in range(1, args.epochs + 1)]
+    pipeline = statistics.median(p for p, _ in pairs)
+    limit = statistics.median(q for _, q in pairs)
+    ratio = statistics.median(p / q for p, q in pairs)
     count = start = 0.0
     for epoch in range(args.epochs + 1):
         loader.set_epoch(epoch)
@@ -99,7 +102,7 @@ def measure(template: str, size: int, args: argparse.Namespace) -> dict:
     return {"template": template, "size": size, "images": len(scan.samples),
             "workers": f"{t.training.workers} ({workers})" if t.training.workers == "auto" else workers,
             "batch": t.hyper_parameters.basic.batch_size, "pipeline": pipeline, "limit": limit,
-            "loader": loader_only, "ratio": pipeline / limit}
+            "loader": loader_only, "ratio": ratio}
 
 
 def main() -> int:
@@ -107,9 +110,11 @@ def main() -> int:
     parser.add_argument("--templates", nargs="+", default=["mobilenet_v3_large_1", "resnet18"])
     parser.add_argument("--sizes", nargs="+", type=int, default=[32, 224])
     parser.add_argument("--workers", type=int, default=None, help="loader processes (default: the template's)")
-    parser.add_argument("--epochs", type=int, default=1, help="timed epochs after the warm-up epoch")
+    parser.add_argument("--epochs", type=int, default=3, help="timed pipeline/limit epoch pairs after the warm-up")
     parser.add_argument("--max-images", type=int, default=0, help="training images used (0: all 1438)")
     parser.add_argument("--gpu-num", type=int, default=0, help="1: train on the first CUDA device")
+    parser.add_argument("--set", nargs="*", default=[], metavar="KEY=VALUE",
+                        help="template overrides for every run, e.g. training.amp=bf16")
     parser.add_argument("--out", type=Path, default=Path("/tmp/pipeline_bench"))
     args = parser.parse_args()
     for name in args.templates:
@@ -126,7 +131,8 @@ def main() -> int:
     device = "CUDA " + torch.cuda.get_device_name(0) if args.gpu_num and torch.cuda.is_available() else "CPU"
     print(f"\n{platform.processor() or platform.machine()}, {os.cpu_count()} cores, {device}, torch "
           f"{torch.__version__}, {torch.get_num_threads()} threads; full template recipe, "
-          f"{args.epochs} timed epoch(s) of {rows[0]['images']} digits images\n")
+          f"{args.epochs} timed epoch(s) of {rows[0]['images']} digits images"
+          + (f"; {' '.join(args.set)}" if args.set else "") + "\n")
     print("| template | input | batch | workers | pipeline (img/s) | model limit (img/s) | loader alone (img/s) "
           "| pipeline / limit |")
     print("|---|---|---:|---:|---:|---:|---:|---:|")
