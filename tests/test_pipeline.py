@@ -62,5 +62,6 @@ def test_benchmark_pipeline_prints_the_table(tmp_path: Path, monkeypatch, capsys
     row = next(line for line in out.splitlines() if line.startswith("| resnet18 | 32x32"))
     cells = [c.strip() for c in row.strip("|").split("|")]
     pipeline, limit, loader, ratio = (float(c) for c in cells[4:8])
-    assert pipeline > 0 and limit > 0 and loader > 0 and ratio == pytest.approx(pipeline / limit, abs=0.01)
+    # The ratio is the median of per-epoch-pair ratios: close to, not equal to, the ratio of the medians.
+    assert pipeline > 0 and limit > 0 and loader > 0 and ratio == pytest.approx(pipeline / limit, rel=0.3)
     assert "auto (0)" in row or "auto (2)" in row
