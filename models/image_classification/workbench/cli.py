@@ -12,6 +12,7 @@ from typing import Any, Callable
 import yaml
 
 from clsengine import data as D
+from clsengine import distributed as dist
 from clsengine.errors import UserError
 
 from .builders import report_skipped
@@ -137,7 +138,7 @@ def scan_train_val(args: argparse.Namespace, t: Template, logger: logging.Logger
     for name, scan in (("train", train), ("val", val)):
         if classes is not None:
             D.check_same_classes(classes, scan.classes, "the checkpoint", f"{name} data ({scan.source})")
-        report_skipped(scan, logger, out / "skipped_images.txt")
+        report_skipped(scan, logger, out / "skipped_images.txt" if dist.info().is_main else None)  # rank 0 writes
     D.check_same_classes(train.classes, val.classes, f"train data ({train.source})", f"val data ({val.source})")
     return train, val
 
