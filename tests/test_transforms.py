@@ -220,3 +220,77 @@ def test_invalid_config_names_the_field(field, value):
     aug = dataclasses.replace(AugmentationConfig(), **{field: value})
     with pytest.raises(UserError, match=field):
         build_train_transform(SIZE, MEAN, STD, aug)
+
+
+def _pil_reference(index: int, image: np.ndarray, m: float) -> np.ndarray:
+    """torchvision's AugMix op `index` (its _AUGMIX_OPS order) done with PIL: what ours must reproduce."""
+    from PIL import Image, ImageEnhance, ImageOps
+    pil = Image.fromarray(image)
+    w, h = pil.size
+
+    def affine(matrix):
+        return pil.transform(pil.size, Image.Transform.AFFINE, matrix, resample=Image.Resampling.NEAREST)
+    ops = [lambda: affine((1, m, -m * h / 2, 0, 1, 0)), lambda: affine((1, 0, 0, m, 1, -m * w / 2)),
+           lambda: affine((1, 0, m * w, 0, 1, 0)), lambda: affine((1, 0, 0, 0, 1, m * h)),
+           lambda: pil.rotate(m, resample=Image.Resampling.NEAREST),
+           lambda: ImageEnhance.Brightness(pil).enhance(1 + m), lambda: ImageEnhance.Color(pil).enhance(1 + m),
+           lambda: ImageEnhance.Contrast(pil).enhance(1 + m), lambda: ImageEnhance.Sharpness(pil).enhance(1 + m),
+           lambda: ImageOps.posterize(pil, int(m)), lambda: ImageOps.solarize(pil, m),
+           lambda: ImageOps.autocontrast(pil), lambda: ImageOps.equalize(pil)]
+    return np.asarray(ops[index]())
+
+
+def _assert_off_by_one_pixel(ours: np.ndarray, reference: np.ndarray, what) -> None:
+    """Every pixel of `ours` is the reference's pixel there or at a neighbour (a tie rounded the other way),
+    or black where the other is black (the image's edge moved by one pixel); the outermost pixels, whose
+    neighbour may lie outside, are left out."""
+    padded = np.pad(reference, ((1, 1), (1, 1), (0, 0)))
+    h, w = ours.shape[:2]
+    near = (reference == 0).all(axis=2) | (ours == 0).all(axis=2)
+    for dy in (0, 1, 2):
+        for dx in (0, 1, 2):
+            near |= (padded[dy:dy + h, dx:dx + w] == ours).all(axis=2)
+    assert near[1:-1, 1:-1].all(), what
+
+
+@pytest.mark.parametrize("shape", [(32, 32, 3), (21, 38, 3)])
+def test_augmix_ops_reproduce_pil(shape):
+    from clsengine.data.transforms import _AUGMIX_OPS
+    rng = np.random.default_rng(1)
+    images = [textured(*shape[:2]), (rng.random(shape) * 255).astype(np.uint8)]
+    flat = np.zeros(shape, dtype=np.uint8)
+    flat[..., 0], flat[..., 1], flat[:1, :1, 2] = 77, 200, 9       # one-valued channels, a nearly flat one
+    images.append(flat)
+    assert len(_AUGMIX_OPS) == 13
+    for index, (op, magnitudes, signed) in enumerate(_AUGMIX_OPS):
+        for m in ([0.0] if magnitudes is None else [float(v) for v in magnitudes[::3]]):
+            for value in ([m, -m] if signed else [m]):
+                for image in images:
+                    ours, pil = op(image, value), _pil_reference(index, image, value)
+                    assert ours.shape == image.shape and ours.dtype == np.uint8
+                    if index <= 4:   # warps: equal but where a source coordinate falls exactly on a pixel edge
+                        assert (ours == pil).all(axis=2).mean() > 0.85, (index, value)
+                        _assert_off_by_one_pixel(ours, pil, (index, value))
+                    else:            # per-value tables and blends: PIL's exact numbers
+                        assert np.array_equal(ours, pil), (index, value)
+
+
+def test_augmix_blends_the_image_with_its_chains(monkeypatch):
+    from clsengine.data import transforms
+    # With one op (inversion), every chain is 255 - image, so out = skip * image + (1 - skip) * (255 - image)
+    # for one skip weight per call: the chain weights must sum to 1 and skip lie in [0, 1].
+    monkeypatch.setattr(transforms, "_AUGMIX_OPS", ((lambda a, m: 255 - a, None, False),))
+    image = textured(32, 32)
+    augmix = transforms.AugMix(severity=3, width=3, depth=-1)
+    augmix.set_random_seed(0)
+    skips = []
+    for _ in range(8):
+        out = augmix.apply(image).astype(np.float64)
+        spread = 255.0 - 2 * image.astype(np.float64)          # out - image = (1 - skip) * spread
+        far = np.abs(spread) > 50
+        skip = 1 - np.median((out - image)[far] / spread[far])
+        assert 0 <= skip <= 1
+        expected = skip * image + (1 - skip) * (255.0 - image)
+        assert np.abs(out - expected).max() <= 1.5              # truncation to uint8, float32 sums
+        skips.append(skip)
+    assert np.ptp(skips) > 0.1                                  # skip is drawn afresh on every call
