@@ -65,3 +65,27 @@ def test_benchmark_pipeline_prints_the_table(tmp_path: Path, monkeypatch, capsys
     # The ratio is the median of per-epoch-pair ratios: close to, not equal to, the ratio of the medians.
     assert pipeline > 0 and limit > 0 and loader > 0 and ratio == pytest.approx(pipeline / limit, rel=0.3)
     assert "auto (0)" in row or "auto (2)" in row
+
+
+def test_benchmark_speed_options_prints_the_table(tmp_path: Path, monkeypatch, capsys):
+    import benchmark_speed_options
+
+    monkeypatch.setattr(sys, "argv", ["benchmark_speed_options.py", "--templates", "resnet18", "--sizes", "32",
+                                      "--variants", "fp32", "channels_last", "--batch-size", "4", "--steps", "2",
+                                      "--rounds", "1", "--out", str(tmp_path)])
+    assert benchmark_speed_options.main() == 0
+    out = capsys.readouterr().out
+    rows = {cells[3]: cells for cells in ([c.strip() for c in line.strip("|").split("|")]
+                                          for line in out.splitlines() if line.startswith("| resnet18 | 32x32"))}
+    assert set(rows) == {"fp32", "channels_last"}
+    assert rows["fp32"][2] == "4" and rows["fp32"][5] == "1.00x"
+    fp32, channels_last = float(rows["fp32"][4]), float(rows["channels_last"][4])
+    assert fp32 > 0 and float(rows["channels_last"][5].rstrip("x")) == pytest.approx(channels_last / fp32, abs=0.02)
+
+
+def test_benchmark_speed_options_rejects_bad_arguments(monkeypatch, capsys):
+    import benchmark_speed_options
+
+    monkeypatch.setattr(sys, "argv", ["benchmark_speed_options.py", "--templates", "no_such_template"])
+    assert benchmark_speed_options.main() == 2
+    assert "no template no_such_template" in capsys.readouterr().err

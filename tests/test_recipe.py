@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import copy
 import math
+import shutil
 from pathlib import Path
 
 import pytest
@@ -183,6 +184,29 @@ def test_fit_passes_zero_based_epoch(tmp_path: Path, monkeypatch, no_plots):
         constant_scheduler(optimizer, len(train)), CPU, FitConfig(epochs=3, output_dir=tmp_path, progress=False),
         LOGGER, recipe=recipe)
     assert seen == [(0, 0.5), (1, 0.5), (2, 0.0)]
+
+
+@pytest.mark.skipif(not (shutil.which("c++") or shutil.which("g++")), reason="torch.compile needs a C++ compiler")
+def test_fit_with_compile_trains_through_compiled_forwards(tmp_path: Path, no_plots):
+    """recipe.compile: the training forwards of the model and its partner run as compiled graphs, to the
+    weights plain training reaches; the checkpoint holds the plain modules' keys."""
+    import torch._dynamo
+    finals = []
+    for compiled in (False, True):
+        torch._dynamo.reset()
+        model, aux = mlp(0), mlp(1)
+        recipe = Recipe(aux_models=[aux], aux_criteria=[nn.CrossEntropyLoss()], mutual_weight=0.5, compile=compiled)
+        optimizer = create_optimizer([model, aux], "sgd", lr=0.05)
+        train = loader(toy_data(1, 16))
+        frames = torch._dynamo.utils.counters["stats"]["unique_graphs"]
+        fit(model, train, loader(toy_data(2, 8)), nn.CrossEntropyLoss(), optimizer,
+            constant_scheduler(optimizer, len(train)), CPU,
+            FitConfig(epochs=1, output_dir=tmp_path / str(compiled), progress=False), LOGGER, recipe=recipe)
+        assert (torch._dynamo.utils.counters["stats"]["unique_graphs"] > frames) == compiled
+        finals.append(torch.cat([flat(model), flat(aux)]))
+        state = load_checkpoint(tmp_path / str(compiled) / "latest.pth")["model"]
+        assert set(state) == set(model.state_dict())
+    assert torch.allclose(finals[0], finals[1], atol=1e-5)
 
 
 # ==================================================================================================== SAM
@@ -457,6 +481,7 @@ def test_small_template_is_valid_as_shipped():
 @pytest.mark.parametrize("overrides, fragment", [
     ({"training.loss.name": "am_softmax", "model.head": "linear"}, "cosine"),
     ({"training.amp": "fp32"}, "training.amp"),
+    ({"training.channels_last": "yes"}, "training.channels_last"),
     ({"training.mutual_learning.enabled": True, "training.mutual_learning.aux_models": []}, "aux_models"),
     ({"training.lr_finder.min_lr": 0.5, "training.lr_finder.max_lr": 0.1}, "min_lr"),
 ])
@@ -474,7 +499,7 @@ def test_template_rejects_am_softmax_aux_with_linear_head():
 
 def test_amp_dtype():
     def amp(value: str | None, sam: bool = True):
-        """value None: the schema's default (full precision), whatever its spelling."""
+        """value None: the schema's default (auto: full precision on a CPU), whatever its spelling."""
         overrides = {"training.optimizer.sam.enabled": sam}
         if value is not None:
             overrides["training.amp"] = value
@@ -489,6 +514,56 @@ def test_amp_dtype():
     assert builders.amp_dtype(amp("bf16"), CPU) == torch.bfloat16
     assert builders.amp_dtype(amp(None), CPU) is None
     assert builders.amp_dtype(amp("auto"), CPU) is None
+
+
+def test_memory_format_policy():
+    def layout(value, size: int, device: str = "cpu"):
+        t = template_from_dict(_small_data(), str(SMALL), overrides={"training.channels_last": value,
+                                                                   "input.size": [size, size]})
+        return builders.memory_format(t, torch.device(device))
+
+    assert layout("auto", 32) == torch.contiguous_format                       # measured no faster at 32x32
+    assert layout("auto", builders.CHANNELS_LAST_MIN_SIDE_CPU) == torch.channels_last
+    assert layout("auto", 32, "cuda") == torch.channels_last                   # only device.type is read
+    assert layout(True, 32) == torch.channels_last and layout(False, 224) == torch.contiguous_format
+
+
+def test_channels_last_trains_like_contiguous():
+    """The layout changes speed, not results: models, EMA and batches go channels_last and two SAM steps of
+    the template's recipe (auxiliary model, EMA) end at the same weights as in the default layout."""
+    results = []
+    for value in (False, True):
+        t = template_from_dict(_small_data(), str(SMALL), overrides={
+            "training.channels_last": value, "input.size": [32, 32], "hyper_parameters.basic.batch_size": 8})
+        torch.manual_seed(0)
+        model = builders.build_model(t, 3)
+        recipe = builders.build_recipe(t, model, 3, CPU)
+        layout = torch.channels_last if value else torch.contiguous_format
+        assert recipe.memory_format == layout
+        for m in (model, recipe.aux_models[0], recipe.ema.module):
+            assert m.features[0][0].weight.is_contiguous(memory_format=layout)
+        seen = []
+        model.features[0].register_forward_pre_hook(
+            lambda module, inputs: seen.append(inputs[0].is_contiguous(memory_format=layout)))
+        optimizer = builders.build_optimizer(t, [model, *recipe.aux_models])
+        g = torch.Generator().manual_seed(1)
+        data = loader(TensorDataset(torch.randn(16, 3, 32, 32, generator=g), torch.randint(3, (16,), generator=g)),
+                      batch_size=8, shuffle=False)
+        train_one_epoch(model, data, builders.build_loss(t, 3), optimizer, constant_scheduler(optimizer, len(data)),
+                        CPU, progress=False, recipe=recipe)
+        assert seen and all(seen)
+        results.append([p.detach().contiguous() for p in (*model.parameters(), *recipe.ema.module.parameters())])
+    assert all(torch.allclose(a, b, atol=1e-4) for a, b in zip(*results))
+    assert "channels_last" in builders.describe_recipe(t, recipe)
+
+
+def test_compile_without_a_compiler_is_one_clear_error(monkeypatch):
+    t = template_from_dict(_small_data(), str(SMALL), overrides={"training.compile": True})
+    monkeypatch.setattr(builders.shutil, "which", lambda name: None)
+    with pytest.raises(UserError, match="training.compile.*C\\+\\+ compiler"):
+        builders.build_recipe(t, builders.build_model(t, 3), 3, CPU)
+    monkeypatch.setattr(builders.shutil, "which", lambda name: f"/usr/bin/{name}")
+    assert builders.build_recipe(t, builders.build_model(t, 3), 3, CPU).compile
 
 
 def test_build_recipe_mobilenet_v3_large_1():

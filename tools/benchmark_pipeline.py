@@ -24,6 +24,7 @@ import platform
 import statistics
 import sys
 import time
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
@@ -35,10 +36,10 @@ sys.path.insert(0, str(REPO_ROOT / "tools"))
 
 from benchmark_recipe import TEMPLATES, digits_dataset  # noqa: E402
 from clsengine import data as D  # noqa: E402
-from clsengine.loop import train_one_epoch  # noqa: E402
+from clsengine.loop import Recipe, train_one_epoch  # noqa: E402
 from clsengine.utils import seed_everything, select_device  # noqa: E402
 from workbench import builders as B  # noqa: E402
-from workbench.template import load_template, parse_override  # noqa: E402
+from workbench.template import Template, load_template, parse_override  # noqa: E402
 
 
 class Repeated:
@@ -54,34 +55,55 @@ class Repeated:
         return (self.batch for _ in range(self.steps))
 
 
-def measure(template: str, size: int, args: argparse.Namespace) -> dict:
-    overrides = {**dict(parse_override(o) for o in args.set), "input.size": [size, size],
-                 "training.lr_finder.enabled": False}
-    if args.workers is not None:
-        overrides["training.workers"] = args.workers
+@dataclass
+class Training:
+    """Everything one training step of a template needs, built as train.py builds it."""
+    t: Template
+    scan: D.FolderScan
+    device: torch.device
+    model: torch.nn.Module
+    recipe: Recipe
+    optimizer: torch.optim.Optimizer
+    loader: D.EpochLoader
+    scheduler: object
+    criterion: torch.nn.Module
+
+    def epoch_speed(self, source, epoch: int, forward_models: list[torch.nn.Module] | None = None) -> float:
+        """Images/s of one epoch of the template's real training step over `source` (a loader or Repeated)."""
+        if hasattr(source, "set_epoch"):
+            source.set_epoch(epoch)
+        stats = train_one_epoch(self.model, source, self.criterion, self.optimizer, self.scheduler, self.device,
+                                progress=False, recipe=self.recipe, forward_models=forward_models)
+        return stats["images_per_s"]
+
+
+def build_training(template: str, size: int, overrides: dict, out: Path, max_images: int = 0,
+                   gpu_num: int = 0) -> Training:
+    """The template at size x size (LR finder off) on the digits images, its model, recipe, optimizer, loader."""
+    overrides = {**overrides, "input.size": [size, size], "training.lr_finder.enabled": False}
     t = load_template(TEMPLATES / template / "template.yaml", overrides)
     seed_everything(t.training.seed)
-    device = select_device(args.gpu_num)
-    data = digits_dataset(args.out / f"size{size}", size)
+    device = select_device(gpu_num)
+    data = digits_dataset(out / f"size{size}", size)
     scan = D.scan_folder(data / "train")
-    if args.max_images and len(scan.samples) > args.max_images:  # every class kept, in proportion
-        step = len(scan.samples) / args.max_images
-        scan.samples = [scan.samples[int(i * step)] for i in range(args.max_images)]
+    if max_images and len(scan.samples) > max_images:  # every class kept, in proportion
+        step = len(scan.samples) / max_images
+        scan.samples = [scan.samples[int(i * step)] for i in range(max_images)]
     n = len(scan.classes)
     model = B.build_model(t, n).to(device)
     recipe = B.build_recipe(t, model, n, device)
     optimizer = B.build_optimizer(t, [model, *recipe.aux_models])
     loader = B.train_loader(t, scan, device)
-    scheduler = B.build_scheduler(t, optimizer, len(loader))
-    criterion = B.build_loss(t, n).to(device)
+    return Training(t, scan, device, model, recipe, optimizer, loader, B.build_scheduler(t, optimizer, len(loader)),
+                    B.build_loss(t, n).to(device))
 
-    def epoch_speed(source, epoch: int) -> float:
-        if hasattr(source, "set_epoch"):
-            source.set_epoch(epoch)
-        stats = train_one_epoch(model, source, criterion, optimizer, scheduler, device, progress=False,
-                                recipe=recipe)
-        return stats["images_per_s"]
 
+def measure(template: str, size: int, args: argparse.Namespace) -> dict:
+    overrides = dict(parse_override(o) for o in args.set)
+    if args.workers is not None:
+        overrides["training.workers"] = args.workers
+    run = build_training(template, size, overrides, args.out, args.max_images, args.gpu_num)
+    t, scan, loader, epoch_speed = run.t, run.scan, run.loader, run.epoch_speed
     repeated = Repeated(next(iter(loader)), len(loader))
     epoch_speed(loader, 0)               # warm-up: allocations, kernels, first decoding
     epoch_speed(repeated, 0)
@@ -98,7 +120,7 @@ def measure(template: str, size: int, args: argparse.Namespace) -> dict:
         for images, _ in loader:
             count += images.shape[0] if epoch else 0
     loader_only = count / (time.perf_counter() - start)
-    workers = B.loader_workers(t, device)
+    workers = B.loader_workers(t, run.device)
     return {"template": template, "size": size, "images": len(scan.samples),
             "workers": f"{t.training.workers} ({workers})" if t.training.workers == "auto" else workers,
             "batch": t.hyper_parameters.basic.batch_size, "pipeline": pipeline, "limit": limit,

@@ -63,6 +63,9 @@ class Recipe:
     amp_dtype: torch.dtype | None = None                              # autocast dtype; None: full precision
     grad_scaler: torch.amp.GradScaler | None = None                   # fp16 only
     multilabel: bool = False                                          # sigmoid outputs: mutual terms per label
+    memory_format: torch.memory_format = torch.contiguous_format      # of the batches (the models are converted
+                                                                      # by the caller)
+    compile: bool = False                                             # fit: training forwards via torch.compile
 
     def mutual_weight_at(self, epoch: int) -> float:
         """Weight of the mutual term in (0-based) epoch `epoch`."""
@@ -133,7 +136,7 @@ def train_one_epoch(model: nn.Module, loader, criterion: nn.Module, optimizer: t
     start = time.perf_counter()
     bar = _progress(loader, len(loader), desc, progress)
     for images, labels in bar:
-        images = images.to(device, non_blocking=True)
+        images = images.to(device, non_blocking=True, memory_format=recipe.memory_format)
         labels = labels.to(device, non_blocking=True)
         losses = _losses(forward, criteria, images, labels, recipe, mutual_weight)
         main_loss = losses[0].item()
@@ -240,6 +243,8 @@ def fit(model: nn.Module, train_loader, val_loader, criterion: nn.Module, optimi
         logger.info(f"Resuming after epoch {start_epoch} (best top-1 {best_top1:.2f} at epoch {best_epoch})")
     runlog = RunLog(output_dir, cfg.tensorboard_dir if main else None, history, write=main)
     forward_models = [dist.wrap(m) for m in (model, *recipe.aux_models)] if world.enabled else None
+    if recipe.compile:  # compiled on the first step; validation and the weights stay with the plain modules
+        forward_models = [torch.compile(m) for m in forward_models or (model, *recipe.aux_models)]
     progress = cfg.progress and main
 
     stopped_early = False

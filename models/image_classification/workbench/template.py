@@ -141,7 +141,9 @@ class TrainingSection:
     ema: EmaSection = field(default_factory=EmaSection)
     mutual_learning: MutualLearningSection = field(default_factory=MutualLearningSection)
     lr_finder: LrFinderSection = field(default_factory=LrFinderSection)
-    amp: str = "none"                       # none | bf16 | fp16 | auto (bf16 on CUDA, none on CPU)
+    amp: str = "auto"                       # none | bf16 | fp16 | auto (bf16 on CUDA, none on CPU)
+    channels_last: bool | str = "auto"      # NHWC weights and batches; auto: see builders.memory_format
+    compile: bool = False                   # torch.compile the training forward passes (minutes to compile)
     early_stopping_patience: int | None = None
     freeze_backbone: bool = False
     seed: int = 5
@@ -397,6 +399,7 @@ def _check_semantics(t: Template, v: _Validator) -> None:
          "a non-empty list when mutual learning is enabled"),
         ("training.workers", t.training.workers == "auto" or (isinstance(t.training.workers, int)
                                                               and t.training.workers >= 0), "auto or 0 or more"),
+        ("training.channels_last", t.training.channels_last in (True, False, "auto"), "true, false or auto"),
         ("training.scale_lr", t.training.scale_lr in ("none", "linear", "sqrt"), "one of none, linear, sqrt"),
         ("hpo.learning_rate", t.hpo.learning_rate is None or (len(t.hpo.learning_rate) == 2
                                                               and 0 < t.hpo.learning_rate[0] <= t.hpo.learning_rate[1]),
