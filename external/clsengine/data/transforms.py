@@ -134,15 +134,18 @@ def _magnitudes(low: float, high: float) -> np.ndarray:
 
 # AugMix's operations (all_ops: the paper's list plus brightness/colour/contrast/sharpness) on HxWx3 uint8 arrays,
 # each (function(image, magnitude), magnitudes per severity bin or None, signed), with torchvision's magnitude
-# bins. They reproduce PIL's ImageOps/ImageEnhance/Image.transform results (the per-value ops exactly, the others
-# to within rounding; tests/test_transforms.py compares them) in numpy and cv2 look-up tables and warps, which at
-# 32x32 are several times faster than PIL (which builds its tables in Python, per call) and than tensor ops.
+# bins. They reproduce PIL's ImageOps/ImageEnhance/Image.transform results (exactly, but for warps where a source
+# coordinate falls on a pixel edge; tests/test_transforms.py compares them) with numpy and cv2 look-up tables and
+# warps, which at 32x32 are several times faster than PIL (which builds its tables in Python, per call) and than
+# tensor ops.
 _VALUES = np.arange(256, dtype=np.float64)
 _GREY = np.array([19595, 38470, 7471], dtype=np.int64)   # PIL's RGB -> L weights, 16-bit fixed point
 
 
 def _table(values: np.ndarray) -> np.ndarray:
-    return np.clip(values, 0, 255).astype(np.uint8)
+    table = np.clip(values, 0, 255).astype(np.uint8)
+    table.flags.writeable = False   # cached tables are shared
+    return table
 
 
 @functools.lru_cache(maxsize=4096)
