@@ -97,6 +97,14 @@ def run_in_process(wd: Path, script: str, *args: str, monkeypatch) -> int:
     return 0
 
 
+def run_captured(wd: Path, script: str, *args: str, monkeypatch, capsys) -> subprocess.CompletedProcess:
+    """run_in_process with its output captured, shaped like run_script's result (for assert_clean_error)."""
+    capsys.readouterr()
+    code = run_in_process(wd, script, *args, monkeypatch=monkeypatch)
+    captured = capsys.readouterr()
+    return subprocess.CompletedProcess([script, *args], code, captured.out, captured.err)
+
+
 @pytest.fixture(autouse=True)
 def _one_torch_thread():
     """In-process tests use tiny workloads: one intra-op thread avoids oversubscribing a small CPU."""

@@ -15,7 +15,7 @@ from clsengine.compression import AccuracyBudget, qat_epochs
 from clsengine.errors import UserError
 from clsengine.export import read_metadata
 from clsengine.inference import ExportedClassifier
-from conftest import run_script
+from conftest import run_captured
 from workbench.template import TemplateError
 
 
@@ -28,11 +28,12 @@ def data_args(trained: dict) -> list[str]:
     return ["--train-data-roots", str(trained["train"]), "--val-data-roots", str(trained["val"]), "--workers", "0"]
 
 
-def test_ptq_within_budget_then_int8_files_work_everywhere(trained):
+def test_ptq_within_budget_then_int8_files_work_everywhere(trained, monkeypatch, capsys):
+    """In process (one import of torch, NNCF and OpenVINO for the five script runs)."""
     wd = trained["wd"]
-    result = run_script(wd, "compress.py", "--load-weights", "outputs/best.pth", "--save-checkpoints-to", "int8",
-                        "--nncf-quantization", "--max-accuracy-drop", "100", "--calibration-subset", "12",
-                        "--benchmark-seconds", "0.2", *data_args(trained))
+    result = run_captured(wd, "compress.py", "--load-weights", "outputs/best.pth", "--save-checkpoints-to", "int8",
+                          "--nncf-quantization", "--max-accuracy-drop", "100", "--calibration-subset", "12",
+                          "--benchmark-seconds", "0.2", *data_args(trained), monkeypatch=monkeypatch, capsys=capsys)
     assert result.returncode == 0, result.stderr
     out = wd / "int8"
     metrics = yaml.safe_load((out / "metrics.yaml").read_text())
@@ -54,19 +55,21 @@ def test_ptq_within_budget_then_int8_files_work_everywhere(trained):
 
     # eval.py, export.py and predict.py take the int8 checkpoint and IR with no extra flag.
     for weights in ("int8/best.pth", "int8/export/model.xml"):
-        result = run_script(wd, "eval.py", "--load-weights", weights, "--test-data-roots", str(trained["val"]),
-                            "--save-metrics-to", f"m_{Path(weights).stem}.yaml", "--workers", "0")
+        result = run_captured(wd, "eval.py", "--load-weights", weights, "--test-data-roots", str(trained["val"]),
+                              "--save-metrics-to", f"m_{Path(weights).stem}.yaml", "--workers", "0",
+                              monkeypatch=monkeypatch, capsys=capsys)
         assert result.returncode == 0, result.stderr
     evaluated = yaml.safe_load((wd / "m_model.yaml").read_text())
     assert next(m["value"] for m in evaluated["metrics"] if m["key"] == "accuracy") == metrics["int8"]["top1"]
     assert yaml.safe_load((wd / "m_best.yaml").read_text())["model"]["format"] == "int8 checkpoint"
-    result = run_script(wd, "export.py", "--load-weights", "int8/best.pth", "--save-model-to", "int8_export",
-                        "--val-data-roots", str(trained["val"]))
+    result = run_captured(wd, "export.py", "--load-weights", "int8/best.pth", "--save-model-to", "int8_export",
+                          "--val-data-roots", str(trained["val"]), monkeypatch=monkeypatch, capsys=capsys)
     assert result.returncode == 0, result.stderr
     parity = yaml.safe_load((wd / "int8_export" / "parity.yaml").read_text())
     assert all(entry["ok"] for entry in parity["files"].values())
-    result = run_script(wd, "predict.py", "--load-weights", "int8/export/model.xml", "--input",
-                        str(trained["val"] / "class_2"), "--save-to", "int8_preds", "--workers", "0")
+    result = run_captured(wd, "predict.py", "--load-weights", "int8/export/model.xml", "--input",
+                          str(trained["val"] / "class_2"), "--save-to", "int8_preds", "--workers", "0",
+                          monkeypatch=monkeypatch, capsys=capsys)
     assert result.returncode == 0, result.stderr
     assert len(json.loads((wd / "int8_preds" / "0.png.json").read_text())["0_0"]) == 3
 

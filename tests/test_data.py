@@ -12,7 +12,7 @@ from PIL import Image
 from clsengine.data import check_same_classes, read_image, scan_folder
 from clsengine.data.image import UnreadableImageError
 from clsengine.errors import DataError
-from conftest import assert_clean_error, instantiate, make_image_folder, run_script
+from conftest import assert_clean_error, instantiate, make_image_folder, run_captured, run_script
 
 FAST = ("--epochs", "1", "--batch-size", "4", "input.size=[32,32]")
 
@@ -355,35 +355,39 @@ def shared_work_dir(tmp_path_factory) -> Path:
     return path
 
 
-def test_train_val_classes_differ(shared_work_dir: Path, tiny_dataset: Path, tmp_path: Path):
+def test_train_val_classes_differ(shared_work_dir: Path, tiny_dataset: Path, tmp_path: Path, monkeypatch, capsys):
     wd = shared_work_dir
     (tiny_dataset / "val" / "class_2").rename(tiny_dataset / "val" / "class_owl")
-    result = run_script(wd, "train.py", "--train-data-roots", str(tiny_dataset / "train"),
-                        "--val-data-roots", str(tiny_dataset / "val"),
-                        "--save-checkpoints-to", str(tmp_path / "outputs"), *FAST)
+    result = run_captured(wd, "train.py", "--train-data-roots", str(tiny_dataset / "train"),
+                          "--val-data-roots", str(tiny_dataset / "val"), "--save-checkpoints-to",
+                          str(tmp_path / "outputs"), *FAST, monkeypatch=monkeypatch, capsys=capsys)
     assert_clean_error(result, "class_2", "class_owl")
 
 
 @pytest.mark.parametrize("case", ["empty_class", "no_images", "no_root"])
-def test_train_data_errors(shared_work_dir: Path, tiny_dataset: Path, tmp_path: Path, case: str):
+def test_train_data_errors(shared_work_dir: Path, tiny_dataset: Path, tmp_path: Path, case: str, monkeypatch,
+                           capsys):
+    """In process (cli.run is what turns the errors into one line, as in a real run)."""
     wd = shared_work_dir
+
+    def train(*args: str):
+        return run_captured(wd, "train.py", *args, monkeypatch=monkeypatch, capsys=capsys)
+
     val = str(tiny_dataset / "val")
     out = ("--save-checkpoints-to", str(tmp_path / "outputs"))
     if case == "empty_class":  # the message names the empty class folder
         (tiny_dataset / "train" / "class_empty").mkdir()
-        result = run_script(wd, "train.py", "--train-data-roots", str(tiny_dataset / "train"),
-                            "--val-data-roots", val, *out, *FAST)
+        result = train("--train-data-roots", str(tiny_dataset / "train"), "--val-data-roots", val, *out, *FAST)
         assert_clean_error(result, "class_empty")
     elif case == "no_images":  # class folders, but not one image in them
         no_images = tmp_path / "no_images"
         (no_images / "a").mkdir(parents=True)
         (no_images / "b").mkdir()
         (no_images / "a" / "readme.txt").write_text("text only")
-        result = run_script(wd, "train.py", "--train-data-roots", str(no_images), "--val-data-roots", val,
-                            *out, *FAST)
+        result = train("--train-data-roots", str(no_images), "--val-data-roots", val, *out, *FAST)
         assert_clean_error(result, str(no_images))
-    else:  # no --train-data-roots and no $TRAIN_DATA_ROOT (run_script strips it from the environment)
-        result = run_script(wd, "train.py", "--val-data-roots", val, *out, *FAST)
+    else:  # no --train-data-roots and no $TRAIN_DATA_ROOT (run_captured strips it from the environment)
+        result = train("--val-data-roots", val, *out, *FAST)
         assert_clean_error(result, "TRAIN_DATA_ROOT")
 
 

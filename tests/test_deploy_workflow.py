@@ -12,7 +12,7 @@ import yaml
 
 from clsengine.export import read_metadata
 from clsengine.inference import ExportedClassifier
-from conftest import assert_clean_error, make_image_folder, run_script
+from conftest import assert_clean_error, make_image_folder, run_captured, run_script
 
 
 @pytest.fixture(scope="module")
@@ -129,27 +129,28 @@ def test_predict_one_image_from_checkpoint_and_bare_weights(trained, tmp_path):
         {"class_0": "red", "class_1": "green", "class_2": "blue"}[label] for _, label in out["0_0"]]
 
 
-def test_bad_inputs_give_one_clear_error(trained, tmp_path):
+def test_bad_inputs_give_one_clear_error(trained, tmp_path, monkeypatch, capsys):
+    """In process: seven eval.py runs without seven imports of torch and OpenVINO."""
+    def run(*args: str):
+        return run_captured(wd, "eval.py", *args, monkeypatch=monkeypatch, capsys=capsys)
+
     wd, val, root = trained["wd"], trained["val"], trained["root"]
     text_file = tmp_path / "notes.pth"
     text_file.write_text("not a checkpoint")
-    assert_clean_error(run_script(wd, "eval.py", "--load-weights", str(text_file), "--test-data-roots", str(val)),
-                       "notes.pth")
-    assert_clean_error(run_script(wd, "eval.py", "--load-weights", str(tmp_path / "gone.xml"),
-                                  "--test-data-roots", str(val)), "gone.xml")
+    assert_clean_error(run("--load-weights", str(text_file), "--test-data-roots", str(val)), "notes.pth")
+    assert_clean_error(run("--load-weights", str(tmp_path / "gone.xml"), "--test-data-roots", str(val)), "gone.xml")
     # A test folder that lacks one of the exported model's classes.
     two = make_image_folder(root / "data" / "two", classes=2, per_class=1)
-    assert_clean_error(run_script(wd, "eval.py", "--load-weights", "export/model.onnx", "--test-data-roots",
-                                  str(two)), "class_2")
+    assert_clean_error(run("--load-weights", "export/model.onnx", "--test-data-roots", str(two)), "class_2")
     # One with more classes: the model is evaluated on the images of its own classes, with a note.
     four = make_image_folder(root / "data" / "four", classes=4, per_class=1)
-    result = run_script(wd, "eval.py", "--load-weights", "export/model.onnx", "--test-data-roots", str(four),
-                        "--save-metrics-to", str(tmp_path / "four.yaml"))
+    result = run("--load-weights", "export/model.onnx", "--test-data-roots", str(four),
+                 "--save-metrics-to", str(tmp_path / "four.yaml"))
     assert result.returncode == 0 and "knows 3 of the 4 test classes" in result.stdout, result.stderr
     assert yaml.safe_load((tmp_path / "four.yaml").read_text())["dataset"]["num_images"] == 3
     # Bare weights of a 3-class model against a 2-class test folder: the class count is named.
     bare = tmp_path / "bare.pth"
     torch.save(torch.load(wd / "outputs" / "best.pth", weights_only=True)["model"], bare)
-    assert_clean_error(run_script(wd, "eval.py", "--load-weights", str(bare), "--test-data-roots", str(two),
-                                  "input.size=[32,32]"), "classifier for 3 classes", "has 2")
-    assert_clean_error(run_script(wd, "eval.py", "--preds", str(tmp_path)), "--gts")
+    assert_clean_error(run("--load-weights", str(bare), "--test-data-roots", str(two), "input.size=[32,32]"),
+                       "classifier for 3 classes", "has 2")
+    assert_clean_error(run("--preds", str(tmp_path)), "--gts")

@@ -43,10 +43,11 @@ from workbench.template import Template, load_template, parse_override  # noqa: 
 
 
 class Repeated:
-    """`steps` copies of one batch already in memory: a loader that costs nothing."""
+    """`steps` copies of one batch already in the device's memory: a loader that costs nothing."""
 
-    def __init__(self, batch: tuple[torch.Tensor, torch.Tensor], steps: int):
-        self.batch, self.steps = batch, steps
+    def __init__(self, batch: tuple[torch.Tensor, torch.Tensor], steps: int, device: torch.device | None = None):
+        self.batch = tuple(x.to(device) for x in batch) if device is not None else batch
+        self.steps = steps
 
     def __len__(self) -> int:
         return self.steps
@@ -104,7 +105,7 @@ def measure(template: str, size: int, args: argparse.Namespace) -> dict:
         overrides["training.workers"] = args.workers
     run = build_training(template, size, overrides, args.out, args.max_images, args.gpu_num)
     t, scan, loader, epoch_speed = run.t, run.scan, run.loader, run.epoch_speed
-    repeated = Repeated(next(iter(loader)), len(loader))
+    repeated = Repeated(next(iter(loader)), len(loader), run.device)
     epoch_speed(loader, 0)               # warm-up: allocations, kernels, first decoding
     epoch_speed(repeated, 0)
     # Pipeline and limit epochs alternate, so that drifts of the machine's speed hit both alike.

@@ -52,7 +52,7 @@ def measure(template: str, size: int, args: argparse.Namespace) -> list[dict]:
         forward = None
         if name.startswith("compile"):
             forward = [torch.compile(m) for m in (run.model, *run.recipe.aux_models)]
-        repeated = Repeated(next(iter(run.loader)), args.steps)
+        repeated = Repeated(next(iter(run.loader)), args.steps, run.device)
         start = time.perf_counter()
         run.epoch_speed(Repeated(repeated.batch, 1), 0, forward)    # warm-up (compiles)
         first_step[name] = time.perf_counter() - start
