@@ -45,9 +45,8 @@ from workbench.template import Template, load_template, parse_override  # noqa: 
 class Repeated:
     """`steps` copies of one batch already in the device's memory: a loader that costs nothing."""
 
-    def __init__(self, batch: tuple[torch.Tensor, torch.Tensor], steps: int, device: torch.device | None = None):
-        self.batch = tuple(x.to(device) for x in batch) if device is not None else batch
-        self.steps = steps
+    def __init__(self, batch: tuple[torch.Tensor, torch.Tensor], steps: int, device: torch.device):
+        self.batch, self.steps = tuple(x.to(device) for x in batch), steps
 
     def __len__(self) -> int:
         return self.steps

@@ -54,7 +54,7 @@ def measure(template: str, size: int, args: argparse.Namespace) -> list[dict]:
             forward = [torch.compile(m) for m in (run.model, *run.recipe.aux_models)]
         repeated = Repeated(next(iter(run.loader)), args.steps, run.device)
         start = time.perf_counter()
-        run.epoch_speed(Repeated(repeated.batch, 1), 0, forward)    # warm-up (compiles)
+        run.epoch_speed(Repeated(repeated.batch, 1, run.device), 0, forward)    # warm-up (compiles)
         first_step[name] = time.perf_counter() - start
         run.epoch_speed(repeated, 0, forward)
         runs[name] = (run, repeated, forward)

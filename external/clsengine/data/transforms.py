@@ -148,6 +148,9 @@ def _table(values: np.ndarray) -> np.ndarray:
     return table
 
 
+_IDENTITY = _table(_VALUES)
+
+
 @functools.lru_cache(maxsize=4096)
 def _blend_table(base: float, factor: float) -> np.ndarray:
     """Table of PIL's Image.blend(constant `base`, image, factor) per value: in float32, truncated, clipped."""
@@ -186,7 +189,7 @@ def _grey(a: np.ndarray) -> np.ndarray:
 
 
 def _posterize(a: np.ndarray, bits: float) -> np.ndarray:
-    return cv2.LUT(a, _blend_table(0.0, 1.0) & np.uint8((0xFF << (8 - int(bits))) & 0xFF))
+    return cv2.LUT(a, _IDENTITY & np.uint8((0xFF << (8 - int(bits))) & 0xFF))
 
 
 def _solarize(a: np.ndarray, threshold: float) -> np.ndarray:
@@ -226,7 +229,7 @@ def _autocontrast(a: np.ndarray, _: float) -> np.ndarray:
     tables = []
     for channel in cv2.split(a):
         lo, hi = cv2.minMaxLoc(channel)[:2]
-        tables.append(_blend_table(0.0, 1.0) if hi <= lo else _stretch_table(int(lo), int(hi)))
+        tables.append(_IDENTITY if hi <= lo else _stretch_table(int(lo), int(hi)))
     return _per_channel(a, tables)
 
 
@@ -241,7 +244,7 @@ def _equalize(a: np.ndarray, _: float) -> np.ndarray:
     keep = step == 0
     step[keep] = 1
     tables = (np.cumsum(hist, axis=1) - hist + (step // 2)[:, None]) // step[:, None]
-    tables[keep] = np.arange(256)
+    tables[keep] = _IDENTITY
     return cv2.LUT(a, np.ascontiguousarray(_table(tables).T).reshape(256, 1, channels))
 
 

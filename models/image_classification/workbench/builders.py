@@ -10,6 +10,7 @@ import torch
 import torch.nn as nn
 
 from clsengine import data as D
+from clsengine import distributed as dist
 from clsengine.checkpoint import load_checkpoint, load_model_weights, load_state_dict_file
 from clsengine.complexity import complexity
 from clsengine.ema import create_ema
@@ -161,7 +162,6 @@ def loader_workers(t: Template, device: torch.device) -> int:
     """training.workers, with auto resolved for this device and the processes sharing the machine."""
     if t.training.workers != "auto":
         return int(t.training.workers)
-    from clsengine import distributed as dist
     return D.auto_workers(device.type, dist.info().world_size)
 
 
