@@ -20,6 +20,7 @@ from .checkpoint import rng_state, save_checkpoint, set_rng_state
 from .errors import UserError
 from .losses.mutual import mutual_losses
 from .metrics import primary_score, topk_correct
+from .models.batchnorm import batchnorms, update_momentum as update_bn_momentum
 from .optim.scheduler import WarmupScheduler
 from .runlog import RunLog
 
@@ -77,9 +78,7 @@ class Recipe:
 @contextmanager
 def _frozen_bn_stats(models: list[nn.Module]):
     """Keep BatchNorm running statistics as they are (SAM's second pass sees the same batch again)."""
-    saved = [(m, [b.clone() for b in m.buffers(recurse=False)])
-             for model in models for m in model.modules()
-             if isinstance(m, nn.modules.batchnorm._BatchNorm) and m.track_running_stats]
+    saved = [(m, [b.clone() for b in m.buffers(recurse=False)]) for model in models for m in batchnorms(model)]
     try:
         yield
     finally:
@@ -138,6 +137,7 @@ def train_one_epoch(model: nn.Module, loader, criterion: nn.Module, optimizer: t
     for images, labels in bar:
         images = images.to(device, non_blocking=True, memory_format=recipe.memory_format)
         labels = labels.to(device, non_blocking=True)
+        update_bn_momentum(models)
         losses = _losses(forward, criteria, images, labels, recipe, mutual_weight)
         main_loss = losses[0].item()
         if not math.isfinite(main_loss):

@@ -11,6 +11,7 @@ from torchvision.ops import SqueezeExcitation
 
 from ..checkpoint import load_state_dict_file
 from ..errors import CheckpointError, UserError
+from .batchnorm import batchnorms, warm_start
 from .heads import am_softmax_scale, use_cosine_classifier
 
 IMAGENET_MEAN = (123.675, 116.28, 103.53)
@@ -110,7 +111,8 @@ def create_model(name: str, num_classes: int, *, width_mult: float = 1.0, dropou
     `head="cosine"` replaces the last linear layer by a CosineLinear (scale `cosine_scale`, by default
     the AM-softmax rule for `num_classes`), the classifier the AM-softmax loss needs.
     `bn_momentum` replaces the architecture's BatchNorm momentum (torchvision's MobileNetV3 uses 0.01,
-    tuned for long ImageNet runs, which leaves running statistics unusable after short runs).
+    tuned for long ImageNet runs, which leaves running statistics unusable after short runs). Running
+    statistics start as a cumulative average of the first batches (models.batchnorm: not from mean 0, var 1).
     The model carries `default_cfg` (input size, mean, std) and `head_name` (its classifier attribute).
     """
     if num_classes < 1:
@@ -129,9 +131,9 @@ def create_model(name: str, num_classes: int, *, width_mult: float = 1.0, dropou
     if small_input:
         _make_small_input(model)
     if bn_momentum is not None:
-        for module in model.modules():
-            if isinstance(module, nn.modules.batchnorm._BatchNorm):
-                module.momentum = float(bn_momentum)
+        for module in batchnorms(model):
+            module.momentum = float(bn_momentum)
+    warm_start(model)
     model.default_cfg = dict(spec.default_cfg)
     model.head_name = spec.head
     model.arch_name = name
