@@ -232,3 +232,21 @@ def test_use_cosine_classifier_on_every_architecture(arch, dropout):
         out = model(torch.randn(2, 3, 32, 32))
     assert out.shape == (2, 5)
     assert out.abs().max() <= scale + 1e-4
+
+
+def test_soft_targets_one_hot_equal_class_indices_and_mix_the_margin():
+    """MixUp / CutMix give class probabilities: one-hot ones give the same loss as indices, and a 50/50 target
+    penalises each of its two classes by half the margin."""
+    import torch.nn.functional as F
+
+    torch.manual_seed(0)
+    logits = torch.rand(5, 4) * 6 - 3
+    target = torch.tensor([0, 1, 2, 3, 1])
+    for margin_type in ("cos", "arc"):
+        loss = AMSoftmaxLoss(scale=6.0, margin=0.3, margin_type=margin_type, label_smoothing=0.1)
+        assert torch.allclose(loss(logits, target), loss(logits, F.one_hot(target, 4).float()), atol=1e-6)
+    loss = AMSoftmaxLoss(scale=6.0, margin=0.3)
+    soft = torch.zeros(1, 4)
+    soft[0, 0] = soft[0, 2] = 0.5
+    expected = F.cross_entropy(logits[:1] - 6.0 * 0.3 * soft, soft)
+    assert torch.allclose(loss(logits[:1], soft), expected, atol=1e-6)

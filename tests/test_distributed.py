@@ -113,8 +113,8 @@ def test_train_py_with_two_processes_trains_and_resumes(tmp_path: Path, tiny_dat
     wd = tmp_path / "wd"
     assert instantiate("resnet18", wd, "--do-not-load-snapshot").returncode == 0
     common = ["--train-data-roots", str(tiny_dataset / "train"), "--val-data-roots", str(tiny_dataset / "val"),
-              "--gpu-num", "2", "--batch-size", "2", "--workers", "0", "input.size=[32,32]",
-              "training.scale_lr=linear"]
+              "--gpu-num", "2", "--batch-size", "2", "--base-learning-rate", "0.01", "--workers", "0",
+              "input.size=[32,32]", "training.scale_lr=linear"]
     result = run_script(wd, "train.py", *common, "--epochs", "1")
     assert result.returncode == 0, result.stderr
     assert "2 processes" in result.stdout and "learning rate 0.01 -> 0.02" in result.stdout

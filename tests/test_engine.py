@@ -541,8 +541,10 @@ def test_load_pretrained_skips_classifier(tmp_path: Path):
     target = create_model("resnet18", 5)
     fc_before = {k: v.clone() for k, v in target.fc.state_dict().items()}
     assert not torch.equal(target.conv1.weight, source.conv1.weight)
-    skipped = load_pretrained(target, path)
-    assert skipped == ["fc.bias", "fc.weight"]
+    report = load_pretrained(target, path)
+    assert report.missing == ["fc.bias", "fc.weight"]
+    assert len(report.loaded) == report.total - 2 and report.unused == ["fc.bias", "fc.weight"]
+    assert "left at their initial values: fc.bias, fc.weight" in report.describe()
     src = source.state_dict()
     for k, v in target.state_dict().items():
         if not k.startswith("fc."):
@@ -559,6 +561,15 @@ def test_load_pretrained_skips_classifier(tmp_path: Path):
     other = save_checkpoint(tiny_net().state_dict(), tmp_path / "other.pth")
     with pytest.raises(CheckpointError, match="no tensor matches"):
         load_pretrained(create_model("resnet18", 5), other)
+
+
+def test_load_pretrained_refuses_a_file_of_another_width(tmp_path: Path):
+    path = save_checkpoint(create_model("mobilenet_v3_large", 10).state_dict(), tmp_path / "width1.pth")
+    target = create_model("mobilenet_v3_large", 10, width_mult=0.75)
+    before = {k: v.clone() for k, v in target.state_dict().items()}
+    with pytest.raises(CheckpointError, match=r"only \d+ of the \d+ backbone tensors .* width multiplier"):
+        load_pretrained(target, path)
+    assert all(torch.equal(v, before[k]) for k, v in target.state_dict().items())  # nothing half-loaded
 
 
 # ============================================================================ hub

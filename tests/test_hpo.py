@@ -102,7 +102,8 @@ def test_optimize_py_writes_best_params_that_train_py_uses(tmp_path: Path, tiny_
     data = ["--train-data-roots", str(tiny_dataset / "train"), "--val-data-roots", str(tiny_dataset / "val"),
             "--workers", "0", "input.size=[32,32]"]
     assert run_in_process(wd, "optimize.py", *data, "--n-trials", "3", "--epochs-per-trial", "2",
-                          "--time-budget", "1000", "hpo.batch_size=[2,4]", monkeypatch=monkeypatch) == 0
+                          "--time-budget", "1000", "hpo.batch_size=[2,4]", "hyper_parameters.basic.base_learning_rate=0.01",
+                          monkeypatch=monkeypatch) == 0
     best = yaml.safe_load((wd / "hpo_best.yaml").read_text())
     params = best["params"]
     assert set(params) == {"hyper_parameters.basic.base_learning_rate", "training.optimizer.weight_decay",

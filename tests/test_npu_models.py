@@ -61,7 +61,7 @@ def test_npu_variant_options():
     assert isinstance(model.classifier[-1], CosineLinear)
     assert model.classifier[0].p == 0.3
     assert model.features[0][0].stride == (1, 1), "small_input: stem stride 1"
-    assert all(m.momentum == 0.05 for m in model.modules() if isinstance(m, nn.BatchNorm2d))
+    assert all(m.target_momentum == 0.05 for m in model.modules() if isinstance(m, nn.BatchNorm2d))
     assert count(model, SqueezeExcitation) == 0 and count(model, nn.SiLU) == 0
     model.eval()
     with torch.no_grad():
@@ -81,7 +81,7 @@ def test_torchvision_weights_load_into_npu_variant(tmp_path):
 
     torch.manual_seed(1)
     model = create_model("efficientnet_b0_npu", 10)
-    left = load_pretrained(model, path)
+    left = load_pretrained(model, path).missing
     assert left == [], "every tensor of the NPU model exists in the plain one"
     own = model.state_dict()
     unused = set(state) - set(own)
@@ -90,7 +90,7 @@ def test_torchvision_weights_load_into_npu_variant(tmp_path):
 
     # Another class count: only the classifier stays at its initialisation; create_model loads the same way.
     other = create_model("efficientnet_b0_npu", 3)
-    assert load_pretrained(other, path) == ["classifier.1.bias", "classifier.1.weight"]
+    assert load_pretrained(other, path).missing == ["classifier.1.bias", "classifier.1.weight"]
     loaded = create_model("efficientnet_b0_npu", 10, pretrained=path)
     assert torch.equal(loaded.features[1][0].block[0][0].weight, state["features.1.0.block.0.0.weight"])
 

@@ -469,13 +469,19 @@ def test_bf16_autocast_on_cpu_trains():
 SMALL = TEMPLATES_DIR / "mobilenet_v3_small" / "template.yaml"
 
 
+# mobilenet_v3_small's published recipe, pinned (its template leaves these to the run: `auto`).
+PUBLISHED_RECIPE = {"training.optimizer.name": "sgd", "hyper_parameters.basic.base_learning_rate": 0.016,
+                    "training.optimizer.weight_decay": 5e-4, "training.optimizer.sam.enabled": True,
+                    "training.mutual_learning.enabled": True, "model.small_input": False}
+
+
 def _small_data() -> dict:
     return yaml.safe_load(SMALL.read_text(encoding="utf-8"))
 
 
 def test_small_template_is_valid_as_shipped():
     t = template_from_dict(_small_data(), str(SMALL))
-    assert t.training.optimizer.sam.enabled and t.training.mutual_learning.enabled
+    assert t.training.optimizer.sam.enabled == "auto" and t.training.mutual_learning.enabled == "auto"
 
 
 @pytest.mark.parametrize("overrides, fragment", [
@@ -534,7 +540,8 @@ def test_channels_last_trains_like_contiguous():
     results = []
     for value in (False, True):
         t = template_from_dict(_small_data(), str(SMALL), overrides={
-            "training.channels_last": value, "input.size": [32, 32], "hyper_parameters.basic.batch_size": 8})
+            "training.channels_last": value, "input.size": [32, 32], "hyper_parameters.basic.batch_size": 8,
+            **PUBLISHED_RECIPE})
         torch.manual_seed(0)
         model = builders.build_model(t, 3)
         recipe = builders.build_recipe(t, model, 3, CPU)

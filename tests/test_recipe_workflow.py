@@ -9,14 +9,16 @@ import yaml
 
 from conftest import assert_clean_error, run_script
 
+# The published recipe, pinned (in a one-epoch run the `auto` values would switch its costly parts off).
+PUBLISHED = ["training.optimizer.name=sgd", "training.optimizer.sam.enabled=true", "training.lr_finder.enabled=true"]
 TINY = ["--epochs", "1", "--batch-size", "4", "--workers", "0", "input.size=[32,32]",
-        "training.lr_finder.num_iter=12", "training.lr_finder.warmup_epochs=1"]
+        "training.lr_finder.num_iter=12", "training.lr_finder.warmup_epochs=1", *PUBLISHED]
 
 
 def test_full_recipe_one_epoch_then_aux_weights_and_resume(tmp_path: Path, tiny_dataset: Path, work_dir) -> None:
     wd = work_dir("mobilenet_v3_large_1")  # template recipe: mutual learning (AM-softmax aux), SAM, EMA, LR finder, AugMix
     data = ["--train-data-roots", str(tiny_dataset / "train"), "--val-data-roots", str(tiny_dataset / "val")]
-    result = run_script(wd, "train.py", *data, *TINY)
+    result = run_script(wd, "train.py", *data, *TINY, "training.mutual_learning.enabled=true")
     assert result.returncode == 0, result.stderr
     recipe_line = next(line for line in result.stdout.splitlines() if line.startswith("Recipe:"))
     for part in ("SAM(rho=0.05)", "mutual learning with 1 auxiliary model", "EMA(decay=0.999)", "AugMix"):
@@ -44,7 +46,8 @@ def test_full_recipe_one_epoch_then_aux_weights_and_resume(tmp_path: Path, tiny_
     assert evaluation.returncode == 0, evaluation.stderr
 
     # A second run starts its auxiliary model from the first run's; LR finder skipped by override.
-    second = run_script(wd, "train.py", *data, *TINY, "--save-checkpoints-to", str(tmp_path / "second"),
+    second = run_script(wd, "train.py", *data, *TINY, "training.mutual_learning.enabled=true",
+                        "--save-checkpoints-to", str(tmp_path / "second"),
                         "--load-aux-weights", str(outputs / "latest.pth"), "--lr-finder", "off")
     assert second.returncode == 0, second.stderr
     assert "LR finder" not in second.stdout
@@ -83,6 +86,6 @@ def test_plain_run_switches_everything_off(tiny_dataset: Path, work_dir) -> None
                         str(tiny_dataset / "val"), *TINY, *off)
     assert result.returncode == 0, result.stderr
     recipe_line = next(line for line in result.stdout.splitlines() if line.startswith("Recipe:"))
-    assert recipe_line == "Recipe: loss softmax, optimizer sgd, scheduler plateau"
+    assert recipe_line == "Recipe: loss softmax, optimizer sgd, scheduler cosine"  # auto schedule of a short run
     latest = torch.load(wd / "outputs" / "latest.pth", weights_only=True)
     assert "ema" not in latest and "aux_models" not in latest and not (wd / "outputs" / "lr_finder.png").exists()

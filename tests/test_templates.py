@@ -125,7 +125,7 @@ def test_catalogue_check_detects_changes(tmp_path):
     template = models / "image_classification" / "model_templates" / TEMPLATES_DIR.name / TEMPLATE_NAMES[0] / \
         "template.yaml"
     text = template.read_text(encoding="utf-8")
-    batch_line = re.search(r"^\s*batch_size:\s*(\d+)", text, re.M)
+    batch_line = re.search(r"^\s*batch_size:\s*(\w+)", text, re.M)
     template.write_text(text.replace(batch_line.group(0), batch_line.group(0).replace(batch_line.group(1), "999")),
                         encoding="utf-8")
     result = run_catalogue(*options, "--check")

@@ -84,7 +84,7 @@ def test_learns_digits_well_above_chance(tmp_path: Path) -> None:
     assert instantiate("resnet18", work_dir, "--do-not-load-snapshot").returncode == 0
     train = run_script(work_dir, "train.py", "--train-data-roots", str(data / "train"), "--val-data-roots",
                        str(data / "val"), "--epochs", "8", "--batch-size", "32", "--workers", "0",
-                       "input.size=[32,32]", "training.scheduler.name=cosine")
+                       "input.size=[32,32]", "training.scheduler.name=cosine", "model.small_input=false")
     assert train.returncode == 0, train.stderr
     evaluation = run_script(work_dir, "eval.py", "--load-weights", str(work_dir / "outputs" / "best.pth"),
                             "--test-data-roots", str(data / "val"))

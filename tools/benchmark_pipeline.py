@@ -38,6 +38,7 @@ from benchmark_recipe import TEMPLATES, digits_dataset  # noqa: E402
 from clsengine import data as D  # noqa: E402
 from clsengine.loop import Recipe, train_one_epoch  # noqa: E402
 from clsengine.utils import seed_everything, select_device  # noqa: E402
+from workbench import auto  # noqa: E402
 from workbench import builders as B  # noqa: E402
 from workbench.template import Template, load_template, parse_override  # noqa: E402
 
@@ -90,6 +91,7 @@ def build_training(template: str, size: int, overrides: dict, out: Path, max_ima
         step = len(scan.samples) / max_images
         scan.samples = [scan.samples[int(i * step)] for i in range(max_images)]
     n = len(scan.classes)
+    t, _ = auto.resolve(t, auto.run_facts(t, len(scan.samples), n, device.type))  # as train.py decides them
     model = B.build_model(t, n).to(device)
     recipe = B.build_recipe(t, model, n, device)
     optimizer = B.build_optimizer(t, [model, *recipe.aux_models])

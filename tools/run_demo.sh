@@ -25,15 +25,12 @@ MODEL_TEMPLATE=$(realpath ./model_templates/custom-classification/mobilenet_v3_l
 "${PYTHON}" ../../tools/instantiate_template.py "${MODEL_TEMPLATE}" "${WORK_DIR}" --do-not-load-snapshot
 export TRAIN_DATA_ROOT=${DATA_DIR}/train VAL_DATA_ROOT=${DATA_DIR}/val TEST_DATA_ROOT=${DATA_DIR}/val
 cd "${WORK_DIR}"
-# 32x32 digits: the template's 224x224 input is overridden. For this short budget the demo keeps the
-# template's EMA and AugMix and leaves out the parts that double the cost of a step (SAM, the auxiliary
-# model) and the LR finder: tools/benchmark_recipe.py measured no gain from them at 10 epochs from
-# scratch (see models/image_classification/README.md).
+# 32x32 digits: the template's 224x224 input is overridden; everything else is the template's defaults, whose
+# `auto` values train.py decides from the data and the epochs and logs (batch, optimizer, schedule, LR finder,
+# small-input stem, SAM and the auxiliary model).
 "${PYTHON}" train.py --train-ann-files '' --train-data-roots "${TRAIN_DATA_ROOT}" \
                      --val-ann-files '' --val-data-roots "${VAL_DATA_ROOT}" --save-checkpoints-to "${WORK_DIR}/outputs" \
-                     --epochs "${EPOCHS}" --batch-size 64 --lr-finder off input.size=[32,32] \
-                     training.scheduler.name=cosine training.optimizer.sam.enabled=false \
-                     training.mutual_learning.enabled=false
+                     --epochs "${EPOCHS}" input.size=[32,32]
 "${PYTHON}" eval.py --load-weights "${WORK_DIR}/outputs/best.pth" --test-ann-files '' \
                     --test-data-roots "${TEST_DATA_ROOT}" --save-metrics-to "${WORK_DIR}/metrics.yaml"
 # Int8: post-training quantization (fine-tuning only if the int8 IR loses more than the budget); prints

@@ -67,6 +67,7 @@ class Recipe:
     memory_format: torch.memory_format = torch.contiguous_format      # of the batches (the models are converted
                                                                       # by the caller)
     compile: bool = False                                             # fit: training forwards via torch.compile
+    mix: Callable | None = None                                       # batch MixUp / CutMix (data.build_batch_mix)
 
     def mutual_weight_at(self, epoch: int) -> float:
         """Weight of the mutual term in (0-based) epoch `epoch`."""
@@ -137,6 +138,8 @@ def train_one_epoch(model: nn.Module, loader, criterion: nn.Module, optimizer: t
     for images, labels in bar:
         images = images.to(device, non_blocking=True, memory_format=recipe.memory_format)
         labels = labels.to(device, non_blocking=True)
+        if recipe.mix is not None:
+            images, labels = recipe.mix(images, labels)
         update_bn_momentum(models)
         losses = _losses(forward, criteria, images, labels, recipe, mutual_weight)
         main_loss = losses[0].item()

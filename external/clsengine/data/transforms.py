@@ -72,6 +72,10 @@ class AugmentationConfig:
     augmix_width: int = 3              # number of chains, >= 1
     augmix_depth: int = -1             # ops per chain; -1: random 1..3
     augmix_alpha: float = 1.0          # Dirichlet / Beta parameter, > 0
+    # Batch mixing (torchvision's MixUp / CutMix, on whole batches in the training loop; soft targets):
+    mixup_alpha: float = 0.0           # Beta(alpha, alpha) mixing weight; 0 switches MixUp off
+    cutmix_alpha: float = 0.0          # Beta(alpha, alpha) box area; 0 switches CutMix off
+    mix_p: float = 1.0                 # share of batches mixed (one of the two, at random, when both are on)
 
     def validate(self) -> None:
         """Raise UserError naming the first field with an unusable value."""
@@ -126,6 +130,27 @@ class AugmentationConfig:
             raise fail("augmix_depth", "must be -1 (random 1..3) or >= 1")
         if not number("augmix_alpha") > 0:
             raise fail("augmix_alpha", "must be > 0")
+        for name in ("mixup_alpha", "cutmix_alpha"):
+            if number(name) < 0:
+                raise fail(name, "must be >= 0 (0: off)")
+
+    @property
+    def mixes(self) -> bool:
+        return self.mix_p > 0 and (self.mixup_alpha > 0 or self.cutmix_alpha > 0)
+
+
+def build_batch_mix(aug: AugmentationConfig, num_classes: int):
+    """MixUp and/or CutMix (torchvision.transforms.v2) applied to a whole batch with probability mix_p:
+    (images, class indices) -> (mixed images, soft targets of shape (N, num_classes)); None when both are off.
+    Draws come from torch's RNG, so seeded runs and resumed runs mix the same way."""
+    if not aug.mixes:
+        return None
+    from torchvision.transforms import v2
+
+    mixers = [cls(alpha=alpha, num_classes=num_classes)
+              for alpha, cls in ((aug.mixup_alpha, v2.MixUp), (aug.cutmix_alpha, v2.CutMix)) if alpha > 0]
+    mix = mixers[0] if len(mixers) == 1 else v2.RandomChoice(mixers)
+    return v2.RandomApply([mix], p=aug.mix_p) if aug.mix_p < 1 else mix
 
 
 def _magnitudes(low: float, high: float) -> np.ndarray:

@@ -51,10 +51,16 @@ class AMSoftmaxLoss(nn.Module):
         return torch.where(cos > math.cos(math.pi - m), torch.cos(theta + m), cos - m * math.sin(m))
 
     def forward(self, logits: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+        """`target`: class indices, or (N, C) class probabilities (MixUp / CutMix), whose margin is each class's
+        penalty weighted by its probability (the same loss for one-hot targets)."""
         logits = logits.float()  # the margin arithmetic near cos = +-1 is too coarse in half precision
-        index = target.long().unsqueeze(1)
-        target_cos = logits.gather(1, index) / self.scale
-        modified = logits.scatter(1, index, self.scale * self._penalised(target_cos))
+        if target.dim() == 2:
+            cos = logits / self.scale
+            modified = logits + target * self.scale * (self._penalised(cos) - cos)
+        else:
+            index = target.long().unsqueeze(1)
+            target_cos = logits.gather(1, index) / self.scale
+            modified = logits.scatter(1, index, self.scale * self._penalised(target_cos))
         weight = None if self.weight is None else self.weight.to(modified.device)
         return F.cross_entropy(modified, target, weight=weight, label_smoothing=self.label_smoothing)
 

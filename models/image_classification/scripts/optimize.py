@@ -25,6 +25,7 @@ import yaml
 from clsengine.hpo import Budget, SearchSpace, create_study, search
 from clsengine.runlog import get_logger
 from clsengine.utils import seed_everything, select_device
+from workbench import auto
 from workbench import builders as B
 from workbench import cli
 from workbench.template import load_template, template_from_dict
@@ -62,13 +63,17 @@ def main() -> int:
     overrides = cli.collect_overrides(args, {**FLAG_KEYS, **cli.DATASET_FLAG_KEYS,
                                              "batch_size": "hyper_parameters.basic.batch_size"})
     t = load_template(args.template, overrides)
-    h, basic = t.hpo, t.hyper_parameters.basic
     out = cli.WORK_DIR / "hpo"
     out.mkdir(parents=True, exist_ok=True)
     logger = get_logger(out / "optimize.log")
     seed_everything(t.training.seed, t.training.deterministic)
     device = select_device(t.gpu_num)
     train_scan, val_scan = cli.scan_train_val(args, t, logger, out)
+    # The recipe of the full run being tuned: its `auto` values are decided for its epochs, then kept by every trial.
+    t, choices = auto.resolve(t, auto.run_facts(t, len(train_scan.samples), len(train_scan.classes), device.type))
+    for choice in choices:
+        logger.info(str(choice))
+    h, basic = t.hpo, t.hyper_parameters.basic
 
     lr_range = h.learning_rate or [basic.base_learning_rate / 10, basic.base_learning_rate * 10]
     space = SearchSpace(learning_rate=tuple(lr_range), weight_decay=tuple(h.weight_decay), batch_size=h.batch_size)

@@ -21,7 +21,8 @@ from clsengine.models import am_softmax_scale, create_model
 from clsengine.optim import create_optimizer, create_scheduler
 from clsengine.optim.scheduler import WarmupScheduler
 
-from .template import LossSection, ModelSection, Template
+from . import auto
+from .template import AUTO, LossSection, ModelSection, Template
 
 
 def input_size(t: Template) -> tuple[int, int]:
@@ -33,14 +34,23 @@ def cosine_scale(loss: LossSection, num_classes: int) -> float:
     return loss.scale if loss.scale is not None else am_softmax_scale(num_classes)
 
 
-def _create(m: ModelSection, loss: LossSection, num_classes: int, pretrained: str | None = None) -> nn.Module:
+def _create(t: Template, m: ModelSection, loss: LossSection, num_classes: int,
+            pretrained: str | None = None) -> nn.Module:
     return create_model(m.architecture, num_classes, width_mult=m.width_mult, dropout=m.dropout,
-                        small_input=m.small_input, bn_momentum=m.bn_momentum, head=m.head,
+                        small_input=auto.small_input(m, t), bn_momentum=m.bn_momentum, head=m.head,
                         cosine_scale=cosine_scale(loss, num_classes), pretrained=pretrained)
 
 
 def build_model(t: Template, num_classes: int, pretrained: str | None = None) -> nn.Module:
-    return _create(t.model, t.training.loss, num_classes, pretrained)
+    return _create(t, t.model, t.training.loss, num_classes, pretrained)
+
+
+EVAL_BATCH_SIZE = 64  # inference batches of a template whose training batch is left to the run (auto)
+
+
+def eval_batch_size(t: Template) -> int:
+    b = t.hyper_parameters.basic.batch_size
+    return EVAL_BATCH_SIZE if b == AUTO else int(b)
 
 
 def is_multilabel(t: Template) -> bool:
@@ -81,7 +91,7 @@ def build_aux(t: Template, num_classes: int, device: torch.device, class_counts:
     ml = t.training.mutual_learning
     if not ml.enabled:
         return [], []
-    models = [_create(aux.model, aux.loss, num_classes).to(device) for aux in ml.aux_models]
+    models = [_create(t, aux.model, aux.loss, num_classes).to(device) for aux in ml.aux_models]
     weight = class_weights(t, class_counts)
     return models, [_loss(aux.loss, num_classes, weight).to(device) for aux in ml.aux_models]
 
@@ -134,7 +144,8 @@ def build_recipe(t: Template, model: nn.Module, num_classes: int, device: torch.
                   multilabel=is_multilabel(t),
                   ema=create_ema(model, ema.decay, ema.warmup) if ema.enabled else None, amp_dtype=dtype,
                   grad_scaler=torch.amp.GradScaler("cuda") if dtype == torch.float16 else None,
-                  memory_format=layout, compile=t.training.compile)
+                  memory_format=layout, compile=t.training.compile,
+                  mix=D.build_batch_mix(t.training.augmentation, num_classes))
 
 
 def eval_transform(t: Template) -> D.transforms.Pipeline:
@@ -188,7 +199,7 @@ def train_loader(t: Template, scan: D.FolderScan, device: torch.device) -> D.Epo
 
 def val_loader(t: Template, scan: D.FolderScan, device: torch.device) -> D.EpochLoader:
     return make_loader(dataset(t, scan.samples, scan.classes, eval_transform(t), cache=True), t,
-                       t.hyper_parameters.basic.batch_size, train=False, device=device)
+                       eval_batch_size(t), train=False, device=device)
 
 
 def build_optimizer(t: Template, models: nn.Module | list[nn.Module], lr: float | None = None,
@@ -255,6 +266,10 @@ def describe_recipe(t: Template, recipe: Recipe) -> str:
         parts.append("class-balanced sampler")
     if tr.augmentation.augmix:
         parts.append("AugMix")
+    aug = tr.augmentation
+    for name, alpha in (("MixUp", aug.mixup_alpha), ("CutMix", aug.cutmix_alpha)):
+        if alpha > 0 and aug.mix_p > 0:
+            parts.append(f"{name}(alpha={alpha:g}, p={aug.mix_p:g})")
     if recipe.amp_dtype is not None:
         parts.append(f"autocast {str(recipe.amp_dtype).removeprefix('torch.')}")
     if recipe.memory_format == torch.channels_last:

@@ -67,7 +67,7 @@ class Classifier:
         t = self.template
         dataset = D.ImageDataset(samples, self.classes, self.transform(),
                                  multilabel=self.multilabel if multihot is None else multihot)
-        loader = B.make_loader(dataset, t, t.hyper_parameters.basic.batch_size, train=False, device=self.device)
+        loader = B.make_loader(dataset, t, B.eval_batch_size(t), train=False, device=self.device)
         return predict(self.run, loader, self.device, desc=f"{desc} ({self.kind})")
 
 

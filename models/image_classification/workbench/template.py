@@ -30,7 +30,7 @@ class ModelSection:
     architecture: str                       # a name from clsengine.models.list_models()
     width_mult: float = 1.0                 # channel multiplier (MobileNets)
     dropout: float | None = None            # dropout before the classifier; null keeps torchvision's default
-    small_input: bool = False               # stem stride 1 (and no max-pool) for inputs like 32x32
+    small_input: bool | str = "auto"        # stem stride 1 (and no max-pool) for inputs like 32x32; auto: by input size
     bn_momentum: float | None = None        # BatchNorm momentum; null keeps the architecture's own
     head: str = "linear"                    # linear | cosine (needed by the am_softmax loss)
 
@@ -45,8 +45,8 @@ class InputSection:
 
 @dataclass
 class BasicHyperParameters:
-    batch_size: int
-    base_learning_rate: float
+    batch_size: int | str                   # or auto: from the dataset and the epochs (clsengine.auto)
+    base_learning_rate: float | str         # or auto: from the optimizer, the batch and initial weights
     epochs: int
 
 
@@ -57,17 +57,17 @@ class HyperParameters:
 
 @dataclass
 class SamSection:
-    enabled: bool = False
+    enabled: bool | str = False             # auto: only in long runs (clsengine.auto)
     rho: float = 0.05                       # radius of the sharpness neighbourhood
     adaptive: bool = False                  # ASAM: neighbourhood scaled by |w|
 
 
 @dataclass
 class OptimizerSection:
-    name: str = "sgd"                       # sgd | asgd | adam | adamw
+    name: str = "auto"                      # sgd | asgd | adam | adamw | auto (adamw in short runs, sgd in long)
     momentum: float = 0.9
     nesterov: bool = False
-    weight_decay: float = 5e-4
+    weight_decay: float | str = "auto"      # auto: 0.05 for adamw, 5e-4 otherwise
     no_bias_decay: bool = True              # no weight decay on biases and normalisation weights
     max_grad_norm: float | None = None      # gradient clipping; null disables it
     sam: SamSection = field(default_factory=SamSection)
@@ -75,8 +75,8 @@ class OptimizerSection:
 
 @dataclass
 class SchedulerSection:
-    name: str = "cosine"                    # cosine | plateau | constant
-    warmup_epochs: float = 1.0
+    name: str = "auto"                      # cosine | plateau | constant | auto (cosine in short runs, plateau in long)
+    warmup_epochs: float | str = "auto"     # auto: 5% of the epochs, at most 1 (fine-tuning: 2%, at most 0.5)
     warmup_factor: float = 0.1              # warm-up starts at this fraction of the learning rate
     min_lr: float = 0.0
     factor: float = 0.1                     # plateau: LR multiplier on each reduction
@@ -104,7 +104,7 @@ class AuxModelSection:
 
 @dataclass
 class MutualLearningSection:
-    enabled: bool = False
+    enabled: bool | str = False             # auto: only in long runs
     weight: float = 1.0                     # weight of the mutual (KL) term
     temperature: float = 1.0
     off_after_epoch: int | None = None      # switch the mutual term off after this epoch
@@ -120,11 +120,11 @@ class EmaSection:
 
 @dataclass
 class LrFinderSection:
-    enabled: bool = False
+    enabled: bool | str = False             # auto: only when it costs at most 5% of the training
     mode: str = "fast_ai"                   # fast_ai (range test) | tpe | grid (optuna)
     min_lr: float = 0.001
     max_lr: float = 0.1
-    num_iter: int = 100                     # fast_ai: iterations of the range test
+    num_iter: int | str = 100               # fast_ai: iterations of the range test; auto: 5% of the training
     smooth_f: float = 0.01
     warmup_epochs: int = 0                  # fast_ai: train this many epochs first, then restore
     n_trials: int = 15                      # tpe / grid
@@ -363,6 +363,31 @@ class _Validator:
         raise TypeError(f"unsupported schema type {tp} at {path}")
 
 
+AUTO = "auto"  # the value that leaves a key to the run (workbench.auto, rules in clsengine.auto)
+
+
+def _is_bool(value: Any) -> bool:
+    return isinstance(value, bool)
+
+
+def _auto_or(value: Any, check) -> bool:
+    """`auto`, or a concrete value passing `check` (a string other than auto never passes)."""
+    if isinstance(value, str):
+        return value == AUTO
+    return bool(check(value))
+
+
+def _lookup(t: Template, path: str) -> Any:
+    """The value at a dotted path such as 'training.mutual_learning.aux_models[0].loss.name'."""
+    node: Any = t
+    for part in path.replace("]", "").split("."):
+        name, _, index = part.partition("[")
+        node = getattr(node, name)
+        if index:
+            node = node[int(index)]
+    return node
+
+
 def _check_semantics(t: Template, v: _Validator) -> None:
     """Constraints a type alone cannot express."""
     from clsengine.models import list_models
@@ -372,13 +397,25 @@ def _check_semantics(t: Template, v: _Validator) -> None:
         ("input.mean", len(t.input.mean) == 3, "three values"),
         ("input.std", len(t.input.std) == 3 and all(s > 0 for s in t.input.std), "three positive values"),
         ("input.channel_order", t.input.channel_order in ("RGB", "BGR"), "RGB or BGR"),
-        ("hyper_parameters.basic.batch_size", t.hyper_parameters.basic.batch_size >= 1, "at least 1"),
+        ("hyper_parameters.basic.batch_size", _auto_or(t.hyper_parameters.basic.batch_size, lambda v: v >= 1),
+         "auto or an integer of at least 1"),
         ("hyper_parameters.basic.epochs", t.hyper_parameters.basic.epochs >= 1, "at least 1"),
-        ("hyper_parameters.basic.base_learning_rate", t.hyper_parameters.basic.base_learning_rate > 0, "positive"),
-        ("training.optimizer.name", t.training.optimizer.name in ("sgd", "asgd", "adam", "adamw"),
-         "one of sgd, asgd, adam, adamw"),
-        ("training.scheduler.name", t.training.scheduler.name in ("cosine", "plateau", "constant"),
-         "one of cosine, plateau, constant"),
+        ("hyper_parameters.basic.base_learning_rate",
+         _auto_or(t.hyper_parameters.basic.base_learning_rate, lambda v: v > 0), "auto or a positive number"),
+        ("training.optimizer.name", t.training.optimizer.name in ("auto", "sgd", "asgd", "adam", "adamw"),
+         "one of auto, sgd, asgd, adam, adamw"),
+        ("training.optimizer.weight_decay", _auto_or(t.training.optimizer.weight_decay, lambda v: v >= 0),
+         "auto or 0 or more"),
+        ("training.scheduler.name", t.training.scheduler.name in ("auto", "cosine", "plateau", "constant"),
+         "one of auto, cosine, plateau, constant"),
+        ("training.scheduler.warmup_epochs", _auto_or(t.training.scheduler.warmup_epochs, lambda v: v >= 0),
+         "auto or 0 or more"),
+        ("training.optimizer.sam.enabled", _auto_or(t.training.optimizer.sam.enabled, _is_bool), "true, false or auto"),
+        ("training.mutual_learning.enabled", _auto_or(t.training.mutual_learning.enabled, _is_bool),
+         "true, false or auto"),
+        ("training.lr_finder.enabled", _auto_or(t.training.lr_finder.enabled, _is_bool), "true, false or auto"),
+        ("training.lr_finder.num_iter", _auto_or(t.training.lr_finder.num_iter, lambda v: v >= 1),
+         "auto or at least 1"),
         ("training.optimizer.sam.rho", t.training.optimizer.sam.rho >= 0, "0 or more"),
         ("training.ema.decay", 0 < t.training.ema.decay < 1, "between 0 and 1"),
         ("training.amp", t.training.amp in ("none", "bf16", "fp16", "auto"), "one of none, bf16, fp16, auto"),
@@ -395,7 +432,7 @@ def _check_semantics(t: Template, v: _Validator) -> None:
         ("training.lr_finder.max_lr", 0 < t.training.lr_finder.min_lr < t.training.lr_finder.max_lr,
          "greater than training.lr_finder.min_lr (both positive)"),
         ("training.mutual_learning.aux_models",
-         not t.training.mutual_learning.enabled or t.training.mutual_learning.aux_models,
+         t.training.mutual_learning.enabled is False or t.training.mutual_learning.aux_models,
          "a non-empty list when mutual learning is enabled"),
         ("training.workers", t.training.workers == "auto" or (isinstance(t.training.workers, int)
                                                               and t.training.workers >= 0), "auto or 0 or more"),
@@ -421,6 +458,9 @@ def _check_semantics(t: Template, v: _Validator) -> None:
          "none, auto or a list of numbers (one per class)"),
         ("data.classes", len(set(t.data.classes)) == len(t.data.classes), "a list without repeated names"),
         ("data.cache_mb", t.data.cache_mb >= 0, "0 or more"),
+        ("training.augmentation.mixup_alpha", not (t.task.type == "multilabel" and t.training.augmentation.mixes),
+         "0 for task.type multilabel (as training.augmentation.cutmix_alpha): MixUp and CutMix take one label "
+         "per image"),
     ]
     multilabel = t.task.type == "multilabel"
     loss_names = ("bce", "asl") if multilabel else ("softmax", "am_softmax")
@@ -430,6 +470,7 @@ def _check_semantics(t: Template, v: _Validator) -> None:
         for i, aux in enumerate(t.training.mutual_learning.aux_models)]
     for model_path, model, loss_path, loss in heads:
         checks += [
+            (f"{model_path}.small_input", _auto_or(model.small_input, _is_bool), "true, false or auto"),
             (f"{model_path}.head", model.head in ("linear", "cosine"), "linear or cosine"),
             (f"{loss_path}.name", loss.name in loss_names,
              f"{' or '.join(loss_names)} for task.type {t.task.type}"),
@@ -445,7 +486,7 @@ def _check_semantics(t: Template, v: _Validator) -> None:
                                                       f"(known: {', '.join(list_models())})")
     for path, ok, expected in checks:
         if not ok:
-            raise v.fail(path, f"'{path}' must be {expected}")
+            raise v.fail(path, f"'{path}' must be {expected}, got {_lookup(t, path)!r}")
     try:
         t.training.augmentation.validate()
     except UserError as exc:

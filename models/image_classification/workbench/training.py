@@ -12,8 +12,9 @@ import torch
 from clsengine import data as D
 from clsengine import distributed as dist
 from clsengine.loop import FitConfig, fit
-from clsengine.models import freeze_backbone
+from clsengine.models import freeze_backbone, load_pretrained
 
+from . import auto
 from . import builders as B
 from .template import Template, dump_config
 
@@ -32,11 +33,18 @@ def train(t: Template, train_scan: D.FolderScan, val_scan: D.FolderScan, out: Pa
           tensorboard_dir: Path | None = None, checkpoints: bool = True, progress: bool = True,
           on_epoch_end: Callable[[int, dict], None] | None = None) -> dict[str, Any] | None:
     """Build the model, loaders, loss and recipe of `t` and fit; returns fit's result, or None when the LR
-    finder was asked to stop after finding the rate. `t`'s learning rate is updated in place (LR finder,
-    world-size scaling) so that the configuration saved is the one trained."""
+    finder was asked to stop after finding the rate. The template's `auto` values are decided first
+    (workbench.auto, one log line each); the learning rate of that effective template is then updated (LR
+    finder, world-size scaling), so that the configuration saved is the one trained."""
     classes = train_scan.classes
     world = dist.info()
-    model = B.build_model(t, len(classes), pretrained=weights)
+    t, choices = auto.resolve(t, auto.run_facts(t, len(train_scan.samples), len(classes), device.type,
+                                                world.world_size, pretrained=weights is not None))
+    for choice in choices:
+        logger.info(str(choice))
+    model = B.build_model(t, len(classes))
+    if weights:
+        logger.info(f"Initial weights {load_pretrained(model, weights).describe()}")
     if t.training.freeze_backbone:
         freeze_backbone(model)
     model.to(device)
@@ -56,7 +64,8 @@ def train(t: Template, train_scan: D.FolderScan, val_scan: D.FolderScan, out: Pa
                 dump_config({"template": t.to_dict(), "classes": classes}, out / "config.yaml")
             logger.info(f"stop_after: the learning rate is {lr:.4g}; train with --base-learning-rate {lr:.4g}")
             return None
-    if world.enabled and resume is None:
+    lr_auto = any(c.key == "hyper_parameters.basic.base_learning_rate" for c in choices)  # already global
+    if world.enabled and resume is None and not lr_auto:
         scaled = scale_learning_rate(t, world.world_size)
         if scaled != basic.base_learning_rate:
             logger.info(f"{world.world_size} processes x batch {basic.batch_size}: learning rate "

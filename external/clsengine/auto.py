@@ -1,0 +1,193 @@
+"""Defaults that fit the data and the budget: the rules behind a template's `auto` values.
+
+A recipe tuned for 200-epoch ImageNet fine-tuning (batch 128, SGD on a plateau schedule, SAM, an auxiliary
+model, a 100-iteration LR finder) gives a user's first run on a few hundred images two optimizer steps per
+epoch, spends most of its minutes on the LR finder and never decays the LR. Each rule below chooses one value
+from what is known before training starts (RunFacts) and says why, in words that go to the log.
+
+The planned number of optimizer steps decides most of it: below LONG_RUN_STEPS (Ultralytics' threshold for
+`optimizer=auto`), a run is short: AdamW with a short warm-up and a cosine decay, no SAM and no auxiliary
+model (each doubles the cost of a step, which a short run cannot pay back at equal wall time: see the
+domain README's ablation), and an LR finder only if it costs at most LR_FINDER_BUDGET of the training.
+A long run keeps the published recipe: SGD, plateau schedule, SAM, mutual learning, LR finder.
+"""
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import Any
+
+LONG_RUN_STEPS = 10_000       # planned optimizer steps from which a run counts as long
+TARGET_STEPS = 1_000          # the batch is the largest that still gives this many steps in the run...
+MIN_STEPS_PER_EPOCH = 8       # ...and this many per epoch
+MAX_BATCH = 128
+MIN_BATCH = {"cpu": 16, "cuda": 32}
+SMALL_INPUT_BELOW = 64        # px: a 32x-downsampling network would end on a 1x1 feature map
+LR_FINDER_BUDGET = 0.05       # the LR finder may cost this share of the planned training passes
+LR_FINDER_MIN_ITERS = 30      # fewer points give no usable loss curve
+LR_FINDER_MAX_ITERS = 100
+
+
+@dataclass(frozen=True)
+class RunFacts:
+    """What a run knows before it starts."""
+    train_images: int
+    num_classes: int
+    input_size: tuple[int, int]
+    epochs: int
+    device_type: str = "cpu"          # cpu | cuda
+    processes: int = 1
+    pretrained: bool = False          # initial weights given (fine-tuning)
+
+
+@dataclass(frozen=True)
+class Choice:
+    key: str                          # the template key it sets
+    value: Any
+    reason: str
+
+    def __str__(self) -> str:
+        value = f"{self.value:.4g}" if isinstance(self.value, float) else self.value
+        return f"auto {self.key} = {value}: {self.reason}"
+
+
+def steps_per_epoch(facts: RunFacts, batch_size: int) -> int:
+    """Optimizer steps of one epoch (the training loader drops its last incomplete batch)."""
+    per_process = math.ceil(facts.train_images / max(1, facts.processes))
+    return max(1, per_process // batch_size) if per_process > batch_size else 1
+
+
+def planned_steps(facts: RunFacts, batch_size: int) -> int:
+    return facts.epochs * steps_per_epoch(facts, batch_size)
+
+
+def is_long(facts: RunFacts, batch_size: int) -> bool:
+    return planned_steps(facts, batch_size) >= LONG_RUN_STEPS
+
+
+def _run_words(facts: RunFacts, batch_size: int) -> str:
+    steps = planned_steps(facts, batch_size)
+    kind = "long" if steps >= LONG_RUN_STEPS else "short"
+    return f"a {kind} run ({steps} steps {'>=' if kind == 'long' else '<'} {LONG_RUN_STEPS})"
+
+
+def batch_size(facts: RunFacts) -> Choice:
+    """The largest power of two up to MAX_BATCH that leaves the run TARGET_STEPS optimizer steps and every
+    epoch MIN_STEPS_PER_EPOCH, but not below MIN_BATCH (BatchNorm statistics and device efficiency)."""
+    floor = MIN_BATCH.get(facts.device_type, MIN_BATCH["cpu"])
+    images = facts.train_images / max(1, facts.processes)
+    fit = min(images * facts.epochs / TARGET_STEPS, images / MIN_STEPS_PER_EPOCH)
+    b = MAX_BATCH
+    while b > floor and b > fit:
+        b //= 2
+    spe = steps_per_epoch(facts, b)
+    return Choice("hyper_parameters.basic.batch_size", b,
+                  f"{facts.train_images} training images x {facts.epochs} epochs: {spe} steps per epoch, "
+                  f"{spe * facts.epochs} in the run (aim: >= {TARGET_STEPS} and >= {MIN_STEPS_PER_EPOCH} per epoch; "
+                  f"batch {floor}..{MAX_BATCH})")
+
+
+def optimizer(facts: RunFacts, batch: int) -> Choice:
+    if is_long(facts, batch):
+        return Choice("training.optimizer.name", "sgd", f"{_run_words(facts, batch)}: the published recipe's SGD")
+    return Choice("training.optimizer.name", "adamw",
+                  f"{_run_words(facts, batch)}: AdamW converges in fewer steps than SGD")
+
+
+# Learning rates at a reference batch: AdamW 2e-3 at 32 (timm's and Ultralytics' from-scratch settings),
+# scaled with the square root of the batch; SGD 0.1 at 256 (Goyal et al.), scaled linearly. Initialised
+# backbones get a quarter: they are already near a good solution, and a large first step destroys it.
+ADAMW_LR, ADAMW_BATCH = 2e-3, 32
+SGD_LR, SGD_BATCH = 0.1, 256
+PRETRAINED_LR_FACTOR = 0.25
+
+
+def learning_rate(facts: RunFacts, optimizer_name: str, batch: int) -> Choice:
+    """`batch` is one process's; the rule follows the global batch of all processes."""
+    total = batch * max(1, facts.processes)
+    words = f"batch {total}" if facts.processes <= 1 else f"global batch {total}"
+    if optimizer_name in ("adam", "adamw"):
+        lr, rule = ADAMW_LR * math.sqrt(total / ADAMW_BATCH), f"{ADAMW_LR:g} x sqrt({words} / {ADAMW_BATCH})"
+    else:
+        lr, rule = SGD_LR * total / SGD_BATCH, f"{SGD_LR:g} x {words} / {SGD_BATCH}"
+    if facts.pretrained:
+        lr, rule = lr * PRETRAINED_LR_FACTOR, f"{rule} x {PRETRAINED_LR_FACTOR:g} (initial weights given)"
+    return Choice("hyper_parameters.basic.base_learning_rate", lr, f"{optimizer_name}: {rule}")
+
+
+def weight_decay(optimizer_name: str) -> Choice:
+    if optimizer_name == "adamw":
+        return Choice("training.optimizer.weight_decay", 0.05, "adamw: decoupled decay (timm's default scale)")
+    return Choice("training.optimizer.weight_decay", 5e-4, f"{optimizer_name}: the published recipe's 5e-4")
+
+
+def scheduler(facts: RunFacts, batch: int) -> Choice:
+    if is_long(facts, batch):
+        return Choice("training.scheduler.name", "plateau",
+                      f"{_run_words(facts, batch)}: reduce on plateau, as published")
+    return Choice("training.scheduler.name", "cosine",
+                  f"{_run_words(facts, batch)}: a plateau schedule would not act within it; cosine decays to 0")
+
+
+def warmup_epochs(facts: RunFacts) -> Choice:
+    share, cap = (0.02, 0.5) if facts.pretrained else (0.05, 1.0)
+    epochs = round(min(cap, share * facts.epochs), 3)
+    why = "initial weights given: short" if facts.pretrained else "from scratch"
+    return Choice("training.scheduler.warmup_epochs", epochs,
+                  f"{why}: {share:.0%} of the {facts.epochs} epochs, at most {cap:g}")
+
+
+def costly_technique(key: str, name: str, facts: RunFacts, batch: int) -> Choice:
+    """SAM and mutual learning: each doubles the passes per step, paid back only by long runs."""
+    if is_long(facts, batch):
+        return Choice(key, True, f"{_run_words(facts, batch)}: {name} as published")
+    return Choice(key, False, f"{_run_words(facts, batch)}: {name} doubles the cost of a step, which a short "
+                              f"run does not recover at equal wall time")
+
+
+def small_input(input_size: tuple[int, int] | list[int]) -> Choice:
+    side = min(int(s) for s in input_size)
+    on = side < SMALL_INPUT_BELOW
+    return Choice("model.small_input", on,
+                  f"input {input_size[0]}x{input_size[1]}: " + (
+                      f"below {SMALL_INPUT_BELOW} px the last feature map would be 1x1; stem stride 1" if on
+                      else f"from {SMALL_INPUT_BELOW} px the standard stem keeps a usable last feature map"))
+
+
+def lr_finder(facts: RunFacts, batch: int, passes_per_step: int, warmup_epochs: int, lr_pinned: bool,
+              mode: str = "fast_ai", trial_cost_epochs: float = 0.0) -> list[Choice]:
+    """Whether the LR finder runs and how many iterations it takes: it may cost LR_FINDER_BUDGET of the
+    training passes. fast_ai: num_iter plain passes (plus the warm-up epochs, dropped if they alone would
+    take half the budget); tpe / grid: trial_cost_epochs epochs of plain passes."""
+    key = "training.lr_finder.enabled"
+    if lr_pinned:
+        return [Choice(key, False, "the learning rate is given")]
+    spe = steps_per_epoch(facts, batch)
+    budget = LR_FINDER_BUDGET * planned_steps(facts, batch) * passes_per_step
+    if mode != "fast_ai":
+        cost = trial_cost_epochs * spe
+        if cost > budget:
+            return [Choice(key, False, f"{mode} search: {cost:.0f} passes > {LR_FINDER_BUDGET:.0%} of the training "
+                                       f"({budget:.0f})")]
+        return [Choice(key, True, f"{mode} search: {cost:.0f} passes <= {LR_FINDER_BUDGET:.0%} of the training")]
+    warm = warmup_epochs * spe
+    choices = []
+    if warm > budget / 2:
+        warm = 0
+        if warmup_epochs:
+            choices.append(Choice("training.lr_finder.warmup_epochs", 0,
+                                  f"{warmup_epochs} warm-up epoch(s) would take over half of its budget"))
+    iters = int(min(LR_FINDER_MAX_ITERS, budget - warm))
+    if iters < LR_FINDER_MIN_ITERS:
+        return [Choice(key, False, f"its budget ({LR_FINDER_BUDGET:.0%} of {planned_steps(facts, batch)} steps x "
+                                   f"{passes_per_step} passes) leaves {max(0, iters)} iterations "
+                                   f"(< {LR_FINDER_MIN_ITERS}): it cannot pay")]
+    return [Choice(key, True, f"{iters} iterations + {warm} warm-up steps <= {LR_FINDER_BUDGET:.0%} of the "
+                              f"training passes"),
+            *choices, Choice("training.lr_finder.num_iter", iters, f"{LR_FINDER_BUDGET:.0%} of the training passes, "
+                                                                    f"at most {LR_FINDER_MAX_ITERS}")]
+
+
+__all__ = ["Choice", "RunFacts", "batch_size", "costly_technique", "is_long", "learning_rate", "lr_finder",
+           "optimizer", "planned_steps", "scheduler", "small_input", "steps_per_epoch", "warmup_epochs",
+           "weight_decay"]

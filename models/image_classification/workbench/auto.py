@@ -1,0 +1,78 @@
+"""A template's `auto` values, decided once per run from the data and the budget.
+
+`resolve` returns the effective template (every `auto` replaced by a value, the one train.py trains with,
+saves to config.yaml and stores in checkpoints) and the list of choices with their reasons, one log line
+each. The rules themselves live in the engine (clsengine.auto); this module only knows which template key
+each rule fills. A key given a value in the template, by a flag or by KEY=VALUE is never touched.
+"""
+from __future__ import annotations
+
+from typing import Any
+
+from clsengine import auto as A
+from clsengine.auto import Choice, RunFacts
+
+from .template import AUTO, ModelSection, Template, set_dotted, template_from_dict
+
+
+def small_input(m: ModelSection, t: Template) -> bool:
+    """model.small_input with `auto` decided by the input size (needs no data: eval and export use it too)."""
+    return A.small_input(t.input.size).value if m.small_input == AUTO else bool(m.small_input)
+
+
+def run_facts(t: Template, train_images: int, num_classes: int, device_type: str, processes: int = 1,
+              pretrained: bool = False) -> RunFacts:
+    return RunFacts(train_images=train_images, num_classes=num_classes,
+                    input_size=(int(t.input.size[0]), int(t.input.size[1])), epochs=t.hyper_parameters.basic.epochs,
+                    device_type=device_type, processes=processes, pretrained=pretrained)
+
+
+def resolve(t: Template, facts: RunFacts) -> tuple[Template, list[Choice]]:
+    """The template with every `auto` decided for `facts`, and the choices made (in the order made)."""
+    data = t.to_dict()
+    choices: list[Choice] = []
+
+    def decide(choice: Choice) -> Any:
+        set_dotted(data, choice.key, choice.value)
+        choices.append(choice)
+        return choice.value
+
+    tr, basic = t.training, t.hyper_parameters.basic
+    if t.model.small_input == AUTO:
+        decide(A.small_input(t.input.size))
+    for i, aux in enumerate(tr.mutual_learning.aux_models):
+        if aux.model.small_input == AUTO:  # the partners see the same input: same rule, not logged again
+            data["training"]["mutual_learning"]["aux_models"][i]["model"]["small_input"] = small_input(aux.model, t)
+    batch = decide(A.batch_size(facts)) if basic.batch_size == AUTO else basic.batch_size
+    optimizer = decide(A.optimizer(facts, batch)) if tr.optimizer.name == AUTO else tr.optimizer.name
+    if tr.optimizer.weight_decay == AUTO:
+        decide(A.weight_decay(optimizer))
+    if tr.scheduler.name == AUTO:
+        decide(A.scheduler(facts, batch))
+    if tr.scheduler.warmup_epochs == AUTO:
+        decide(A.warmup_epochs(facts))
+    lr_pinned = basic.base_learning_rate != AUTO
+    if not lr_pinned:
+        decide(A.learning_rate(facts, optimizer, batch))
+    sam = tr.optimizer.sam.enabled
+    if sam == AUTO:
+        sam = decide(A.costly_technique("training.optimizer.sam.enabled", "SAM", facts, batch))
+    mutual = tr.mutual_learning.enabled
+    if mutual == AUTO:
+        mutual = decide(A.costly_technique("training.mutual_learning.enabled", "mutual learning", facts, batch))
+    f = tr.lr_finder
+    if f.enabled == AUTO or f.num_iter == AUTO:
+        passes = (2 if sam else 1) * (1 + (len(tr.mutual_learning.aux_models) if mutual else 0))
+        found = A.lr_finder(facts, batch, passes, f.warmup_epochs, lr_pinned and f.enabled == AUTO, f.mode,
+                            trial_cost_epochs=f.n_trials * f.trial_epochs)
+        for choice in found:  # a pinned value is kept: only the `auto` ones are decided
+            leaf = choice.key.rsplit(".", 1)[1]
+            if (f.num_iter if leaf == "num_iter" else f.enabled) == AUTO:
+                decide(choice)
+        if f.num_iter == AUTO and not any(c.key.endswith(".num_iter") for c in found):
+            # The finder does not run (or its budget is too small for a curve): the fewest usable iterations.
+            set_dotted(data, "training.lr_finder.num_iter", A.LR_FINDER_MIN_ITERS)
+    return template_from_dict(data, f"{t.name} (auto values decided)"), choices
+
+
+__all__ = ["resolve", "run_facts", "small_input"]

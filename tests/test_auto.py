@@ -1,0 +1,216 @@
+"""The `auto` rules (clsengine.auto) and their application to templates (workbench.auto): what each chooses
+for a small and a large dataset, for short and long runs, and that pinned values are never touched."""
+from __future__ import annotations
+
+import math
+from pathlib import Path
+
+import pytest
+import yaml
+
+from clsengine import auto as A
+from clsengine.auto import RunFacts
+from conftest import TEMPLATES_DIR, make_image_folder, run_captured
+from workbench import auto
+from workbench.template import AUTO, load_template
+
+SMALL = RunFacts(train_images=245, num_classes=2, input_size=(224, 224), epochs=20)          # a first run
+DIGITS = RunFacts(train_images=8000, num_classes=10, input_size=(32, 32), epochs=5)
+LARGE = RunFacts(train_images=100_000, num_classes=100, input_size=(224, 224), epochs=200)  # published scale
+
+
+def test_batch_size_gives_small_datasets_enough_steps():
+    assert A.batch_size(SMALL).value == 16                 # 15 steps per epoch (batch 128 gave 1)
+    assert A.steps_per_epoch(SMALL, 16) == 15
+    assert A.batch_size(DIGITS).value == 32                # 40k images seen / 1000 steps
+    assert A.batch_size(LARGE).value == A.MAX_BATCH
+    tiny = RunFacts(train_images=72, num_classes=3, input_size=(32, 32), epochs=5)
+    assert A.batch_size(tiny).value == A.MIN_BATCH["cpu"]  # never below the floor
+    gpu = RunFacts(**{**SMALL.__dict__, "device_type": "cuda"})
+    assert A.batch_size(gpu).value == A.MIN_BATCH["cuda"]
+    # Several processes share the images: each process's batch follows its shard.
+    four = RunFacts(**{**LARGE.__dict__, "train_images": 20_000, "epochs": 10, "processes": 4})
+    assert A.batch_size(four).value == 32                  # 5000 images x 10 epochs per process / 1000
+    assert "steps per epoch" in A.batch_size(SMALL).reason
+
+
+def test_short_runs_get_adamw_and_cosine_long_runs_the_published_sgd_and_plateau():
+    b_small, b_large = A.batch_size(SMALL).value, A.batch_size(LARGE).value
+    assert not A.is_long(SMALL, b_small) and A.is_long(LARGE, b_large)
+    assert A.optimizer(SMALL, b_small).value == "adamw"
+    assert A.optimizer(LARGE, b_large).value == "sgd"
+    assert A.scheduler(SMALL, b_small).value == "cosine"
+    assert A.scheduler(LARGE, b_large).value == "plateau"
+    assert A.weight_decay("adamw").value == 0.05 and A.weight_decay("sgd").value == 5e-4
+    assert "short run (300 steps < 10000)" in A.optimizer(SMALL, b_small).reason
+
+
+def test_learning_rate_follows_the_batch_and_initial_weights():
+    assert A.learning_rate(SMALL, "adamw", 32).value == pytest.approx(2e-3)
+    assert A.learning_rate(SMALL, "adamw", 128).value == pytest.approx(4e-3)        # sqrt scaling
+    assert A.learning_rate(LARGE, "sgd", 128).value == pytest.approx(0.05)          # linear scaling
+    pretrained = RunFacts(**{**SMALL.__dict__, "pretrained": True})
+    assert A.learning_rate(pretrained, "adamw", 32).value == pytest.approx(5e-4)
+    assert "initial weights" in A.learning_rate(pretrained, "adamw", 32).reason
+
+
+def test_warmup_is_short_and_shorter_for_fine_tuning():
+    assert A.warmup_epochs(SMALL).value == 1.0          # 5% of 20
+    assert A.warmup_epochs(DIGITS).value == 0.25
+    assert A.warmup_epochs(LARGE).value == 1.0          # capped
+    pretrained = RunFacts(**{**SMALL.__dict__, "pretrained": True})
+    assert A.warmup_epochs(pretrained).value == 0.4     # 2% of 20
+
+
+def test_sam_and_mutual_learning_only_in_long_runs():
+    key = "training.optimizer.sam.enabled"
+    assert A.costly_technique(key, "SAM", SMALL, 16).value is False
+    assert A.costly_technique(key, "SAM", LARGE, 128).value is True
+
+
+@pytest.mark.parametrize("size,expected", [((32, 32), True), ((28, 28), True), ((63, 80), True),
+                                           ((64, 64), False), ((224, 224), False)])
+def test_small_input_stem_from_the_input_size(size, expected):
+    assert A.small_input(size).value is expected
+
+
+def test_lr_finder_costs_at_most_its_budget():
+    off = A.lr_finder(SMALL, 16, passes_per_step=1, warmup_epochs=1, lr_pinned=False)
+    assert [c.value for c in off] == [False] and "cannot pay" in off[0].reason
+    on = {c.key: c.value for c in A.lr_finder(LARGE, 128, passes_per_step=4, warmup_epochs=1, lr_pinned=False)}
+    assert on["training.lr_finder.enabled"] is True and on["training.lr_finder.num_iter"] == A.LR_FINDER_MAX_ITERS
+    # A mid-size run: fewer iterations, within 5% of the passes, and the warm-up epoch dropped.
+    mid = RunFacts(train_images=2000, num_classes=10, input_size=(64, 64), epochs=30)
+    found = {c.key: c.value for c in A.lr_finder(mid, 32, passes_per_step=1, warmup_epochs=1, lr_pinned=False)}
+    assert found["training.lr_finder.enabled"] is True
+    assert A.LR_FINDER_MIN_ITERS <= found["training.lr_finder.num_iter"] < A.LR_FINDER_MAX_ITERS
+    assert found["training.lr_finder.num_iter"] <= 0.05 * A.planned_steps(mid, 32)
+    assert found["training.lr_finder.warmup_epochs"] == 0
+    assert A.lr_finder(LARGE, 128, 4, 1, lr_pinned=True)[0].value is False       # nothing to find
+    tpe = A.lr_finder(LARGE, 128, 4, 1, lr_pinned=False, mode="tpe", trial_cost_epochs=15 * 6)
+    assert tpe[0].value is False                                                 # 90 epochs of trials
+
+
+DEVICE_AUTO = ["data.format", "training.amp", "training.channels_last", "training.workers"]
+
+
+def _auto_keys(tree: dict, prefix: str = "") -> list[str]:
+    keys = []
+    for key, value in tree.items():
+        path = f"{prefix}{key}"
+        if isinstance(value, dict):
+            keys += _auto_keys(value, f"{path}.")
+        elif value == AUTO:
+            keys.append(path)
+    return keys
+
+
+def _template(name: str = "mobilenet_v3_small", **overrides):
+    return load_template(TEMPLATES_DIR / name / "template.yaml", overrides)
+
+
+def test_resolve_decides_every_auto_and_logs_why():
+    t = _template(**{"input.size": [32, 32]})
+    resolved, choices = auto.resolve(t, auto.run_facts(t, 72, 3, "cpu"))
+    keys = [c.key for c in choices]
+    for key in ("model.small_input", "hyper_parameters.basic.batch_size", "training.optimizer.name",
+                "hyper_parameters.basic.base_learning_rate", "training.scheduler.name",
+                "training.optimizer.sam.enabled", "training.mutual_learning.enabled", "training.lr_finder.enabled"):
+        assert key in keys
+    # Left: what is decided by the files given (data.format) or by the device (workers, amp, layout).
+    assert _auto_keys(resolved.to_dict()) == DEVICE_AUTO
+    assert resolved.model.small_input is True
+    assert resolved.training.mutual_learning.aux_models[0].model.small_input is True  # the partner follows
+    assert resolved.training.optimizer.name == "adamw" and resolved.training.optimizer.sam.enabled is False
+    assert all(str(c).startswith(f"auto {c.key} = ") and c.reason for c in choices)
+
+
+def test_resolve_keeps_pinned_values_and_the_published_recipe():
+    published = {"hyper_parameters.basic.batch_size": 128, "hyper_parameters.basic.base_learning_rate": 0.016,
+                 "training.optimizer.name": "sgd", "training.optimizer.weight_decay": 5e-4,
+                 "training.scheduler.name": "plateau", "training.scheduler.warmup_epochs": 1,
+                 "training.optimizer.sam.enabled": True, "training.mutual_learning.enabled": True,
+                 "training.lr_finder.enabled": True, "training.lr_finder.num_iter": 100, "model.small_input": False}
+    t = _template(**published)
+    resolved, choices = auto.resolve(t, auto.run_facts(t, 245, 2, "cpu"))
+    assert choices == []
+    for key, value in published.items():
+        node = resolved
+        for part in key.split("."):
+            node = getattr(node, part)
+        assert node == value, key
+
+
+def test_resolve_pinned_lr_finder_gets_its_iterations_only():
+    t = _template(**{"training.lr_finder.enabled": True, "hyper_parameters.basic.epochs": 20})
+    resolved, choices = auto.resolve(t, auto.run_facts(t, 245, 2, "cpu"))
+    assert resolved.training.lr_finder.enabled is True
+    assert resolved.training.lr_finder.num_iter == A.LR_FINDER_MIN_ITERS  # its 5% share would be 15
+    assert "training.lr_finder.enabled" not in [c.key for c in choices]
+
+
+def test_bad_auto_value_is_one_error_naming_the_key(tmp_path: Path):
+    from workbench.template import TemplateError
+    with pytest.raises(TemplateError, match="hyper_parameters.basic.batch_size.*auto or an integer of at least 1, got 'big'"):
+        _template(**{"hyper_parameters.basic.batch_size": "big"})
+    with pytest.raises(TemplateError, match="training.optimizer.sam.enabled.*true, false or auto"):
+        _template(**{"training.optimizer.sam.enabled": "sometimes"})
+
+
+def test_train_py_logs_each_choice_and_honours_overrides(tmp_path: Path, work_dir, monkeypatch, capsys):
+    train = make_image_folder(tmp_path / "train", per_class=8, seed=1)
+    val = make_image_folder(tmp_path / "val", per_class=3, seed=2)
+    wd = work_dir("mobilenet_v3_small")
+    out = tmp_path / "out"
+    result = run_captured(wd, "train.py", "--train-data-roots", str(train), "--val-data-roots", str(val),
+                          "--epochs", "1", "--batch-size", "8", "--save-checkpoints-to", str(out),
+                          "input.size=[32,32]", "training.optimizer.name=sgd", monkeypatch=monkeypatch, capsys=capsys)
+    assert result.returncode == 0, result.stderr
+    log = (out / "train.log").read_text()
+    assert "auto model.small_input = True" in log
+    assert "auto training.scheduler.name = cosine" in log
+    assert "auto hyper_parameters.basic.base_learning_rate = 0.003125: sgd: 0.1 x batch 8 / 256" in log
+    assert "auto hyper_parameters.basic.batch_size" not in log      # given by --batch-size
+    assert "auto training.optimizer.name" not in log                # given by KEY=VALUE
+    config = yaml.safe_load((out / "config.yaml").read_text())["template"]
+    assert config["hyper_parameters"]["basic"]["batch_size"] == 8
+    assert config["training"]["optimizer"]["name"] == "sgd"
+    assert math.isclose(config["hyper_parameters"]["basic"]["base_learning_rate"], 0.1 * 8 / 256)
+    assert _auto_keys(config) == DEVICE_AUTO
+
+
+def test_mixup_refused_for_multilabel():
+    from workbench.template import TemplateError
+    with pytest.raises(TemplateError, match="mixup_alpha.*multilabel"):
+        _template("mobilenet_v3_large_1_multilabel", **{"training.augmentation.cutmix_alpha": 1.0})
+
+
+def test_load_weights_reports_what_it_loaded_and_refuses_another_width(tmp_path: Path, work_dir, monkeypatch,
+                                                                         capsys):
+    import torch
+    import torchvision
+
+    from conftest import assert_clean_error
+
+    train = make_image_folder(tmp_path / "train", per_class=8, seed=1)
+    val = make_image_folder(tmp_path / "val", per_class=3, seed=2)
+    weights = tmp_path / "imagenet_like.pth"
+    torch.save(torchvision.models.mobilenet_v3_large(weights=None).state_dict(), weights)  # 1000 classes, width 1
+    common = ["--train-data-roots", str(train), "--val-data-roots", str(val), "--epochs", "1",
+              "--load-weights", str(weights), "input.size=[32,32]"]
+
+    wd = work_dir("mobilenet_v3_large_1")
+    result = run_captured(wd, "train.py", *common, "--save-checkpoints-to", str(tmp_path / "ok"),
+                          monkeypatch=monkeypatch, capsys=capsys)
+    assert result.returncode == 0, result.stderr
+    log = (tmp_path / "ok" / "train.log").read_text()
+    total = len(torchvision.models.mobilenet_v3_large(weights=None).state_dict())
+    assert (f"loaded {total - 2} of the model's {total} tensors; left at their initial values: "
+            f"classifier.3.bias, classifier.3.weight") in log
+    assert "x 0.25 (initial weights given)" in log                  # the fine-tuning learning rate
+    assert "auto training.scheduler.warmup_epochs = 0.02: initial weights given: short" in log
+
+    narrow = work_dir("mobilenet_v3_large_075")
+    result = run_captured(narrow, "train.py", *common, "--save-checkpoints-to", str(tmp_path / "narrow"),
+                          monkeypatch=monkeypatch, capsys=capsys)
+    assert_clean_error(result, str(weights), "backbone tensors", "width multiplier")

@@ -1,0 +1,161 @@
+#!/usr/bin/env python3
+"""A user's first run: each template's defaults (its `auto` values) on a dataset, and optionally timm's train.py
+on the same data, machine and epochs. Prints one table of top-1 and wall time.
+
+  python tools/benchmark_first_run.py --digits --epochs 10                       # every single-label template
+  python tools/benchmark_first_run.py --data PHOTOS --templates mobilenet_v3_small --epochs 20 \\
+      --timm-dir /path/to/pytorch-image-models --timm-model mobilenetv3_small_100
+  python tools/benchmark_first_run.py --data DIGITS28 --input-size 32 --epochs 5 --seeds 0 1 2
+
+--data is a folder with train/<class>/ and val/<class>/ (a test/ beside them is the held-out split: the top-1
+is then measured there, best.pth being chosen on val). --digits writes scikit-learn's digits at 32x32.
+Our side runs the work-dir scripts as a newcomer would: train.py with the data roots and --epochs only
+(--input-size adds input.size=[S,S], --set adds KEY=VALUE overrides), then eval.py on best.pth. The timm side
+runs `train.py --data-dir DATA --train-split train --val-split val --model M --epochs N` with AdamW at
+--timm-lr, batch --timm-batch-size, from scratch, on the CPU, and reports its best eval top-1 (timm chooses its
+best checkpoint on the same val split). Wall time is each training process's, start to end, the LR finder and
+validation included.
+"""
+from __future__ import annotations
+
+import argparse
+import csv
+import os
+import platform
+import statistics
+import sys
+import time
+from pathlib import Path
+
+import yaml
+
+from benchmark_recipe import REPO_ROOT, TEMPLATES, digits_dataset, run
+
+
+def single_label_templates() -> list[str]:
+    names = []
+    for path in sorted(TEMPLATES.glob("*/template.yaml")):
+        task = (yaml.safe_load(path.read_text()).get("task") or {}).get("type", "multiclass")
+        if task != "multilabel":
+            names.append(path.parent.name)
+    return names
+
+
+def top1_of(metrics_file: Path) -> float:
+    metrics = yaml.safe_load(metrics_file.read_text())
+    return float(next(m["value"] for m in metrics["metrics"] if m["key"] == "accuracy"))
+
+
+def auto_summary(train_log: Path) -> str:
+    """The choices that matter most, from the `auto ...` lines of train.log."""
+    short = {"hyper_parameters.basic.batch_size": "batch", "training.optimizer.name": "opt",
+             "hyper_parameters.basic.base_learning_rate": "lr", "model.small_input": "small_input",
+             "training.lr_finder.enabled": "lr_finder"}
+    found = {}
+    for line in train_log.read_text().splitlines():
+        if " auto " not in line:
+            continue
+        key, _, rest = line.split(" auto ", 1)[1].partition(" = ")
+        if key in short:
+            found[short[key]] = rest.split(":", 1)[0]
+    return " ".join(f"{k}={v}" for k, v in found.items())
+
+
+def ours(template: str, data: Path, args: argparse.Namespace, seed: int) -> dict:
+    work_dir = args.out / f"{template}_seed{seed}"
+    log = args.out / f"{work_dir.name}.log"
+    log.unlink(missing_ok=True)
+    run([sys.executable, str(REPO_ROOT / "tools" / "instantiate_template.py"), str(TEMPLATES / template / "template.yaml"),
+         str(work_dir), "--do-not-load-snapshot", "--overwrite"], REPO_ROOT, log)
+    extra = [f"input.size=[{args.input_size},{args.input_size}]"] if args.input_size else []
+    seconds = run([sys.executable, "train.py", "--train-data-roots", str(data / "train"), "--val-data-roots",
+                   str(data / "val"), "--epochs", str(args.epochs), f"training.seed={seed}", *extra, *args.set],
+                  work_dir, log)
+    test = data / "test" if (data / "test").is_dir() else data / "val"
+    run([sys.executable, "eval.py", "--load-weights", str(work_dir / "outputs" / "best.pth"), "--test-data-roots",
+         str(test), *extra], work_dir, log)
+    return {"name": template, "top1": top1_of(work_dir / "metrics.yaml"), "seconds": seconds,
+            "notes": auto_summary(work_dir / "outputs" / "train.log")}
+
+
+def timm(data: Path, args: argparse.Namespace, seed: int) -> dict:
+    out = args.out / f"timm_{args.timm_model}_seed{seed}"
+    log = args.out / f"{out.name}.log"
+    log.unlink(missing_ok=True)
+    classes = len([d for d in (data / "train").iterdir() if d.is_dir()])
+    size = args.input_size or 224
+    seconds = run([sys.executable, "train.py", "--data-dir", str(data), "--train-split", "train", "--val-split", "val",
+                   "--model", args.timm_model, "--num-classes", str(classes), "--epochs", str(args.epochs),
+                   "--batch-size", str(args.timm_batch_size), "--opt", "adamw", "--lr", str(args.timm_lr),
+                   "--input-size", "3", str(size), str(size), "--device", "cpu", "--workers", "0",
+                   "--seed", str(seed), "--output", str(out), "--experiment", "run", "--checkpoint-hist", "1",
+                   "--log-interval", "1000"], args.timm_dir, log)
+    with open(out / "run" / "summary.csv", newline="") as f:
+        best = max(float(row["eval_top1"]) for row in csv.DictReader(f))
+    return {"name": f"timm {args.timm_model}", "top1": best, "seconds": seconds,
+            "notes": f"adamw lr={args.timm_lr:g} batch={args.timm_batch_size}"}
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    source = parser.add_mutually_exclusive_group(required=True)
+    source.add_argument("--data", type=Path, help="folder with train/ and val/ (and optionally test/) class folders")
+    source.add_argument("--digits", action="store_true", help="scikit-learn's digits at 32x32 (written to --out)")
+    parser.add_argument("--templates", nargs="*", default=None, help="default: every single-label template")
+    parser.add_argument("--epochs", type=int, required=True)
+    parser.add_argument("--input-size", type=int, default=None, help="input.size=[S,S] for our templates, and timm's")
+    parser.add_argument("--seeds", type=int, nargs="*", default=[0])
+    parser.add_argument("--set", nargs="*", default=[], metavar="KEY=VALUE", help="template overrides for our runs")
+    parser.add_argument("--timm-dir", type=Path, default=None, help="a checkout of pytorch-image-models")
+    parser.add_argument("--timm-model", default="mobilenetv3_small_100")
+    parser.add_argument("--timm-lr", type=float, default=2e-3)
+    parser.add_argument("--timm-batch-size", type=int, default=32)
+    parser.add_argument("--out", type=Path, default=Path("/tmp/first_run_bench"))
+    args = parser.parse_args()
+
+    templates = args.templates or single_label_templates()
+    unknown = [t for t in templates if not (TEMPLATES / t / "template.yaml").is_file()]
+    if unknown:
+        print(f"error: no template {', '.join(unknown)} in {TEMPLATES}", file=sys.stderr)
+        return 2
+    if args.timm_dir is not None and not (args.timm_dir / "train.py").is_file():
+        print(f"error: {args.timm_dir} holds no train.py (a pytorch-image-models checkout?)", file=sys.stderr)
+        return 2
+    args.out.mkdir(parents=True, exist_ok=True)
+    if args.digits:
+        data, args.input_size = digits_dataset(args.out, 32), args.input_size or 32
+    else:
+        data = args.data.resolve()
+        if not (data / "train").is_dir() or not (data / "val").is_dir():
+            print(f"error: {data} must hold train/ and val/ class folders", file=sys.stderr)
+            return 2
+
+    runs: dict[str, list[dict]] = {}
+    started = time.perf_counter()
+    for seed in args.seeds:
+        jobs = [(t, lambda t=t: ours(t, data, args, seed)) for t in templates]
+        if args.timm_dir is not None:
+            jobs.append((f"timm {args.timm_model}", lambda: timm(data, args, seed)))
+        for name, job in jobs:
+            result = job()
+            runs.setdefault(name, []).append(result)
+            print(f"{name:28s} seed {seed}  top-1 {result['top1']:6.2f}  {result['seconds']:6.1f} s  {result['notes']}",
+                  flush=True)
+
+    split = "test" if (data / "test").is_dir() else "val"
+    print(f"\n{data.name}: {args.epochs} epochs" + (f", input {args.input_size}x{args.input_size}" if args.input_size
+                                                    else "") + f", top-1 on {split}, seeds {args.seeds}; "
+          f"{platform.processor() or platform.machine()}, {os.cpu_count()} cores; "
+          f"{time.perf_counter() - started:.0f} s in all\n")
+    print("| run | top-1 (%) | train wall time (s) | choices |")
+    print("|---|---:|---:|---|")
+    for name, results in runs.items():
+        tops = [r["top1"] for r in results]
+        spread = f" ± {statistics.stdev(tops):.2f}" if len(tops) > 1 else ""
+        print(f"| {name} | {statistics.mean(tops):.2f}{spread} | {statistics.mean(r['seconds'] for r in results):.0f} "
+              f"| {results[0]['notes']} |")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
