@@ -76,12 +76,15 @@ def test_small_input_stem_from_the_input_size(size, expected):
 
 def test_lr_finder_costs_at_most_its_budget():
     off = A.lr_finder(SMALL, 16, passes_per_step=1, warmup_epochs=1, lr_pinned=False)
-    assert [c.value for c in off] == [False] and "cannot pay" in off[0].reason
+    assert [c.value for c in off] == [False] and "no range test" in off[0].reason    # a short run
+    asked = A.lr_finder(SMALL, 16, passes_per_step=1, warmup_epochs=1, lr_pinned=False, pinned_on=True)
+    assert "cannot pay" in asked[0].reason                                           # 15 iterations
     on = {c.key: c.value for c in A.lr_finder(LARGE, 128, passes_per_step=4, warmup_epochs=1, lr_pinned=False)}
     assert on["training.lr_finder.enabled"] is True and on["training.lr_finder.num_iter"] == A.LR_FINDER_MAX_ITERS
     # A mid-size run: fewer iterations, within 5% of the passes, and the warm-up epoch dropped.
     mid = RunFacts(train_images=2000, num_classes=10, input_size=(64, 64), epochs=30)
-    found = {c.key: c.value for c in A.lr_finder(mid, 32, passes_per_step=1, warmup_epochs=1, lr_pinned=False)}
+    found = {c.key: c.value for c in A.lr_finder(mid, 32, passes_per_step=1, warmup_epochs=1, lr_pinned=False,
+                                                 pinned_on=True)}
     assert found["training.lr_finder.enabled"] is True
     assert A.LR_FINDER_MIN_ITERS <= found["training.lr_finder.num_iter"] < A.LR_FINDER_MAX_ITERS
     assert found["training.lr_finder.num_iter"] <= 0.05 * A.planned_steps(mid, 32)
@@ -130,7 +133,8 @@ def test_resolve_keeps_pinned_values_and_the_published_recipe():
                  "training.optimizer.name": "sgd", "training.optimizer.weight_decay": 5e-4,
                  "training.scheduler.name": "plateau", "training.scheduler.warmup_epochs": 1,
                  "training.optimizer.sam.enabled": True, "training.mutual_learning.enabled": True,
-                 "training.lr_finder.enabled": True, "training.lr_finder.num_iter": 100, "model.small_input": False}
+                 "training.lr_finder.enabled": True, "training.lr_finder.num_iter": 100, "model.small_input": False,
+                 "training.augmentation_level": "full"}
     t = _template(**published)
     resolved, choices = auto.resolve(t, auto.run_facts(t, 245, 2, "cpu"))
     assert choices == []
@@ -214,3 +218,17 @@ def test_load_weights_reports_what_it_loaded_and_refuses_another_width(tmp_path:
     result = run_captured(narrow, "train.py", *common, "--save-checkpoints-to", str(tmp_path / "narrow"),
                           monkeypatch=monkeypatch, capsys=capsys)
     assert_clean_error(result, str(weights), "backbone tensors", "width multiplier")
+
+
+def test_short_runs_train_with_light_augmentation_long_runs_with_the_templates():
+    assert A.augmentation_level(SMALL, 16).value == "light" and A.augmentation_level(LARGE, 128).value == "full"
+    t = _template()
+    short, _ = auto.resolve(t, SMALL)
+    aug = short.training.augmentation
+    assert short.training.augmentation_level == "light" and aug.augmix is False and aug.cutout_p == 0.0
+    assert aug.hflip == t.training.augmentation.hflip and aug.color_jitter_p == t.training.augmentation.color_jitter_p
+    long, _ = auto.resolve(t, LARGE)
+    assert long.training.augmentation == t.training.augmentation and long.training.augmentation_level == "full"
+    pinned, choices = auto.resolve(_template(**{"training.augmentation_level": "full"}), SMALL)
+    assert pinned.training.augmentation.augmix is True
+    assert "training.augmentation_level" not in [c.key for c in choices]

@@ -472,7 +472,8 @@ SMALL = TEMPLATES_DIR / "mobilenet_v3_small" / "template.yaml"
 # mobilenet_v3_small's published recipe, pinned (its template leaves these to the run: `auto`).
 PUBLISHED_RECIPE = {"training.optimizer.name": "sgd", "hyper_parameters.basic.base_learning_rate": 0.016,
                     "training.optimizer.weight_decay": 5e-4, "training.optimizer.sam.enabled": True,
-                    "training.mutual_learning.enabled": True, "model.small_input": False}
+                    "training.mutual_learning.enabled": True, "model.small_input": False,
+                    "training.augmentation_level": "full"}
 
 
 def _small_data() -> dict:

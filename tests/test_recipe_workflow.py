@@ -10,7 +10,8 @@ import yaml
 from conftest import assert_clean_error, run_script
 
 # The published recipe, pinned (in a one-epoch run the `auto` values would switch its costly parts off).
-PUBLISHED = ["training.optimizer.name=sgd", "training.optimizer.sam.enabled=true", "training.lr_finder.enabled=true"]
+PUBLISHED = ["training.optimizer.name=sgd", "training.optimizer.sam.enabled=true", "training.lr_finder.enabled=true",
+             "training.augmentation_level=full"]
 TINY = ["--epochs", "1", "--batch-size", "4", "--workers", "0", "input.size=[32,32]",
         "training.lr_finder.num_iter=12", "training.lr_finder.warmup_epochs=1", *PUBLISHED]
 

