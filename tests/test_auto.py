@@ -232,3 +232,11 @@ def test_short_runs_train_with_light_augmentation_long_runs_with_the_templates()
     pinned, choices = auto.resolve(_template(**{"training.augmentation_level": "full"}), SMALL)
     assert pinned.training.augmentation.augmix is True
     assert "training.augmentation_level" not in [c.key for c in choices]
+
+
+def test_lr_finder_pinned_off_decides_nothing_about_it():
+    t = _template(**{"training.lr_finder.enabled": False})
+    resolved, choices = auto.resolve(t, LARGE)  # a long run, where `auto` would run the finder
+    assert not [c for c in choices if c.key.startswith("training.lr_finder")]
+    assert resolved.training.lr_finder.enabled is False
+    assert resolved.training.lr_finder.num_iter == A.LR_FINDER_MIN_ITERS

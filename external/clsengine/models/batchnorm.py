@@ -39,8 +39,8 @@ def warm_start(model: nn.Module) -> nn.Module:
 def update_momentum(models: Iterable[nn.Module]) -> None:
     """Before a training step: the momentum of each warm-started layer is max(its momentum, 1 / (n + 1)).
 
-    Only layers still in their cumulative start read their counter (one read per step and layer for the
-    first 1/m steps), so a long run pays nothing once warmed up.
+    Only layers still in their cumulative start read their counter (a device read per step and layer for
+    the first 1/m steps); once warmed up, a step costs a walk over the modules and no read.
     """
     for model in models:
         for bn in batchnorms(model):

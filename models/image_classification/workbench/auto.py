@@ -64,17 +64,18 @@ def resolve(t: Template, facts: RunFacts) -> tuple[Template, list[Choice]]:
     if mutual == AUTO:
         mutual = decide(A.costly_technique("training.mutual_learning.enabled", "mutual learning", facts, batch))
     f = tr.lr_finder
-    if f.enabled == AUTO or f.num_iter == AUTO:
+    found: list[Choice] = []
+    if f.enabled is not False and AUTO in (f.enabled, f.num_iter):  # nothing to decide for a finder pinned off
         passes = (2 if sam else 1) * (1 + (len(tr.mutual_learning.aux_models) if mutual else 0))
         found = A.lr_finder(facts, batch, passes, f.warmup_epochs, lr_pinned and f.enabled == AUTO, f.mode,
                             trial_cost_epochs=f.n_trials * f.trial_epochs, pinned_on=f.enabled is True)
-        for choice in found:  # a pinned value is kept: only the `auto` ones are decided
-            leaf = choice.key.rsplit(".", 1)[1]
-            if (f.num_iter if leaf == "num_iter" else f.enabled) == AUTO:
-                decide(choice)
-        if f.num_iter == AUTO and not any(c.key.endswith(".num_iter") for c in found):
-            # The finder does not run (or its budget is too small for a curve): the fewest usable iterations.
-            set_dotted(data, "training.lr_finder.num_iter", A.LR_FINDER_MIN_ITERS)
+    for choice in found:  # a pinned value is kept: only the `auto` ones are decided
+        leaf = choice.key.rsplit(".", 1)[1]
+        if (f.num_iter if leaf == "num_iter" else f.enabled) == AUTO:
+            decide(choice)
+    if f.num_iter == AUTO and not any(c.key.endswith(".num_iter") for c in found):
+        # The finder does not run (or its budget is too small for a curve): the fewest usable iterations.
+        set_dotted(data, "training.lr_finder.num_iter", A.LR_FINDER_MIN_ITERS)
     return template_from_dict(data, f"{t.name} (auto values decided)"), choices
 
 

@@ -34,15 +34,15 @@ def cosine_scale(loss: LossSection, num_classes: int) -> float:
     return loss.scale if loss.scale is not None else am_softmax_scale(num_classes)
 
 
-def _create(t: Template, m: ModelSection, loss: LossSection, num_classes: int,
-            pretrained: str | None = None) -> nn.Module:
+def _create(t: Template, m: ModelSection, loss: LossSection, num_classes: int) -> nn.Module:
     return create_model(m.architecture, num_classes, width_mult=m.width_mult, dropout=m.dropout,
                         small_input=auto.small_input(m, t), bn_momentum=m.bn_momentum, head=m.head,
-                        cosine_scale=cosine_scale(loss, num_classes), pretrained=pretrained)
+                        cosine_scale=cosine_scale(loss, num_classes))
 
 
-def build_model(t: Template, num_classes: int, pretrained: str | None = None) -> nn.Module:
-    return _create(t, t.model, t.training.loss, num_classes, pretrained)
+def build_model(t: Template, num_classes: int) -> nn.Module:
+    """The template's model with fresh weights (initial weights: clsengine.models.load_pretrained)."""
+    return _create(t, t.model, t.training.loss, num_classes)
 
 
 EVAL_BATCH_SIZE = 64  # inference batches of a template whose training batch is left to the run (auto)
