@@ -240,3 +240,31 @@ def test_lr_finder_pinned_off_decides_nothing_about_it():
     assert not [c for c in choices if c.key.startswith("training.lr_finder")]
     assert resolved.training.lr_finder.enabled is False
     assert resolved.training.lr_finder.num_iter == A.LR_FINDER_MIN_ITERS
+
+
+def test_stochastic_depth_off_in_short_runs_architectures_rate_in_long_ones():
+    assert A.drop_path_rate(SMALL, 16, 0.2).value == 0.0
+    assert A.drop_path_rate(LARGE, 128, 0.2).value == 0.2
+    t = _template("efficientnet_b0")
+    short, choices = auto.resolve(t, auto.run_facts(t, 245, 2, "cpu"))
+    assert short.model.drop_path_rate == 0.0 and "model.drop_path_rate" in [c.key for c in choices]
+    long, _ = auto.resolve(t, auto.run_facts(t, 100_000, 100, "cpu"))
+    assert long.model.drop_path_rate == 0.2
+    pinned, choices = auto.resolve(_template("efficientnet_b0", **{"model.drop_path_rate": 0.1}),
+                                   auto.run_facts(t, 245, 2, "cpu"))
+    assert pinned.model.drop_path_rate == 0.1 and "model.drop_path_rate" not in [c.key for c in choices]
+    # Architectures without stochastic depth: nothing to decide, nothing logged, 0 in the effective config.
+    resolved, choices = auto.resolve(_template(), auto.run_facts(_template(), 245, 2, "cpu"))
+    assert resolved.model.drop_path_rate == 0.0 and "model.drop_path_rate" not in [c.key for c in choices]
+
+
+def test_drop_path_rate_reaches_the_model_and_is_refused_where_there_is_none():
+    from clsengine.errors import UserError
+    from clsengine.models import create_model
+    from torchvision.ops import StochasticDepth
+    rates = {m.p for m in create_model("efficientnet_b0", 3, drop_path_rate=0.0).modules()
+             if isinstance(m, StochasticDepth)}
+    assert rates == {0.0}
+    assert max(m.p for m in create_model("efficientnet_b0", 3).modules() if isinstance(m, StochasticDepth)) > 0.1
+    with pytest.raises(UserError, match="no stochastic depth"):
+        create_model("resnet18", 3, drop_path_rate=0.1)

@@ -5,6 +5,7 @@ from __future__ import annotations
 import math
 from pathlib import Path
 
+import pytest
 import torch
 import torch.nn as nn
 
@@ -87,3 +88,24 @@ def test_short_run_on_a_small_dataset_beats_the_majority_class(tmp_path: Path):
     top1 = float((logits.argmax(1) == labels).float().mean())
     assert abs(loss - math.log(3)) > 0.05, loss  # not the constant output
     assert top1 >= 0.75, top1                    # majority class: 0.333
+
+
+@pytest.mark.parametrize("arch", ["mobilenet_v3_small", "mobilenet_v2", "efficientnet_b0_npu", "resnet18", "resnet50",
+                                  "regnet_x_800mf"])
+def test_residual_blocks_start_as_the_identity(arch):
+    """zero_init_residual: a fresh network's residual blocks pass their input through unchanged, so a deep
+    network trained from scratch starts like a shallow one (EfficientNet-B1 on the digits, 5 epochs: 71.0
+    top-1 without, 94.7 with)."""
+    import torchvision.models as tvm
+    model = create_model(arch, 3).eval()
+    blocks = [m for m in model.modules()
+              if getattr(m, "use_res_connect", False)
+              or (isinstance(m, (tvm.resnet.BasicBlock, tvm.resnet.Bottleneck)) and m.downsample is None)
+              or (isinstance(m, tvm.regnet.ResBottleneckBlock) and m.proj is None)]
+    assert len(blocks) >= 2
+    torch.manual_seed(0)
+    for block in blocks:
+        channels = next(c for c in block.modules() if isinstance(c, nn.Conv2d)).in_channels
+        x = torch.rand(2, channels, 8, 8)  # non-negative: ResNet blocks end on a ReLU
+        with torch.no_grad():
+            assert torch.allclose(block(x), x, atol=1e-6), type(block).__name__

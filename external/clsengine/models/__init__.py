@@ -1,5 +1,7 @@
 """Model creation by architecture name."""
-from .factory import LoadReport, classifier, create_model, default_cfg, freeze_backbone, list_models, load_pretrained
+from .factory import (LoadReport, classifier, create_model, default_cfg, default_drop_path_rate, freeze_backbone,
+                      list_models, load_pretrained, zero_init_residual)
 from .heads import CosineLinear, am_softmax_scale
 
-__all__ = ["CosineLinear", "LoadReport", "am_softmax_scale", "classifier", "create_model", "default_cfg", "freeze_backbone", "list_models", "load_pretrained"]
+__all__ = ["CosineLinear", "LoadReport", "am_softmax_scale", "classifier", "create_model", "default_cfg",
+           "default_drop_path_rate", "freeze_backbone", "list_models", "load_pretrained", "zero_init_residual"]

@@ -24,6 +24,7 @@ class ArchSpec:
     head: str                      # attribute holding the classifier; everything else is the backbone
     takes_width: bool = False      # builder accepts width_mult
     takes_dropout: bool = False    # builder accepts dropout
+    drop_path_rate: float = 0.0    # the architecture's stochastic depth (torchvision's default); 0: it has none
     default_cfg: dict = field(default_factory=lambda: {"input_size": (224, 224), "mean": IMAGENET_MEAN,
                                                        "std": IMAGENET_STD})
 
@@ -58,18 +59,22 @@ _ARCHS: dict[str, ArchSpec] = {
     "mobilenet_v3_large": ArchSpec(tvm.mobilenet_v3_large, "classifier", takes_width=True, takes_dropout=True),
     "mobilenet_v3_small": ArchSpec(tvm.mobilenet_v3_small, "classifier", takes_width=True, takes_dropout=True),
     "mobilenet_v2": ArchSpec(tvm.mobilenet_v2, "classifier", takes_width=True, takes_dropout=True),
-    "efficientnet_b0": ArchSpec(tvm.efficientnet_b0, "classifier", takes_dropout=True),
-    "efficientnet_b1": ArchSpec(tvm.efficientnet_b1, "classifier", takes_dropout=True, default_cfg=_cfg(240)),
-    "efficientnet_b2": ArchSpec(tvm.efficientnet_b2, "classifier", takes_dropout=True, default_cfg=_cfg(260)),
-    "efficientnet_b3": ArchSpec(tvm.efficientnet_b3, "classifier", takes_dropout=True, default_cfg=_cfg(300)),
+    "efficientnet_b0": ArchSpec(tvm.efficientnet_b0, "classifier", takes_dropout=True, drop_path_rate=0.2),
+    "efficientnet_b1": ArchSpec(tvm.efficientnet_b1, "classifier", takes_dropout=True, drop_path_rate=0.2,
+                                default_cfg=_cfg(240)),
+    "efficientnet_b2": ArchSpec(tvm.efficientnet_b2, "classifier", takes_dropout=True, drop_path_rate=0.2,
+                                default_cfg=_cfg(260)),
+    "efficientnet_b3": ArchSpec(tvm.efficientnet_b3, "classifier", takes_dropout=True, drop_path_rate=0.2,
+                                default_cfg=_cfg(300)),
     # Kneron-style NPU variants: no squeeze-and-excitation, ReLU instead of SiLU.
-    "efficientnet_b0_npu": ArchSpec(_npu(tvm.efficientnet_b0), "classifier", takes_dropout=True),
+    "efficientnet_b0_npu": ArchSpec(_npu(tvm.efficientnet_b0), "classifier", takes_dropout=True,
+                                    drop_path_rate=0.2),
     "efficientnet_b1_npu": ArchSpec(_npu(tvm.efficientnet_b1), "classifier", takes_dropout=True,
-                                    default_cfg=_cfg(240)),
+                                    drop_path_rate=0.2, default_cfg=_cfg(240)),
     "efficientnet_b2_npu": ArchSpec(_npu(tvm.efficientnet_b2), "classifier", takes_dropout=True,
-                                    default_cfg=_cfg(260)),
+                                    drop_path_rate=0.2, default_cfg=_cfg(260)),
     "efficientnet_b3_npu": ArchSpec(_npu(tvm.efficientnet_b3), "classifier", takes_dropout=True,
-                                    default_cfg=_cfg(300)),
+                                    drop_path_rate=0.2, default_cfg=_cfg(300)),
     "resnet18": ArchSpec(tvm.resnet18, "fc"),
     "resnet34": ArchSpec(tvm.resnet34, "fc"),
     "resnet50": ArchSpec(tvm.resnet50, "fc"),
@@ -80,6 +85,11 @@ _ARCHS: dict[str, ArchSpec] = {
 
 def list_models() -> list[str]:
     return sorted(_ARCHS)
+
+
+def default_drop_path_rate(name: str) -> float:
+    """The architecture's own stochastic-depth rate (0.0 for those without stochastic depth)."""
+    return _spec(name).drop_path_rate
 
 
 def default_cfg(name: str) -> dict:
@@ -102,8 +112,28 @@ def _make_small_input(model: nn.Module) -> None:
     first_conv.stride = (1, 1)
 
 
+def zero_init_residual(model: nn.Module) -> nn.Module:
+    """Zero the scale of the last BatchNorm of every residual branch, so that each residual block starts as
+    the identity (Goyal et al. 2017; timm's `zero_init_last`): a deep network trained from scratch then behaves
+    like a shallow one in its first steps and converges in far fewer of them."""
+    for module in model.modules():
+        if getattr(module, "use_res_connect", False):        # MobileNetV2/V3 InvertedResidual, EfficientNet MBConv
+            branch = module.block if hasattr(module, "block") else module.conv
+        elif isinstance(module, (tvm.resnet.BasicBlock, tvm.resnet.Bottleneck)):
+            branch = nn.ModuleList([module.bn2 if isinstance(module, tvm.resnet.BasicBlock) else module.bn3])
+        elif isinstance(module, tvm.regnet.ResBottleneckBlock):
+            branch = module.f
+        else:
+            continue
+        norms = [m for m in branch.modules() if isinstance(m, nn.BatchNorm2d)]
+        if norms:
+            nn.init.zeros_(norms[-1].weight)
+    return model
+
+
 def create_model(name: str, num_classes: int, *, width_mult: float = 1.0, dropout: float | None = None,
                  small_input: bool = False, bn_momentum: float | None = None, head: str = "linear",
+                 drop_path_rate: float | None = None,
                  cosine_scale: float | None = None, pretrained: str | os.PathLike | None = None) -> nn.Module:
     """Build a torchvision architecture with a `num_classes` classifier.
 
@@ -111,7 +141,8 @@ def create_model(name: str, num_classes: int, *, width_mult: float = 1.0, dropou
     match (the classifier, when the class count differs) keep their fresh initialisation.
     `head="cosine"` replaces the last linear layer by a CosineLinear (scale `cosine_scale`, by default
     the AM-softmax rule for `num_classes`), the classifier the AM-softmax loss needs.
-    `bn_momentum` replaces the architecture's BatchNorm momentum (torchvision's MobileNetV3 uses 0.01,
+    `drop_path_rate` replaces the architecture's stochastic-depth rate (None keeps it; only EfficientNets
+    have one). Every residual branch starts at zero (zero_init_residual). `bn_momentum` replaces the architecture's BatchNorm momentum (torchvision's MobileNetV3 uses 0.01,
     tuned for long ImageNet runs, which leaves running statistics unusable after short runs). Running
     statistics start as a cumulative average of the first batches (models.batchnorm: not from mean 0, var 1).
     The model carries `default_cfg` (input size, mean, std) and `head_name` (its classifier attribute).
@@ -126,11 +157,16 @@ def create_model(name: str, num_classes: int, *, width_mult: float = 1.0, dropou
         raise UserError(f"architecture '{name}' has no width multiplier (got width_mult={width_mult})")
     if spec.takes_dropout and dropout is not None:
         kwargs["dropout"] = float(dropout)
+    if drop_path_rate is not None and drop_path_rate != spec.drop_path_rate:
+        if not spec.drop_path_rate:
+            raise UserError(f"architecture '{name}' has no stochastic depth (got drop_path_rate={drop_path_rate})")
+        kwargs["stochastic_depth_prob"] = float(drop_path_rate)
     model = spec.builder(weights=None, **kwargs)
     if dropout and not spec.takes_dropout:
         setattr(model, spec.head, nn.Sequential(nn.Dropout(float(dropout)), getattr(model, spec.head)))
     if small_input:
         _make_small_input(model)
+    zero_init_residual(model)
     if bn_momentum is not None:
         for module in batchnorms(model):
             module.momentum = float(bn_momentum)

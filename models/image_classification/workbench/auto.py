@@ -11,6 +11,7 @@ from typing import Any
 
 from clsengine import auto as A
 from clsengine.auto import Choice, RunFacts
+from clsengine.models import default_drop_path_rate
 
 from .template import AUTO, ModelSection, Template, set_dotted, template_from_dict
 
@@ -57,6 +58,18 @@ def resolve(t: Template, facts: RunFacts) -> tuple[Template, list[Choice]]:
     lr_pinned = basic.base_learning_rate != AUTO
     if not lr_pinned:
         decide(A.learning_rate(facts, optimizer, batch))
+    # (its dict in `data`, its section, is it the main model): auxiliary models follow the same rules, unlogged
+    models = [(data["model"], t.model, True)] + [
+        (d["model"], aux.model, False) for d, aux in zip(data["training"]["mutual_learning"]["aux_models"],
+                                                         tr.mutual_learning.aux_models)]
+    for model_data, m, main in models:
+        if m.drop_path_rate != AUTO:
+            continue
+        rate = default_drop_path_rate(m.architecture)  # 0.0 for architectures without stochastic depth
+        if rate:
+            choice = A.drop_path_rate(facts, batch, rate)
+            rate = decide(choice) if main else choice.value
+        model_data["drop_path_rate"] = rate
     sam = tr.optimizer.sam.enabled
     if sam == AUTO:
         sam = decide(A.costly_technique("training.optimizer.sam.enabled", "SAM", facts, batch))

@@ -37,6 +37,7 @@ def cosine_scale(loss: LossSection, num_classes: int) -> float:
 def _create(t: Template, m: ModelSection, loss: LossSection, num_classes: int) -> nn.Module:
     return create_model(m.architecture, num_classes, width_mult=m.width_mult, dropout=m.dropout,
                         small_input=auto.small_input(m, t), bn_momentum=m.bn_momentum, head=m.head,
+                        drop_path_rate=None if m.drop_path_rate == AUTO else m.drop_path_rate,
                         cosine_scale=cosine_scale(loss, num_classes))
 
 

@@ -33,6 +33,7 @@ class ModelSection:
     small_input: bool | str = "auto"        # stem stride 1 for inputs like 32x32; auto: below 64 px
     bn_momentum: float | None = None        # BatchNorm momentum; null keeps the architecture's own
     head: str = "linear"                    # linear | cosine (needed by the am_softmax loss)
+    drop_path_rate: float | str = "auto"    # stochastic depth (EfficientNets); auto: 0 in short runs
 
 
 @dataclass
@@ -475,6 +476,8 @@ def _check_semantics(t: Template, v: _Validator) -> None:
     for model_path, model, loss_path, loss in heads:
         checks += [
             (f"{model_path}.small_input", _auto_or(model.small_input, _is_bool), "true, false or auto"),
+            (f"{model_path}.drop_path_rate", _auto_or(model.drop_path_rate, lambda r: 0 <= r < 1),
+             "auto or a number from 0 to below 1"),
             (f"{model_path}.head", model.head in ("linear", "cosine"), "linear or cosine"),
             (f"{loss_path}.name", loss.name in loss_names,
              f"{' or '.join(loss_names)} for task.type {t.task.type}"),
