@@ -6,11 +6,13 @@ on the same data, machine and epochs. Prints one table of top-1 and wall time.
   python tools/benchmark_first_run.py --data PHOTOS --templates mobilenet_v3_small --epochs 20 \\
       --timm-dir /path/to/pytorch-image-models --timm-python /path/to/venv-with-timm/bin/python
   python tools/benchmark_first_run.py --data DIGITS28 --input-size 32 --epochs 5 --seeds 0 1 2
+  python tools/benchmark_first_run.py --digits --time-budget 3m                  # the epochs that fit 3 minutes
 
 --data is a folder with train/<class>/ and val/<class>/ (a test/ beside them is the held-out split: the top-1
 is then measured there, best.pth being chosen on val). --digits writes scikit-learn's digits at 32x32.
 Our side runs the work-dir scripts as a newcomer would: train.py with the data roots and --epochs only
-(--input-size adds input.size=[S,S], --set adds KEY=VALUE overrides), then eval.py on best.pth. The timm side
+(or --time-budget: train.py then chooses the epochs that fit; --epochs, if given, is their maximum;
+--input-size adds input.size=[S,S], --set adds KEY=VALUE overrides), then eval.py on best.pth. The timm side
 runs `train.py --data-dir DATA --train-split train --val-split val --model M --epochs N` with AdamW at
 --timm-lr, batch --timm-batch-size, from scratch, on the CPU, and reports its best eval top-1 (timm chooses its
 best checkpoint on the same val split). Wall time is each training process's, start to end, the LR finder and
@@ -48,7 +50,7 @@ def top1_of(metrics_file: Path) -> float:
 
 def auto_summary(train_log: Path) -> str:
     """The choices that matter most, from the `auto ...` lines of train.log."""
-    short = {"hyper_parameters.basic.batch_size": "batch", "training.optimizer.name": "opt",
+    short = {"hyper_parameters.basic.epochs": "epochs", "hyper_parameters.basic.batch_size": "batch", "training.optimizer.name": "opt",
              "hyper_parameters.basic.base_learning_rate": "lr", "model.small_input": "small_input",
              "training.lr_finder.enabled": "lr_finder"}
     found = {}
@@ -68,9 +70,10 @@ def ours(template: str, data: Path, args: argparse.Namespace, seed: int) -> dict
     run([sys.executable, str(REPO_ROOT / "tools" / "instantiate_template.py"), str(TEMPLATES / template / "template.yaml"),
          str(work_dir), "--do-not-load-snapshot", "--overwrite"], REPO_ROOT, log)
     extra = [f"input.size=[{args.input_size},{args.input_size}]"] if args.input_size else []
+    length = (["--epochs", str(args.epochs)] if args.epochs else []) + (
+        ["--time-budget", args.time_budget] if args.time_budget else [])
     seconds = run([sys.executable, "train.py", "--train-data-roots", str(data / "train"), "--val-data-roots",
-                   str(data / "val"), "--epochs", str(args.epochs), f"training.seed={seed}", *extra, *args.set],
-                  work_dir, log)
+                   str(data / "val"), *length, f"training.seed={seed}", *extra, *args.set], work_dir, log)
     test = data / "test" if (data / "test").is_dir() else data / "val"
     run([sys.executable, "eval.py", "--load-weights", str(work_dir / "outputs" / "best.pth"), "--test-data-roots",
          str(test), *extra], work_dir, log)
@@ -103,7 +106,9 @@ def main() -> int:
     source.add_argument("--digits", action="store_true", help="scikit-learn's digits at 32x32 (written to --out)")
     parser.add_argument("--templates", nargs="*", default=None,
                         help="default: every single-label template; the flag alone: none (timm only)")
-    parser.add_argument("--epochs", type=int, required=True)
+    parser.add_argument("--epochs", type=int, default=None, help="epochs (with --time-budget: their maximum)")
+    parser.add_argument("--time-budget", default=None, metavar="DURATION",
+                        help="train.py --time-budget for our runs (180, 3m): it chooses the epochs that fit")
     parser.add_argument("--input-size", type=int, default=None, help="input.size=[S,S] for our templates, and timm's")
     parser.add_argument("--seeds", type=int, nargs="*", default=[0])
     parser.add_argument("--set", nargs="*", default=[], metavar="KEY=VALUE", help="template overrides for our runs")
@@ -122,6 +127,10 @@ def main() -> int:
     unknown = [t for t in templates if not (TEMPLATES / t / "template.yaml").is_file()]
     if unknown:
         print(f"error: no template {', '.join(unknown)} in {TEMPLATES}", file=sys.stderr)
+        return 2
+    if args.epochs is None and (args.time_budget is None or args.timm_dir is not None):
+        print("error: give --epochs (timm's train.py needs them), or --time-budget for our runs alone",
+              file=sys.stderr)
         return 2
     if args.timm_dir is not None and not (args.timm_dir / "train.py").is_file():
         print(f"error: {args.timm_dir} holds no train.py (a pytorch-image-models checkout?)", file=sys.stderr)
@@ -148,7 +157,9 @@ def main() -> int:
                   flush=True)
 
     split = "test" if (data / "test").is_dir() else "val"
-    print(f"\n{data.name}: {args.epochs} epochs" + (f", input {args.input_size}x{args.input_size}" if args.input_size
+    length = " ".join(([f"{args.epochs} epochs"] if args.epochs else []) +
+                      ([f"time budget {args.time_budget}"] if args.time_budget else []))
+    print(f"\n{data.name}: {length}" + (f", input {args.input_size}x{args.input_size}" if args.input_size
                                                     else "") + f", top-1 on {split}, seeds {args.seeds}; "
           f"{platform.processor() or platform.machine()}, {os.cpu_count()} cores; "
           f"{time.perf_counter() - started:.0f} s in all\n")

@@ -155,6 +155,29 @@ def drop_path_rate(facts: RunFacts, batch: int, architecture_rate: float) -> Cho
                                                f"architecture's {architecture_rate:g} slows convergence)")
 
 
+# What a time budget's epoch costs beyond its training steps (clsengine.budget measures those): an evaluated
+# image is a forward pass without gradients, a fifth to a third of a trained one; checkpoints and logs.
+EVAL_COST = 0.25
+EPOCH_OVERHEAD_S = 0.5
+
+
+def epochs_for_budget(facts: RunFacts, batch: int, passes_per_step: int, seconds_per_image: float,
+                      val_images: int, evaluations: int, budget_s: float, spent_s: float) -> Choice:
+    """As many epochs as fit in what is left of the budget (at least 1, at most facts.epochs), from the
+    measured cost of a training image; `passes_per_step` counts SAM's second pass and the auxiliary models,
+    `evaluations` the models validated each epoch (2 with EMA)."""
+    train_s = steps_per_epoch(facts, batch) * batch * passes_per_step * seconds_per_image
+    val_s = val_images * evaluations * EVAL_COST * seconds_per_image
+    epoch_s = train_s + val_s + EPOCH_OVERHEAD_S
+    left = budget_s - spent_s
+    epochs = int(max(1, min(facts.epochs, left // epoch_s)))
+    capped = f", capped by the {facts.epochs} epochs given" if epochs == facts.epochs and left // epoch_s > epochs else ""
+    return Choice("hyper_parameters.basic.epochs", epochs,
+                  f"time budget {budget_s:.0f} s, {spent_s:.0f} s spent: {epoch_s:.1f} s per epoch measured "
+                  f"({seconds_per_image * 1000:.1f} ms per training image x {passes_per_step} passes: {train_s:.1f} s, "
+                  f"validation {val_s:.1f} s){capped}")
+
+
 def small_input(input_size: tuple[int, int] | list[int]) -> Choice:
     side = min(int(s) for s in input_size)
     on = side < SMALL_INPUT_BELOW
@@ -221,6 +244,6 @@ def lr_finder(facts: RunFacts, batch: int, passes_per_step: int, warmup_epochs: 
                                                                     f"at most {LR_FINDER_MAX_ITERS}")]
 
 
-__all__ = ["Choice", "LIGHT_AUGMENTATION", "RunFacts", "augmentation_level", "batch_size", "costly_technique", "drop_path_rate", "is_long", "learning_rate", "lr_finder",
+__all__ = ["Choice", "LIGHT_AUGMENTATION", "RunFacts", "augmentation_level", "batch_size", "costly_technique", "drop_path_rate", "epochs_for_budget", "is_long", "learning_rate", "lr_finder",
            "optimizer", "planned_steps", "scheduler", "small_input", "steps_per_epoch", "warmup_epochs",
            "weight_decay"]

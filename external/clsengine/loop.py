@@ -40,6 +40,7 @@ class FitConfig:
     # Stored verbatim in every checkpoint (class names, effective config...): plain Python types only.
     checkpoint_extra: dict[str, Any] = field(default_factory=dict)
     checkpoints: bool = True                     # write latest.pth / best.pth (off for search trials)
+    deadline: float | None = None                # time.monotonic() by which training ends (a time budget)
 
 
 def _progress(iterable: Iterable, total: int, desc: str, enabled: bool) -> tqdm:
@@ -253,6 +254,7 @@ def fit(model: nn.Module, train_loader, val_loader, criterion: nn.Module, optimi
     stopped_early = False
     try:
         for epoch in range(start_epoch, cfg.epochs):
+            epoch_started = time.monotonic()
             for loader in (train_loader, val_loader):
                 if hasattr(loader, "set_epoch"):
                     loader.set_epoch(epoch)
@@ -319,6 +321,12 @@ def fit(model: nn.Module, train_loader, val_loader, criterion: nn.Module, optimi
                 on_epoch_end(epoch + 1, row)
             if cfg.target_top1 is not None and score >= cfg.target_top1:
                 logger.info(f"Target reached: {score:.2f} >= {cfg.target_top1:.2f}")
+                stopped_early = True
+                break
+            epoch_s = time.monotonic() - epoch_started
+            if cfg.deadline is not None and epoch + 1 < cfg.epochs and time.monotonic() + epoch_s > cfg.deadline:
+                logger.info(f"Time budget: another epoch ({epoch_s:.0f} s) would end after the deadline; stopping "
+                            f"after epoch {epoch + 1} of {cfg.epochs}")
                 stopped_early = True
                 break
             # With reduce-on-plateau, early stopping waits until the LR has been reduced at least once.

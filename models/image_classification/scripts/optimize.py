@@ -88,8 +88,8 @@ def main() -> int:
 
     def train_trial(params: dict, report) -> float:
         trial_overrides = {PARAM_KEYS[k]: v for k, v in params.items()}
-        trial_overrides.update({"hyper_parameters.basic.epochs": epochs, "training.lr_finder.enabled": False,
-                                "training.early_stopping_patience": None})
+        trial_overrides.update({"hyper_parameters.basic.epochs": epochs, "hyper_parameters.basic.time_budget": None,
+                                "training.lr_finder.enabled": False, "training.early_stopping_patience": None})
         trial_t = template_from_dict(t.to_dict(), "hpo trial", trial_overrides)
         with tempfile.TemporaryDirectory(dir=out) as tmp:
             result = train(trial_t, train_scan, val_scan, Path(tmp), device, logger, checkpoints=False,

@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import argparse
 import sys
+import time
 from pathlib import Path
 
 import torch
@@ -39,7 +40,8 @@ from workbench import cli
 from workbench.template import dump_config, load_template, template_from_dict
 from workbench.training import train
 
-FLAG_KEYS = {"epochs": "hyper_parameters.basic.epochs", "batch_size": "hyper_parameters.basic.batch_size",
+FLAG_KEYS = {"epochs": "hyper_parameters.basic.epochs", "time_budget": "hyper_parameters.basic.time_budget",
+             "batch_size": "hyper_parameters.basic.batch_size",
              "base_learning_rate": "hyper_parameters.basic.base_learning_rate", "gpu_num": "gpu_num",
              "workers": "training.workers"}
 
@@ -59,6 +61,9 @@ def parse_args() -> argparse.Namespace:
                         "holding them all (e.g. outputs/latest.pth), or the flag once per model")
     p.add_argument("--tensorboard-dir", default=None, help="TensorBoard folder (default: <output>/tensorboard)")
     p.add_argument("--epochs", type=int, default=None, help="override hyper_parameters.basic.epochs")
+    p.add_argument("--time-budget", default=None, metavar="DURATION",
+                   help="train for as many epochs as fit in this time here (180, 3m, 1.5h; --epochs or the "
+                        "template's epochs stay the most); measured on a few steps, stopped at the deadline")
     p.add_argument("--base-learning-rate", type=float, default=None,
                    help="override hyper_parameters.basic.base_learning_rate")
     p.add_argument("--lr-finder", choices=("off", "fast_ai", "tpe", "grid"), default=None,
@@ -85,6 +90,7 @@ def launch_processes(n: int) -> int:
 
 
 def main() -> int:
+    started = time.monotonic()
     args = parse_args()
     overrides = cli.collect_overrides(args, {**FLAG_KEYS, **cli.DATASET_FLAG_KEYS})
     if args.lr_finder is not None:
@@ -142,7 +148,7 @@ def main() -> int:
     tensorboard_dir = Path(args.tensorboard_dir or out / "tensorboard") if t.tensorboard else None
     result = train(t, train_scan, val_scan, out, device, logger, weights=weights, resume=resume,
                    aux_weights=args.load_aux_weights, run_info={"resumed_from": args.resume_from},
-                   tensorboard_dir=tensorboard_dir)
+                   tensorboard_dir=tensorboard_dir, started=started)
     if result is not None:
         score = "mAP" if B.is_multilabel(t) else "top-1"
         logger.info(f"Done: best val {score} {result['best_top1']:.2f} at epoch {result['best_epoch']}. "

@@ -7,7 +7,8 @@ each rule fills. A key given a value in the template, by a flag or by KEY=VALUE 
 """
 from __future__ import annotations
 
-from typing import Any
+import dataclasses
+from typing import Any, Callable
 
 from clsengine import auto as A
 from clsengine.auto import Choice, RunFacts
@@ -19,6 +20,11 @@ from .template import AUTO, ModelSection, Template, set_dotted, template_from_di
 def small_input(m: ModelSection, t: Template) -> bool:
     """model.small_input with `auto` decided by the input size (needs no data: eval and export use it too)."""
     return A.small_input(t.input.size).value if m.small_input == AUTO else bool(m.small_input)
+
+
+def _passes_per_step(sam: bool, mutual: bool, aux_models: int) -> int:
+    """Forward/backward passes of one optimizer step: SAM takes two, each auxiliary model one more."""
+    return (2 if sam else 1) * (1 + (aux_models if mutual else 0))
 
 
 def run_facts(t: Template, train_images: int, num_classes: int, device_type: str, processes: int = 1,
@@ -79,7 +85,7 @@ def resolve(t: Template, facts: RunFacts) -> tuple[Template, list[Choice]]:
     f = tr.lr_finder
     found: list[Choice] = []
     if f.enabled is not False and AUTO in (f.enabled, f.num_iter):  # nothing to decide for a finder pinned off
-        passes = (2 if sam else 1) * (1 + (len(tr.mutual_learning.aux_models) if mutual else 0))
+        passes = _passes_per_step(sam, mutual, len(tr.mutual_learning.aux_models))
         found = A.lr_finder(facts, batch, passes, f.warmup_epochs, lr_pinned and f.enabled == AUTO, f.mode,
                             trial_cost_epochs=f.n_trials * f.trial_epochs, pinned_on=f.enabled is True)
     for choice in found:  # a pinned value is kept: only the `auto` ones are decided
@@ -92,4 +98,62 @@ def resolve(t: Template, facts: RunFacts) -> tuple[Template, list[Choice]]:
     return template_from_dict(data, f"{t.name} (auto values decided)"), choices
 
 
-__all__ = ["resolve", "run_facts", "small_input"]
+def plan_time_budget(t: Template, facts: RunFacts, budget_s: float, spent_s: Callable[[], float],
+                     seconds_per_image: Callable[[Template], float], val_images: int
+                     ) -> tuple[Template, list[Choice]]:
+    """resolve() with the epochs chosen to fit `budget_s` (at most facts.epochs). The epochs decide the recipe
+    (batch, SAM, mutual learning) and the recipe the cost of an epoch, so the two are iterated to a fixed point.
+    `seconds_per_image(resolved)` times a training image of that recipe here: first at the smallest batch
+    (cheap, and used for every batch), then at the batch finally chosen if it differs; `spent_s()` is the time
+    already used, measuring included."""
+    basic = t.hyper_parameters.basic
+    probe = basic.batch_size if basic.batch_size != AUTO else A.MIN_BATCH.get(facts.device_type, A.MIN_BATCH["cpu"])
+    measured = {probe: seconds_per_image(resolve(_with(t, facts.epochs, batch=probe), facts)[0])}
+    while True:
+        epochs, fit = _fixed_point(t, facts, lambda b: measured.get(b, measured[probe]), val_images, budget_s,
+                                   spent_s())
+        resolved, choices = resolve(_with(t, epochs), dataclasses.replace(facts, epochs=epochs))
+        batch = resolved.hyper_parameters.basic.batch_size
+        if batch in measured:
+            return resolved, [dataclasses.replace(fit, value=epochs), *choices]
+        measured[batch] = seconds_per_image(resolved)
+
+
+def _fixed_point(t: Template, facts: RunFacts, cost: Callable[[int], float], val_images: int, budget_s: float,
+                 spent_s: float) -> tuple[int, Choice]:
+    """The most epochs that fit in the budget with their own recipe. Epochs -> their recipe -> the epochs that
+    recipe fits, from facts.epochs on, until a value repeats: a fixed point, or a cycle when more epochs make a
+    costlier recipe (a long run's SAM) that fits fewer. In a cycle, the answer lies between its smallest member
+    that fits and the largest number of epochs any recipe fits: searched downwards from there."""
+    fits: dict[int, Choice] = {}
+
+    def fit(epochs: int) -> Choice:
+        if epochs not in fits:
+            resolved, _ = resolve(_with(t, epochs), dataclasses.replace(facts, epochs=epochs))
+            basic, tr = resolved.hyper_parameters.basic, resolved.training
+            passes = _passes_per_step(tr.optimizer.sam.enabled, tr.mutual_learning.enabled,
+                                      len(tr.mutual_learning.aux_models))
+            fits[epochs] = A.epochs_for_budget(facts, basic.batch_size, passes, cost(basic.batch_size), val_images,
+                                               2 if tr.ema.enabled else 1, budget_s, spent_s)
+        return fits[epochs]
+
+    epochs = facts.epochs
+    while epochs not in fits:
+        epochs = fit(epochs).value
+    best = max(e for e, choice in fits.items() if choice.value >= e)
+    for epochs in range(max(choice.value for choice in fits.values()), best, -1):
+        if fit(epochs).value >= epochs:
+            best = epochs
+            break
+    return best, fits[best]
+
+
+def _with(t: Template, epochs: int, batch: int | None = None) -> Template:
+    data = t.to_dict()
+    data["hyper_parameters"]["basic"]["epochs"] = epochs
+    if batch is not None:
+        data["hyper_parameters"]["basic"]["batch_size"] = batch
+    return template_from_dict(data, t.name)
+
+
+__all__ = ["plan_time_budget", "resolve", "run_facts", "small_input"]

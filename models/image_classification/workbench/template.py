@@ -16,6 +16,7 @@ from typing import Any, Union
 
 import yaml
 
+from clsengine.budget import parse_duration
 from clsengine.data import AugmentationConfig
 from clsengine.errors import UserError
 
@@ -48,7 +49,8 @@ class InputSection:
 class BasicHyperParameters:
     batch_size: int | str                   # or auto: from the dataset and the epochs (clsengine.auto)
     base_learning_rate: float | str         # or auto: from the optimizer, the batch and initial weights
-    epochs: int
+    epochs: int                             # with time_budget: the most epochs the budget may choose
+    time_budget: float | str | None = None  # seconds (or "3m", "1.5h"): the epochs that fit it on this machine
 
 
 @dataclass
@@ -373,6 +375,16 @@ def _is_bool(value: Any) -> bool:
     return isinstance(value, bool)
 
 
+def _is_duration(value: Any) -> bool:
+    if value is None:
+        return True
+    try:
+        parse_duration(value)
+    except UserError:
+        return False
+    return True
+
+
 def _auto_or(value: Any, check) -> bool:
     """`auto`, or a concrete value passing `check` (a string other than auto never passes)."""
     if isinstance(value, str):
@@ -403,6 +415,8 @@ def _check_semantics(t: Template, v: _Validator) -> None:
         ("hyper_parameters.basic.batch_size", _auto_or(t.hyper_parameters.basic.batch_size, lambda v: v >= 1),
          "auto or an integer of at least 1"),
         ("hyper_parameters.basic.epochs", t.hyper_parameters.basic.epochs >= 1, "at least 1"),
+        ("hyper_parameters.basic.time_budget", _is_duration(t.hyper_parameters.basic.time_budget),
+         "null or a positive duration: seconds, or a number with s, m or h (180, 3m, 1.5h)"),
         ("hyper_parameters.basic.base_learning_rate",
          _auto_or(t.hyper_parameters.basic.base_learning_rate, lambda v: v > 0), "auto or a positive number"),
         ("training.optimizer.name", t.training.optimizer.name in ("auto", "sgd", "asgd", "adam", "adamw"),

@@ -4,6 +4,7 @@ from __future__ import annotations
 import logging
 import platform
 import sys
+import time
 from pathlib import Path
 from typing import Any, Callable
 
@@ -11,6 +12,7 @@ import torch
 
 from clsengine import data as D
 from clsengine import distributed as dist
+from clsengine.budget import parse_duration, seconds_per_image
 from clsengine.loop import FitConfig, fit
 from clsengine.models import freeze_backbone, load_pretrained
 
@@ -31,15 +33,31 @@ def train(t: Template, train_scan: D.FolderScan, val_scan: D.FolderScan, out: Pa
           logger: logging.Logger, *, weights: str | None = None, resume: dict[str, Any] | None = None,
           aux_weights: list[str] | None = None, run_info: dict[str, Any] | None = None,
           tensorboard_dir: Path | None = None, checkpoints: bool = True, progress: bool = True,
-          on_epoch_end: Callable[[int, dict], None] | None = None) -> dict[str, Any] | None:
+          on_epoch_end: Callable[[int, dict], None] | None = None, started: float | None = None
+          ) -> dict[str, Any] | None:
     """Build the model, loaders, loss and recipe of `t` and fit; returns fit's result, or None when the LR
     finder was asked to stop after finding the rate. The template's `auto` values are decided first
     (workbench.auto, one log line each); the learning rate of that effective template is then updated (LR
-    finder, world-size scaling), so that the configuration saved is the one trained."""
+    finder, world-size scaling), so that the configuration saved is the one trained. With a time budget the
+    epochs are chosen first, from training steps timed here; `started` (time.monotonic()) is when the run
+    began, the budget counting from there (default: now)."""
+    started = time.monotonic() if started is None else started
     classes = train_scan.classes
     world = dist.info()
-    t, choices = auto.resolve(t, auto.run_facts(t, len(train_scan.samples), len(classes), device.type,
-                                                world.world_size, pretrained=weights is not None))
+    facts = auto.run_facts(t, len(train_scan.samples), len(classes), device.type, world.world_size,
+                           pretrained=weights is not None)
+    budget = t.hyper_parameters.basic.time_budget
+    budget_s = parse_duration(budget) if budget is not None and resume is None else None
+    if budget_s is not None:
+        def measure(resolved: Template) -> float:
+            probe_model = B.build_model(resolved, len(classes)).to(device)
+            probe_loss = B.build_loss(resolved, len(classes), train_scan.counts()).to(device)
+            return seconds_per_image(probe_model, B.train_loader(resolved, train_scan, device), probe_loss, device)
+
+        t, choices = auto.plan_time_budget(t, facts, budget_s, lambda: time.monotonic() - started, measure,
+                                           len(val_scan.samples))
+    else:
+        t, choices = auto.resolve(t, facts)
     for choice in choices:
         logger.info(str(choice))
     model = B.build_model(t, len(classes))
@@ -90,6 +108,7 @@ def train(t: Template, train_scan: D.FolderScan, val_scan: D.FolderScan, out: Pa
     fit_cfg = FitConfig(epochs=basic.epochs, output_dir=out, early_stopping_patience=t.training.early_stopping_patience,
                         tensorboard_dir=tensorboard_dir, max_grad_norm=t.training.optimizer.max_grad_norm,
                         progress=progress, checkpoints=checkpoints,
+                        deadline=started + budget_s if budget_s is not None else None,
                         checkpoint_extra={"config": config, "classes": classes, "arch": t.model.architecture})
     return fit(model, train_loader, val_loader, criterion, optimizer, scheduler, device, fit_cfg, logger,
                resume=resume, recipe=recipe, on_epoch_end=on_epoch_end)
