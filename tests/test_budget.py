@@ -104,7 +104,7 @@ def test_measuring_changes_neither_the_model_nor_the_random_state():
     assert 0 < seconds < 1
 
 
-def _fit(tmp_path: Path, deadline: float | None, epochs: int = 3) -> dict:
+def _fit(tmp_path: Path, deadline: float | None, epochs: int = 3, replan=None) -> dict:
     seed_everything(0)
     model = nn.Sequential(nn.Linear(8, 3))
     data = [(torch.randn(8), int(i % 3)) for i in range(24)]
@@ -112,9 +112,11 @@ def _fit(tmp_path: Path, deadline: float | None, epochs: int = 3) -> dict:
     val = EpochLoader(data, batch_size=8, shuffle=False, workers=0, seed=0)
     optimizer = create_optimizer(model, "sgd", lr=0.1, weight_decay=0.0, no_bias_decay=True)
     scheduler = WarmupScheduler(optimizer, "cosine", epochs=epochs, iters_per_epoch=len(train), warmup_epochs=0)
-    cfg = FitConfig(epochs=epochs, output_dir=tmp_path, progress=False, checkpoints=False, deadline=deadline)
-    return fit(model, train, val, nn.CrossEntropyLoss(), optimizer, scheduler, torch.device("cpu"), cfg,
-               get_logger(name="clsengine.test_budget"), on_epoch_end=lambda epoch, row: time.sleep(0.3))
+    cfg = FitConfig(epochs=epochs, output_dir=tmp_path, progress=False, checkpoints=False, deadline=deadline,
+                    replan=replan)
+    result = fit(model, train, val, nn.CrossEntropyLoss(), optimizer, scheduler, torch.device("cpu"), cfg,
+                 get_logger(name="clsengine.test_budget"), on_epoch_end=lambda epoch, row: time.sleep(0.3))
+    return {**result, "schedule_epochs": scheduler.epochs, "last_lr": scheduler.lr}
 
 
 def test_fit_stops_when_another_epoch_would_end_after_the_deadline(tmp_path: Path, caplog):
@@ -139,7 +141,25 @@ def test_train_py_time_budget_chooses_logs_and_saves_the_epochs(tmp_path: Path, 
     epochs = config["hyper_parameters"]["basic"]["epochs"]
     assert 1 <= epochs <= 3 and f"auto hyper_parameters.basic.epochs = {epochs}:" in line
     assert config["hyper_parameters"]["basic"]["time_budget"] == "30s"
+    # Re-planned after each epoch: the saved epochs are those trained (a resumed run continues to them).
+    assert len((out / "history.csv").read_text().strip().splitlines()) - 1 == epochs
     bad = run_captured(wd, "train.py", "--train-data-roots", str(train), "--val-data-roots", str(val),
                        "--time-budget", "soon", "--save-checkpoints-to", str(tmp_path / "bad"),
                        monkeypatch=monkeypatch, capsys=capsys)
     assert_clean_error(bad, "hyper_parameters.basic.time_budget")
+
+
+def test_fit_follows_a_replanned_number_of_epochs(tmp_path: Path):
+    """After each epoch the budget is re-planned from the real epoch time: the loop and the schedule's horizon
+    follow (longer: the cosine reaches 0 at the new end; shorter: at the earlier one)."""
+    calls: list[tuple[int, float]] = []
+
+    def longer(done: int, seconds: float) -> int:
+        calls.append((done, seconds))
+        return 5
+
+    result = _fit(tmp_path, deadline=time.monotonic() + 60, epochs=3, replan=longer)
+    assert result["epochs_run"] == 5 and result["schedule_epochs"] == 5 and result["last_lr"] == pytest.approx(0)
+    assert [done for done, _ in calls] == [1, 2, 3, 4] and all(s >= 0.0 for _, s in calls)
+    shorter = _fit(tmp_path, deadline=time.monotonic() + 60, epochs=4, replan=lambda done, s: 2)
+    assert shorter["epochs_run"] == 2 and shorter["schedule_epochs"] == 2 and shorter["last_lr"] == pytest.approx(0)

@@ -1,22 +1,33 @@
 #!/usr/bin/env python3
-"""Ablation of the training recipe: train one template with each technique on and off, same epoch budget.
+"""Ablation of the training recipe at equal wall time: what each technique brings when every variant gets the
+same minutes, not the same epochs.
 
-  python tools/benchmark_recipe.py [--template mobilenet_v3_large_1] [--epochs 10] [--out /tmp/recipe_bench]
+  python tools/benchmark_recipe.py --digits --template mobilenet_v3_small --epochs 5 --seeds 0 1
+  python tools/benchmark_recipe.py --data PHOTOS --template mobilenet_v3_small --epochs 10 --budgets 1 4
+  python tools/benchmark_recipe.py --digits --equal-epochs --epochs 10            # the old, equal-epoch table
 
-Data: scikit-learn's bundled handwritten digits (real images, offline), written as class folders and
-upscaled to --size. Every variant runs the real work-dir scripts (train.py, then eval.py on best.pth)
-from the same seed; early stopping is off so each gets exactly --epochs epochs. Prints a markdown
-table of top-1 and wall time per variant.
+First the `plain` variant trains --epochs epochs; its wall time T is the reference. Then every variant
+(plain included) trains with `train.py --time-budget` k x T for each k of --budgets (default 1 and 4): train.py
+chooses the epochs that fit with that variant's own cost, so a technique that doubles the cost of a step gets
+half the epochs, as it would for a user with a fixed amount of time. Every run goes through the real work-dir
+scripts (train.py, then eval.py on best.pth; early stopping off), from each seed of --seeds; the table gives
+the mean top-1 (and its spread over seeds), the epochs the budget allowed and the wall time.
 
-Variants: `plain` switches every technique off (softmax + linear head, SGD, no EMA, no mutual learning,
-no LR finder, no AugMix and none of the extra photometric ops); `+X` is plain with X on; `full` is the
-template's own recipe; `full -X` is the template's recipe with X off.
+Variants: `plain` switches every technique off (softmax and a linear head, no EMA, SAM, auxiliary model, LR
+finder, light augmentation, no MixUp / CutMix), the `auto` rules still choosing batch, learning rate, optimizer
+and schedule; `+X` is plain with X on; `auto` is the template's defaults, what a user gets; `published` pins
+the published long-run recipe (SGD, plateau, SAM, auxiliary model, LR finder, full augmentation, EMA,
+AM-softmax).
+
+--data is a folder with train/ and val/ class folders (top-1 on val; on test/ if there is one, best.pth being
+chosen on val); --digits writes scikit-learn's digits at --size.
 """
 from __future__ import annotations
 
 import argparse
 import os
 import platform
+import statistics
 import subprocess
 import sys
 import time
@@ -31,26 +42,33 @@ TECHNIQUES: dict[str, tuple[list[str], list[str]]] = {
     # name: (overrides that switch it on, overrides that switch it off)
     "am_softmax": (["model.head=cosine", "training.loss.name=am_softmax"],
                    ["model.head=linear", "training.loss.name=softmax"]),
-    "sam": (["training.optimizer.sam.enabled=true"], ["training.optimizer.sam.enabled=false"]),
     "ema": (["training.ema.enabled=true"], ["training.ema.enabled=false"]),
+    "sam": (["training.optimizer.sam.enabled=true"], ["training.optimizer.sam.enabled=false"]),
     "mutual": (["training.mutual_learning.enabled=true"], ["training.mutual_learning.enabled=false"]),
-    "lr_finder": (["training.lr_finder.enabled=true"], ["training.lr_finder.enabled=false"]),
-    "augmix": (["training.augmentation.augmix=true"], ["training.augmentation.augmix=false"]),
-    "bf16": (["training.amp=bf16"], ["training.amp=none"]),
+    # With the auto optimizer (AdamW in short runs) the range test needs an AdamW range, not the SGD one.
+    "lr_finder": (["training.lr_finder.enabled=true", "training.lr_finder.min_lr=0.0002",
+                   "training.lr_finder.max_lr=0.01"], ["training.lr_finder.enabled=false"]),
+    "full_augmentation": (["training.augmentation_level=full"], ["training.augmentation_level=light"]),
+    "mixup": (["training.augmentation.mixup_alpha=0.2"], ["training.augmentation.mixup_alpha=0"]),
+    "cutmix": (["training.augmentation.cutmix_alpha=1.0"], ["training.augmentation.cutmix_alpha=0"]),
 }
-EXTRA_AUG_OFF = ["training.augmentation.posterize_p=0", "training.augmentation.equalize_p=0",
-                 "training.augmentation.noise_p=0", "training.augmentation.blur_p=0",
-                 "training.augmentation.cutout_p=0", "training.augmentation.rotate_p=0"]
+PUBLISHED = ["training.optimizer.name=sgd", "training.scheduler.name=plateau", "training.ema.enabled=true",
+             "model.head=cosine", "training.loss.name=am_softmax", "training.optimizer.sam.enabled=true",
+             "training.mutual_learning.enabled=true", "training.lr_finder.enabled=true",
+             "training.augmentation_level=full"]
 
 
 def variants(names: list[str]) -> dict[str, list[str]]:
-    plain = [o for _, off in TECHNIQUES.values() for o in off] + EXTRA_AUG_OFF
+    """Variant name -> its KEY=VALUE overrides (all of them when `names` is empty)."""
+    plain = [o for _, off in TECHNIQUES.values() for o in off]
     table: dict[str, list[str]] = {"plain": plain}
     for name, (on, _) in TECHNIQUES.items():
         table[f"+{name}"] = plain + on
-    table["full"] = []
-    for name, (_, off) in TECHNIQUES.items():
-        table[f"full -{name}"] = off
+    table["auto"] = []
+    table["published"] = PUBLISHED
+    unknown = [n for n in names if n not in table]
+    if unknown:
+        raise SystemExit(f"error: unknown variant(s) {', '.join(unknown)}; known: {', '.join(table)}")
     return {k: v for k, v in table.items() if not names or k in names}
 
 
@@ -74,49 +92,102 @@ def digits_dataset(out: Path, size: int) -> Path:
     return data
 
 
+def train_and_eval(name: str, overrides: list[str], length: list[str], data: Path, size: int | None, seed: int,
+                   args: argparse.Namespace) -> dict:
+    """One variant through train.py and eval.py: its top-1, train wall time and the epochs it trained."""
+    slug = name.replace(" ", "_").replace("+", "plus_").replace("-", "minus_")
+    work_dir = args.out / f"{slug}_{'_'.join(length).replace('--', '')}_seed{seed}"
+    log = args.out / f"{work_dir.name}.log"
+    log.unlink(missing_ok=True)
+    run([sys.executable, str(REPO_ROOT / "tools" / "instantiate_template.py"),
+         str(TEMPLATES / args.template / "template.yaml"), str(work_dir), "--do-not-load-snapshot", "--overwrite"],
+        REPO_ROOT, log)
+    size_override = [f"input.size=[{size},{size}]"] if size else []
+    seconds = run([sys.executable, "train.py", "--train-data-roots", str(data / "train"), "--val-data-roots",
+                   str(data / "val"), *length, f"training.seed={seed}", "training.early_stopping_patience=null",
+                   *size_override, *overrides], work_dir, log)
+    test = data / "test" if (data / "test").is_dir() else data / "val"
+    run([sys.executable, "eval.py", "--load-weights", str(work_dir / "outputs" / "best.pth"), "--test-data-roots",
+         str(test), *size_override], work_dir, log)
+    metrics = yaml.safe_load((work_dir / "metrics.yaml").read_text())
+    config = yaml.safe_load((work_dir / "outputs" / "config.yaml").read_text())
+    epochs_run = len((work_dir / "outputs" / "history.csv").read_text().strip().splitlines()) - 1
+    return {"top1": float(next(m["value"] for m in metrics["metrics"] if m["key"] == "accuracy")),
+            "seconds": seconds, "epochs": config["template"]["hyper_parameters"]["basic"]["epochs"],
+            "epochs_run": epochs_run}
+
+
+def _cell(results: list[dict]) -> str:
+    tops = [r["top1"] for r in results]
+    spread = f" ± {statistics.stdev(tops):.2f}" if len(tops) > 1 else ""
+    epochs = sorted({r["epochs_run"] for r in results})
+    return (f"{statistics.mean(tops):.2f}{spread} ({'/'.join(map(str, epochs))} ep, "
+            f"{statistics.mean(r['seconds'] for r in results):.0f} s)")
+
+
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--template", default="mobilenet_v3_large_1")
-    parser.add_argument("--epochs", type=int, default=10)
-    parser.add_argument("--batch-size", type=int, default=64)
-    parser.add_argument("--size", type=int, default=32, help="image side in pixels")
-    parser.add_argument("--workers", type=int, default=2)
+    source = parser.add_mutually_exclusive_group()
+    source.add_argument("--data", type=Path, help="folder with train/ and val/ (and optionally test/) class folders")
+    source.add_argument("--digits", action="store_true", help="scikit-learn's digits at --size (the default)")
+    parser.add_argument("--template", default="mobilenet_v3_small")
+    parser.add_argument("--epochs", type=int, default=5, help="epochs of the plain reference run")
+    parser.add_argument("--budgets", type=float, nargs="*", default=[1.0, 4.0],
+                        help="time budgets as multiples of the plain run's train wall time")
+    parser.add_argument("--equal-epochs", action="store_true",
+                        help="every variant trains --epochs epochs instead (no time budget)")
+    parser.add_argument("--size", type=int, default=32, help="digits: image side; --data: input.size (default: "
+                                                             "the template's)")
+    parser.add_argument("--seeds", type=int, nargs="*", default=[0])
     parser.add_argument("--out", type=Path, default=Path("/tmp/recipe_bench"))
     parser.add_argument("--variants", nargs="*", default=[], help="subset of variant names (default: all)")
     args = parser.parse_args()
 
-    template = TEMPLATES / args.template / "template.yaml"
-    if not template.is_file():
+    if not (TEMPLATES / args.template / "template.yaml").is_file():
         print(f"error: no template {args.template} in {TEMPLATES}", file=sys.stderr)
         return 2
-    data = digits_dataset(args.out, args.size)
-    rows = []
-    for name, overrides in variants(args.variants).items():
-        work_dir = args.out / name.replace(" ", "_").replace("+", "plus_").replace("-", "minus_")
-        log = args.out / f"{work_dir.name}.log"
-        log.unlink(missing_ok=True)
-        run([sys.executable, str(REPO_ROOT / "tools" / "instantiate_template.py"), str(template), str(work_dir),
-             "--do-not-load-snapshot", "--overwrite"], REPO_ROOT, log)
-        train_s = run([sys.executable, "train.py", "--train-data-roots", str(data / "train"), "--val-data-roots",
-                       str(data / "val"), "--epochs", str(args.epochs), "--batch-size", str(args.batch_size),
-                       "--workers", str(args.workers), f"input.size=[{args.size},{args.size}]",
-                       "training.early_stopping_patience=null", *overrides], work_dir, log)
-        run([sys.executable, "eval.py", "--load-weights", str(work_dir / "outputs" / "best.pth"),
-             "--test-data-roots", str(data / "val"), "--workers", str(args.workers)], work_dir, log)
-        metrics = yaml.safe_load((work_dir / "metrics.yaml").read_text())
-        top1 = next(m["value"] for m in metrics["metrics"] if m["key"] == "accuracy")
-        rows.append((name, top1, train_s))
-        print(f"{name:16s} top-1 {top1:6.2f}  train {train_s:7.1f} s", flush=True)
+    table = variants(args.variants)
+    args.out.mkdir(parents=True, exist_ok=True)
+    if args.data is None:
+        data, size = digits_dataset(args.out, args.size), args.size
+    else:
+        data = args.data.resolve()
+        size = args.size if "--size" in sys.argv else None
+        if not (data / "train").is_dir() or not (data / "val").is_dir():
+            print(f"error: {data} must hold train/ and val/ class folders", file=sys.stderr)
+            return 2
 
-    base = next((top1 for name, top1, _ in rows if name == "plain"), None)
-    print(f"\n{args.template}, digits {args.size}x{args.size} (1438 train / 359 val), {args.epochs} epochs, "
-          f"batch {args.batch_size}, from scratch; {platform.processor() or platform.machine()}, "
-          f"{os.cpu_count()} cores\n")
-    print("| variant | val top-1 (%) | vs plain | train wall time (s) |")
-    print("|---|---:|---:|---:|")
-    for name, top1, seconds in rows:
-        delta = f"{top1 - base:+.2f}" if base is not None else ""
-        print(f"| {name} | {top1:.2f} | {delta} | {seconds:.0f} |")
+    started = time.perf_counter()
+    titles = [f"{args.epochs} epochs"] if args.equal_epochs else [f"{k:g} x T" for k in args.budgets]
+    references: list[float] = []                # T of each seed
+    results: dict[tuple[str, str], list[dict]] = {}
+    for seed in args.seeds:
+        if args.equal_epochs:
+            lengths = {titles[0]: ["--epochs", str(args.epochs)]}
+        else:
+            reference = train_and_eval("plain", variants(["plain"])["plain"], ["--epochs", str(args.epochs)], data,
+                                       size, seed, args)
+            references.append(reference["seconds"])
+            print(f"reference: plain, {args.epochs} epochs, seed {seed}: top-1 {reference['top1']:.2f} in "
+                  f"T = {reference['seconds']:.0f} s", flush=True)
+            lengths = {title: ["--time-budget", str(round(k * reference["seconds"]))]
+                       for title, k in zip(titles, args.budgets)}
+        for title, length in lengths.items():
+            for name, overrides in table.items():
+                result = train_and_eval(name, overrides, length, data, size, seed, args)
+                results.setdefault((name, title), []).append(result)
+                print(f"{name:20s} {title:10s} seed {seed}  top-1 {result['top1']:6.2f}  "
+                      f"{result['epochs_run']:3d} epochs  {result['seconds']:6.1f} s", flush=True)
+
+    length_text = (f"every variant {args.epochs} epochs" if args.equal_epochs else
+                   f"T = the plain run's train wall time at {args.epochs} epochs ({statistics.mean(references):.0f} s)")
+    print(f"\n{args.template}, {data.name}" + (f" at {size}x{size}" if size else "") + f", from scratch, seeds "
+          f"{args.seeds}; {length_text}; {platform.processor() or platform.machine()}, {os.cpu_count()} cores; "
+          f"{time.perf_counter() - started:.0f} s in all\n")
+    print("| variant | " + " | ".join(f"top-1 (%) at {t}" for t in titles) + " |")
+    print("|---|" + "---:|" * len(titles))
+    for name in table:
+        print(f"| {name} | " + " | ".join(_cell(results[(name, t)]) for t in titles) + " |")
     return 0
 
 

@@ -20,8 +20,8 @@ import torch.nn as nn
 from .errors import UserError
 from .checkpoint import rng_state, set_rng_state
 
-MEASURE_WARMUP_STEPS = 2   # first steps allocate memory and warm caches: not timed
-MEASURE_STEPS = 4
+MEASURE_WARMUP_STEPS = 3   # first steps allocate memory and warm caches: not timed
+MEASURE_STEPS = 6
 
 
 def parse_duration(text: str | float | int) -> float:

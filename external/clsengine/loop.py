@@ -41,6 +41,9 @@ class FitConfig:
     checkpoint_extra: dict[str, Any] = field(default_factory=dict)
     checkpoints: bool = True                     # write latest.pth / best.pth (off for search trials)
     deadline: float | None = None                # time.monotonic() by which training ends (a time budget)
+    # With a deadline: called after each epoch's validation with (epochs done, seconds that epoch took); returns
+    # the number of epochs the run should have in all, which the loop and the schedule then follow.
+    replan: Callable[[int, float], int] | None = None
 
 
 def _progress(iterable: Iterable, total: int, desc: str, enabled: bool) -> tqdm:
@@ -252,14 +255,16 @@ def fit(model: nn.Module, train_loader, val_loader, criterion: nn.Module, optimi
     progress = cfg.progress and main
 
     stopped_early = False
+    epochs, epoch = cfg.epochs, start_epoch - 1
     try:
-        for epoch in range(start_epoch, cfg.epochs):
+        while epoch + 1 < epochs:
+            epoch += 1
             epoch_started = time.monotonic()
             for loader in (train_loader, val_loader):
                 if hasattr(loader, "set_epoch"):
                     loader.set_epoch(epoch)
             train_stats = train_one_epoch(model, train_loader, criterion, optimizer, scheduler, device,
-                                          desc=f"epoch {epoch + 1}/{cfg.epochs}", max_grad_norm=cfg.max_grad_norm,
+                                          desc=f"epoch {epoch + 1}/{epochs}", max_grad_norm=cfg.max_grad_norm,
                                           progress=progress, recipe=recipe, epoch=epoch, forward_models=forward_models)
             for m in (model, *recipe.aux_models, *([recipe.ema] if recipe.ema is not None else [])):
                 dist.broadcast_buffers(m)  # BatchNorm statistics: rank 0's everywhere, as in the checkpoint
@@ -273,6 +278,13 @@ def fit(model: nn.Module, train_loader, val_loader, criterion: nn.Module, optimi
                 score, use_ema = float(cfg.score_fn(model)), False
             lr = scheduler.lr
             scheduler.step_epoch(score)
+            epoch_s = time.monotonic() - epoch_started
+            if cfg.replan is not None and epoch + 1 < epochs:
+                planned = int(dist.broadcast_object(cfg.replan(epoch + 1, epoch_s)))  # rank 0's clock decides
+                if planned != epochs:
+                    logger.info(f"Time budget: epoch {epoch + 1} took {epoch_s:.1f} s; {planned} epochs fit in all "
+                                f"(planned {epochs}): the schedule now ends there")
+                    epochs = scheduler.epochs = planned
             improved = score > best_top1
             if improved:
                 best_top1, best_epoch = score, epoch + 1
@@ -312,7 +324,7 @@ def fit(model: nn.Module, train_loader, val_loader, criterion: nn.Module, optimi
                     save_checkpoint(best, output_dir / "best.pth")
             runlog.flush()
             ema_text = f"  EMA {'top-1' if key == 'top1' else key} {ema_stats[key]:6.2f}" if ema_stats else ""
-            logger.info(f"epoch {epoch + 1:3d}/{cfg.epochs}  loss {train_stats['loss']:.4f}  "
+            logger.info(f"epoch {epoch + 1:3d}/{epochs}  loss {train_stats['loss']:.4f}  "
                         f"val loss {val_stats['loss']:.4f}  {_metrics_text(val_stats)}{ema_text}"
                         + (f"  score {score:6.2f}" if cfg.score_fn is not None else "")
                         + f"  lr {lr:.3g}  {train_stats['time_s']:.1f}s  "
@@ -323,10 +335,10 @@ def fit(model: nn.Module, train_loader, val_loader, criterion: nn.Module, optimi
                 logger.info(f"Target reached: {score:.2f} >= {cfg.target_top1:.2f}")
                 stopped_early = True
                 break
-            epoch_s = time.monotonic() - epoch_started
-            if cfg.deadline is not None and epoch + 1 < cfg.epochs and time.monotonic() + epoch_s > cfg.deadline:
+            late = cfg.deadline is not None and epoch + 1 < epochs and time.monotonic() + epoch_s > cfg.deadline
+            if dist.broadcast_object(late):
                 logger.info(f"Time budget: another epoch ({epoch_s:.0f} s) would end after the deadline; stopping "
-                            f"after epoch {epoch + 1} of {cfg.epochs}")
+                            f"after epoch {epoch + 1} of {epochs}")
                 stopped_early = True
                 break
             # With reduce-on-plateau, early stopping waits until the LR has been reduced at least once.
