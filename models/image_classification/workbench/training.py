@@ -111,7 +111,7 @@ def train(t: Template, train_scan: D.FolderScan, val_scan: D.FolderScan, out: Pa
 
         def replan(done: int, epoch_s: float) -> int:
             """The epochs that fit, from the last epoch's real duration: the plan's few timed steps are an
-            estimate (on 2 cores they were 10-25% slower than the epochs that followed)."""
+            estimate (on 2 cores they ran 10-40% slower than the epochs that followed)."""
             epochs = max(done, min(most, done + int((started + budget_s - time.monotonic()) // epoch_s)))
             if epochs != config["template"]["hyper_parameters"]["basic"]["epochs"]:
                 config["template"]["hyper_parameters"]["basic"]["epochs"] = epochs  # what a resumed run continues
