@@ -17,8 +17,8 @@ from typing import Iterable
 import torch
 import torch.nn as nn
 
-from .errors import UserError
 from .checkpoint import rng_state, set_rng_state
+from .errors import UserError
 
 MEASURE_WARMUP_STEPS = 3   # first steps allocate memory and warm caches: not timed
 MEASURE_STEPS = 6

@@ -142,7 +142,8 @@ def create_model(name: str, num_classes: int, *, width_mult: float = 1.0, dropou
     `head="cosine"` replaces the last linear layer by a CosineLinear (scale `cosine_scale`, by default
     the AM-softmax rule for `num_classes`), the classifier the AM-softmax loss needs.
     `drop_path_rate` replaces the architecture's stochastic-depth rate (None keeps it; only EfficientNets
-    have one). Every residual branch starts at zero (zero_init_residual). `bn_momentum` replaces the architecture's BatchNorm momentum (torchvision's MobileNetV3 uses 0.01,
+    have one). Every residual branch starts at zero (zero_init_residual).
+    `bn_momentum` replaces the architecture's BatchNorm momentum (torchvision's MobileNetV3 uses 0.01,
     tuned for long ImageNet runs, which leaves running statistics unusable after short runs). Running
     statistics start as a cumulative average of the first batches (models.batchnorm: not from mean 0, var 1).
     The model carries `default_cfg` (input size, mean, std) and `head_name` (its classifier attribute).

@@ -45,11 +45,15 @@ def resolve(t: Template, facts: RunFacts) -> tuple[Template, list[Choice]]:
         return choice.value
 
     tr, basic = t.training, t.hyper_parameters.basic
-    if t.model.small_input == AUTO:
-        decide(A.small_input(t.input.size))
-    for i, aux in enumerate(tr.mutual_learning.aux_models):
-        if aux.model.small_input == AUTO:  # the partners see the same input: same rule, not logged again
-            data["training"]["mutual_learning"]["aux_models"][i]["model"]["small_input"] = small_input(aux.model, t)
+    # (its dict in `data`, its section, is it the main model): the auxiliary models see the same input and
+    # follow the main model's rules, not logged again
+    models = [(data["model"], t.model, True)] + [
+        (d["model"], aux.model, False) for d, aux in zip(data["training"]["mutual_learning"]["aux_models"],
+                                                         tr.mutual_learning.aux_models)]
+    for model_data, m, main in models:
+        if m.small_input == AUTO:
+            choice = A.small_input(t.input.size)
+            model_data["small_input"] = decide(choice) if main else choice.value
     batch = decide(A.batch_size(facts)) if basic.batch_size == AUTO else basic.batch_size
     optimizer = decide(A.optimizer(facts, batch)) if tr.optimizer.name == AUTO else tr.optimizer.name
     if tr.optimizer.weight_decay == AUTO:
@@ -64,10 +68,6 @@ def resolve(t: Template, facts: RunFacts) -> tuple[Template, list[Choice]]:
     lr_pinned = basic.base_learning_rate != AUTO
     if not lr_pinned:
         decide(A.learning_rate(facts, optimizer, batch))
-    # (its dict in `data`, its section, is it the main model): auxiliary models follow the same rules, unlogged
-    models = [(data["model"], t.model, True)] + [
-        (d["model"], aux.model, False) for d, aux in zip(data["training"]["mutual_learning"]["aux_models"],
-                                                         tr.mutual_learning.aux_models)]
     for model_data, m, main in models:
         if m.drop_path_rate != AUTO:
             continue
