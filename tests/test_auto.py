@@ -94,7 +94,7 @@ def test_lr_finder_costs_at_most_its_budget():
     assert tpe[0].value is False                                                 # 90 epochs of trials
 
 
-DEVICE_AUTO = ["data.format", "training.amp", "training.channels_last", "training.workers"]
+DEVICE_AUTO = ["data.format", "training.channels_last", "training.workers"]
 
 
 def _auto_keys(tree: dict, prefix: str = "") -> list[str]:
@@ -134,7 +134,7 @@ def test_resolve_keeps_pinned_values_and_the_published_recipe():
                  "training.scheduler.name": "plateau", "training.scheduler.warmup_epochs": 1,
                  "training.optimizer.sam.enabled": True, "training.mutual_learning.enabled": True,
                  "training.lr_finder.enabled": True, "training.lr_finder.num_iter": 100, "model.small_input": False,
-                 "training.augmentation_level": "full"}
+                 "training.augmentation_level": "full", "training.amp": "none", "training.augmentation.hflip": 0.5}
     t = _template(**published)
     resolved, choices = auto.resolve(t, auto.run_facts(t, 245, 2, "cpu"))
     assert choices == []
@@ -222,7 +222,7 @@ def test_load_weights_reports_what_it_loaded_and_refuses_another_width(tmp_path:
 
 def test_short_runs_train_with_light_augmentation_long_runs_with_the_templates():
     assert A.augmentation_level(SMALL, 16).value == "light" and A.augmentation_level(LARGE, 128).value == "full"
-    t = _template()
+    t = _template(**{"training.augmentation.hflip": 0.5})
     short, _ = auto.resolve(t, SMALL)
     aug = short.training.augmentation
     assert short.training.augmentation_level == "light" and aug.augmix is False and aug.cutout_p == 0.0
@@ -268,3 +268,79 @@ def test_drop_path_rate_reaches_the_model_and_is_refused_where_there_is_none():
     assert max(m.p for m in create_model("efficientnet_b0", 3).modules() if isinstance(m, StochasticDepth)) > 0.1
     with pytest.raises(UserError, match="no stochastic depth"):
         create_model("resnet18", 3, drop_path_rate=0.1)
+
+
+def test_mixed_precision_bf16_only_where_it_was_measured_faster(monkeypatch):
+    assert A.mixed_precision("cpu", True, depthwise=False).value == "bf16"    # dense convolutions: 1.3-2.1x
+    assert A.mixed_precision("cpu", True, depthwise=True).value == "none"     # depthwise: 0.7-0.9x in bf16
+    assert A.mixed_precision("cpu", False, depthwise=False).value == "none"   # emulated bf16
+    assert A.mixed_precision("cuda", True, depthwise=True).value == "bf16"
+    assert A.mixed_precision("cuda", False, depthwise=False).value == "none"
+    monkeypatch.setattr(A, "native_bf16", lambda device_type: True)
+    for name, expected in (("resnet18", "bf16"), ("mobilenet_v3_small", "none")):
+        t = _template(name)
+        resolved, choices = auto.resolve(t, auto.run_facts(t, 245, 2, "cpu"))
+        assert resolved.training.amp == expected and "training.amp" in [c.key for c in choices]
+    # A depthwise auxiliary model keeps a dense main model in full precision; a pinned value is kept.
+    t = _template("resnet18", **{"training.mutual_learning.aux_models": [
+        {"model": {"architecture": "mobilenet_v3_small"}}]})
+    assert auto.resolve(t, auto.run_facts(t, 245, 2, "cpu"))[0].training.amp == "none"
+    t = _template("mobilenet_v3_small", **{"training.amp": "bf16"})
+    resolved, choices = auto.resolve(t, auto.run_facts(t, 245, 2, "cpu"))
+    assert resolved.training.amp == "bf16" and "training.amp" not in [c.key for c in choices]
+
+
+def test_depthwise_flag_of_every_architecture_matches_its_layers():
+    import torch.nn as nn
+    from clsengine.models import create_model, list_models, uses_depthwise
+    for name in list_models():
+        model = create_model(name, 2)
+        has = any(isinstance(m, nn.Conv2d) and 1 < m.groups == m.in_channels for m in model.modules())
+        assert uses_depthwise(name) == has, name
+
+
+def _glyph_folder(root: Path, oriented: bool, per_class: int = 24) -> list[tuple[str, int]]:
+    """Two classes of noisy bright bars on a dark ground: oriented, the bar stands at the left (class 0) or the
+    top-left (class 1), like strokes of a glyph; mirror-symmetric, it stands at either side at random."""
+    import numpy as np
+    from PIL import Image
+    rng = np.random.default_rng(0)
+    samples = []
+    for label in (0, 1):
+        folder = root / str(label)
+        folder.mkdir(parents=True)
+        for i in range(per_class):
+            a = rng.integers(0, 60, (32, 32, 3)).astype(np.uint8)
+            rows = slice(4, 28) if label == 0 else slice(2, 12)
+            left = oriented or rng.random() < 0.5
+            if left:
+                a[rows, 4:10] = 230
+            else:
+                a[rows, 22:28] = 230
+            Image.fromarray(a).save(folder / f"{i}.png")
+            samples.append((str(folder / f"{i}.png"), label))
+    return samples
+
+
+def test_hflip_off_for_oriented_images_on_for_mirror_symmetric_ones(tmp_path: Path):
+    from clsengine.data import mirror_asymmetry
+    oriented = mirror_asymmetry(_glyph_folder(tmp_path / "glyphs", oriented=True))
+    symmetric = mirror_asymmetry(_glyph_folder(tmp_path / "photos", oriented=False))
+    assert oriented.effect >= A.MIRROR_EFFECT and oriented.vs_noise >= A.MIRROR_VS_NOISE
+    assert symmetric.effect < A.MIRROR_EFFECT and symmetric.vs_noise < A.MIRROR_VS_NOISE
+    assert mirror_asymmetry([("x.png", (0, 1))]) is None                      # multi-label: not judged
+    assert mirror_asymmetry(_glyph_folder(tmp_path / "few", True, per_class=1)) is None  # too few to tell
+
+    t = _template()
+    glyphs = _glyph_folder(tmp_path / "g2", oriented=True)
+    resolved, choices = auto.resolve(t, auto.run_facts(t, len(glyphs), 2, "cpu", samples=glyphs))
+    assert resolved.training.augmentation.hflip == 0.0
+    assert "left and a right" in next(c.reason for c in choices if c.key == "training.augmentation.hflip")
+    photos = _glyph_folder(tmp_path / "p2", oriented=False)
+    assert auto.resolve(t, auto.run_facts(t, len(photos), 2, "cpu", samples=photos))[0].training.augmentation.hflip == 0.5
+    assert auto.resolve(t, auto.run_facts(t, 48, 2, "cpu"))[0].training.augmentation.hflip == 0.5  # not measured
+    # A pinned value is kept, and the images are then not even read.
+    pinned = _template(**{"training.augmentation.hflip": 0.5})
+    assert auto.run_facts(pinned, len(glyphs), 2, "cpu", samples=glyphs).mirror is None
+    resolved, choices = auto.resolve(pinned, auto.run_facts(pinned, len(glyphs), 2, "cpu", samples=glyphs))
+    assert resolved.training.augmentation.hflip == 0.5 and "training.augmentation.hflip" not in [c.key for c in choices]

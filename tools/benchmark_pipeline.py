@@ -91,7 +91,7 @@ def build_training(template: str, size: int, overrides: dict, out: Path, max_ima
         step = len(scan.samples) / max_images
         scan.samples = [scan.samples[int(i * step)] for i in range(max_images)]
     n = len(scan.classes)
-    t, _ = auto.resolve(t, auto.run_facts(t, len(scan.samples), n, device.type))  # as train.py decides them
+    t, _ = auto.resolve(t, auto.run_facts(t, len(scan.samples), n, device.type, samples=scan.samples))  # as train.py
     model = B.build_model(t, n).to(device)
     recipe = B.build_recipe(t, model, n, device)
     optimizer = B.build_optimizer(t, [model, *recipe.aux_models])

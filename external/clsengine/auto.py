@@ -17,6 +17,10 @@ import math
 from dataclasses import dataclass
 from typing import Any
 
+import torch
+
+from .data.symmetry import MirrorAsymmetry
+
 LONG_RUN_STEPS = 10_000       # planned optimizer steps from which a run counts as long
 TARGET_STEPS = 1_000          # the batch is the largest that still gives this many steps in the run...
 MIN_STEPS_PER_EPOCH = 8       # ...and this many per epoch
@@ -38,6 +42,7 @@ class RunFacts:
     device_type: str = "cpu"          # cpu | cuda
     processes: int = 1
     pretrained: bool = False          # initial weights given (fine-tuning)
+    mirror: MirrorAsymmetry | None = None   # of the training images (data.mirror_asymmetry); None: not known
 
 
 @dataclass(frozen=True)
@@ -187,6 +192,58 @@ def small_input(input_size: tuple[int, int] | list[int]) -> Choice:
                       else f"from {SMALL_INPUT_BELOW} px the standard stem keeps a usable last feature map"))
 
 
+# A dataset counts as oriented (no horizontal flips) when its class means are this asymmetric and that far
+# above the sampling noise. Measured (data.symmetry): digits 0.18-0.22 at 9-94x, photo sets 0-0.06 at 0.6-1.1x.
+MIRROR_EFFECT = 0.1
+MIRROR_VS_NOISE = 4.0
+HFLIP_P = 0.5
+
+
+def hflip(facts: RunFacts) -> Choice:
+    """Horizontal flips double a mirror-symmetric dataset for free, and teach wrong labels on an oriented one
+    (digits, letters, signs): 8000 MNIST digits, mobilenet_v3_small, 5 epochs: 96.8 top-1 with flips, 98.4
+    without."""
+    key, m = "training.augmentation.hflip", facts.mirror
+    if m is None:
+        return Choice(key, HFLIP_P, "the orientation of the images is not known (not measured, multi-label, or "
+                                    f"too few images per class): flips at {HFLIP_P:g}")
+    if m.effect >= MIRROR_EFFECT and m.vs_noise >= MIRROR_VS_NOISE:
+        return Choice(key, 0.0, f"{m}: the images have a left and a right (digits, text); no flips")
+    return Choice(key, HFLIP_P, f"{m}: mirror-symmetric like photos; flips at {HFLIP_P:g}")
+
+
+def native_bf16(device_type: str) -> bool:
+    """Whether the device has bfloat16 arithmetic in hardware: CUDA (Ampere on), or a CPU with AVX512-BF16 or
+    AMX, where oneDNN's bf16 convolutions are fast; elsewhere bf16 is emulated and slower than fp32."""
+    if device_type == "cuda":
+        return torch.cuda.is_available() and torch.cuda.is_bf16_supported()
+    cpu = getattr(torch, "cpu", None)
+    return any(bool(getattr(cpu, probe, lambda: False)()) for probe in
+               ("_is_avx512_bf16_supported", "_is_amx_tile_supported"))
+
+
+def cpu_has_avx512() -> bool:
+    """AVX-512 CPUs, where oneDNN's channels-last convolutions were measured faster at every input size."""
+    return bool(getattr(getattr(torch, "cpu", None), "_is_avx512_supported", lambda: False)())
+
+
+def mixed_precision(device_type: str, bf16_native: bool, depthwise: bool) -> Choice:
+    """bf16 autocast where it was measured faster (tools/benchmark_speed_options.py, 2-core AMD EPYC with
+    AVX512-BF16, torch 2.14): ResNet-18/50 and RegNetX 1.3-2.1x at 32-224 px, while the depthwise
+    convolutions of MobileNets and EfficientNets ran 0.7-0.9x in bf16 on the CPU. On CUDA, bf16 where
+    supported (tensor cores for every layer type)."""
+    key = "training.amp"
+    if not bf16_native:
+        return Choice(key, "none", f"{device_type}: no native bfloat16, full precision")
+    if device_type == "cuda":
+        return Choice(key, "bf16", "cuda with native bfloat16: bf16 autocast")
+    if depthwise:
+        return Choice(key, "none", "cpu with native bfloat16, but depthwise convolutions run slower in bf16 "
+                                   "there (0.7-0.9x measured): full precision")
+    return Choice(key, "bf16", "cpu with native bfloat16 (AVX512-BF16/AMX) and dense convolutions: bf16 autocast "
+                               "(1.3-2.1x measured)")
+
+
 # What a light augmentation leaves out of the template's: AugMix and the extra photometric and geometric ops
 # (the random resized crop, flips and colour jitter stay). Measured on a first run (mobilenet_v3_small from
 # scratch, 245 photos, 20 epochs, 2 seeds): light 77.5 top-1 in 93 s, full 75.8 in 109-129 s; on 8000 MNIST
@@ -244,6 +301,7 @@ def lr_finder(facts: RunFacts, batch: int, passes_per_step: int, warmup_epochs: 
                                                                     f"at most {LR_FINDER_MAX_ITERS}")]
 
 
-__all__ = ["Choice", "LIGHT_AUGMENTATION", "RunFacts", "augmentation_level", "batch_size", "costly_technique", "drop_path_rate", "epochs_for_budget", "is_long", "learning_rate", "lr_finder",
-           "optimizer", "planned_steps", "scheduler", "small_input", "steps_per_epoch", "warmup_epochs",
-           "weight_decay"]
+__all__ = ["Choice", "LIGHT_AUGMENTATION", "RunFacts", "augmentation_level", "batch_size", "costly_technique",
+           "cpu_has_avx512", "drop_path_rate", "epochs_for_budget", "hflip", "is_long", "learning_rate",
+           "lr_finder", "mixed_precision", "native_bf16", "optimizer", "planned_steps", "scheduler",
+           "small_input", "steps_per_epoch", "warmup_epochs", "weight_decay"]

@@ -51,7 +51,7 @@ AUGMIX_MAX_SEVERITY = 10   # torchvision's magnitude bins
 class AugmentationConfig:
     """Training augmentation. Probabilities of 0 (augmix False) switch a transform off; all new ones start off."""
     random_resized_crop_scale: tuple[float, float] = (0.6, 1.0)
-    hflip: float = 0.5
+    hflip: float | str = 0.5           # a template may say "auto": clsengine.auto.hflip decides from the data
     vflip: float = 0.0
     rotate_limit: float = 0.0          # degrees, rotation sampled in [-limit, limit]
     rotate_p: float = 0.0

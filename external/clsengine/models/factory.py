@@ -25,6 +25,7 @@ class ArchSpec:
     takes_width: bool = False      # builder accepts width_mult
     takes_dropout: bool = False    # builder accepts dropout
     drop_path_rate: float = 0.0    # the architecture's stochastic depth (torchvision's default); 0: it has none
+    depthwise: bool = False        # has depthwise convolutions (checked against the built model by the tests)
     default_cfg: dict = field(default_factory=lambda: {"input_size": (224, 224), "mean": IMAGENET_MEAN,
                                                        "std": IMAGENET_STD})
 
@@ -56,25 +57,29 @@ def _cfg(size: int) -> dict:
 
 
 _ARCHS: dict[str, ArchSpec] = {
-    "mobilenet_v3_large": ArchSpec(tvm.mobilenet_v3_large, "classifier", takes_width=True, takes_dropout=True),
-    "mobilenet_v3_small": ArchSpec(tvm.mobilenet_v3_small, "classifier", takes_width=True, takes_dropout=True),
-    "mobilenet_v2": ArchSpec(tvm.mobilenet_v2, "classifier", takes_width=True, takes_dropout=True),
-    "efficientnet_b0": ArchSpec(tvm.efficientnet_b0, "classifier", takes_dropout=True, drop_path_rate=0.2),
+    "mobilenet_v3_large": ArchSpec(tvm.mobilenet_v3_large, "classifier", takes_width=True, takes_dropout=True,
+                                  depthwise=True),
+    "mobilenet_v3_small": ArchSpec(tvm.mobilenet_v3_small, "classifier", takes_width=True, takes_dropout=True,
+                                  depthwise=True),
+    "mobilenet_v2": ArchSpec(tvm.mobilenet_v2, "classifier", takes_width=True, takes_dropout=True,
+                            depthwise=True),
+    "efficientnet_b0": ArchSpec(tvm.efficientnet_b0, "classifier", takes_dropout=True, drop_path_rate=0.2,
+                                depthwise=True),
     "efficientnet_b1": ArchSpec(tvm.efficientnet_b1, "classifier", takes_dropout=True, drop_path_rate=0.2,
-                                default_cfg=_cfg(240)),
+                                depthwise=True, default_cfg=_cfg(240)),
     "efficientnet_b2": ArchSpec(tvm.efficientnet_b2, "classifier", takes_dropout=True, drop_path_rate=0.2,
-                                default_cfg=_cfg(260)),
+                                depthwise=True, default_cfg=_cfg(260)),
     "efficientnet_b3": ArchSpec(tvm.efficientnet_b3, "classifier", takes_dropout=True, drop_path_rate=0.2,
-                                default_cfg=_cfg(300)),
+                                depthwise=True, default_cfg=_cfg(300)),
     # Kneron-style NPU variants: no squeeze-and-excitation, ReLU instead of SiLU.
     "efficientnet_b0_npu": ArchSpec(_npu(tvm.efficientnet_b0), "classifier", takes_dropout=True,
-                                    drop_path_rate=0.2),
+                                    drop_path_rate=0.2, depthwise=True),
     "efficientnet_b1_npu": ArchSpec(_npu(tvm.efficientnet_b1), "classifier", takes_dropout=True,
-                                    drop_path_rate=0.2, default_cfg=_cfg(240)),
+                                    drop_path_rate=0.2, depthwise=True, default_cfg=_cfg(240)),
     "efficientnet_b2_npu": ArchSpec(_npu(tvm.efficientnet_b2), "classifier", takes_dropout=True,
-                                    drop_path_rate=0.2, default_cfg=_cfg(260)),
+                                    drop_path_rate=0.2, depthwise=True, default_cfg=_cfg(260)),
     "efficientnet_b3_npu": ArchSpec(_npu(tvm.efficientnet_b3), "classifier", takes_dropout=True,
-                                    drop_path_rate=0.2, default_cfg=_cfg(300)),
+                                    drop_path_rate=0.2, depthwise=True, default_cfg=_cfg(300)),
     "resnet18": ArchSpec(tvm.resnet18, "fc"),
     "resnet34": ArchSpec(tvm.resnet34, "fc"),
     "resnet50": ArchSpec(tvm.resnet50, "fc"),
@@ -90,6 +95,12 @@ def list_models() -> list[str]:
 def default_drop_path_rate(name: str) -> float:
     """The architecture's own stochastic-depth rate (0.0 for those without stochastic depth)."""
     return _spec(name).drop_path_rate
+
+
+def uses_depthwise(name: str) -> bool:
+    """Whether the architecture has depthwise convolutions (MobileNets, EfficientNets), whose kernels behave
+    unlike dense ones under mixed precision on CPUs."""
+    return _spec(name).depthwise
 
 
 def default_cfg(name: str) -> dict:

@@ -70,7 +70,8 @@ def main() -> int:
     device = select_device(t.gpu_num)
     train_scan, val_scan = cli.scan_train_val(args, t, logger, out)
     # The recipe of the full run being tuned: its `auto` values are decided for its epochs, then kept by every trial.
-    t, choices = auto.resolve(t, auto.run_facts(t, len(train_scan.samples), len(train_scan.classes), device.type))
+    t, choices = auto.resolve(t, auto.run_facts(t, len(train_scan.samples), len(train_scan.classes), device.type,
+                                                samples=train_scan.samples))
     for choice in choices:
         logger.info(str(choice))
     h, basic = t.hpo, t.hyper_parameters.basic

@@ -8,11 +8,12 @@ each rule fills. A key given a value in the template, by a flag or by KEY=VALUE 
 from __future__ import annotations
 
 import dataclasses
-from typing import Any, Callable
+from typing import Any, Callable, Sequence
 
 from clsengine import auto as A
 from clsengine.auto import Choice, RunFacts
-from clsengine.models import default_drop_path_rate
+from clsengine.data import mirror_asymmetry
+from clsengine.models import default_drop_path_rate, uses_depthwise
 
 from .template import AUTO, ModelSection, Template, set_dotted, template_from_dict
 
@@ -22,16 +23,25 @@ def small_input(m: ModelSection, t: Template) -> bool:
     return A.small_input(t.input.size).value if m.small_input == AUTO else bool(m.small_input)
 
 
+def mixed_precision(t: Template, device_type: str) -> Choice:
+    """training.amp's `auto`, from the device and the architectures (one with depthwise convolutions decides)."""
+    archs = [t.model.architecture] + [aux.model.architecture for aux in t.training.mutual_learning.aux_models]
+    return A.mixed_precision(device_type, A.native_bf16(device_type), any(uses_depthwise(a) for a in archs))
+
+
 def _passes_per_step(sam: bool, mutual: bool, aux_models: int) -> int:
     """Forward/backward passes of one optimizer step: SAM takes two, each auxiliary model one more."""
     return (2 if sam else 1) * (1 + (aux_models if mutual else 0))
 
 
 def run_facts(t: Template, train_images: int, num_classes: int, device_type: str, processes: int = 1,
-              pretrained: bool = False) -> RunFacts:
+              pretrained: bool = False, samples: Sequence[tuple[str, Any]] | None = None) -> RunFacts:
+    """What the rules decide from. `samples` (the training images) are looked at only where a rule needs
+    them: the mirror symmetry of the data for training.augmentation.hflip `auto`."""
+    mirror = mirror_asymmetry(samples) if samples is not None and t.training.augmentation.hflip == AUTO else None
     return RunFacts(train_images=train_images, num_classes=num_classes,
                     input_size=(int(t.input.size[0]), int(t.input.size[1])), epochs=t.hyper_parameters.basic.epochs,
-                    device_type=device_type, processes=processes, pretrained=pretrained)
+                    device_type=device_type, processes=processes, pretrained=pretrained, mirror=mirror)
 
 
 def resolve(t: Template, facts: RunFacts) -> tuple[Template, list[Choice]]:
@@ -65,6 +75,8 @@ def resolve(t: Template, facts: RunFacts) -> tuple[Template, list[Choice]]:
     level = decide(A.augmentation_level(facts, batch)) if tr.augmentation_level == AUTO else tr.augmentation_level
     if level == "light":  # written out, so config.yaml shows the augmentation trained with
         data["training"]["augmentation"].update(A.LIGHT_AUGMENTATION)
+    if tr.augmentation.hflip == AUTO:
+        decide(A.hflip(facts))
     lr_pinned = basic.base_learning_rate != AUTO
     if not lr_pinned:
         decide(A.learning_rate(facts, optimizer, batch))
@@ -76,6 +88,8 @@ def resolve(t: Template, facts: RunFacts) -> tuple[Template, list[Choice]]:
             choice = A.drop_path_rate(facts, batch, rate)
             rate = decide(choice) if main else choice.value
         model_data["drop_path_rate"] = rate
+    if tr.amp == AUTO:  # the slowest layers decide: any model with depthwise convolutions
+        decide(mixed_precision(t, facts.device_type))
     sam = tr.optimizer.sam.enabled
     if sam == AUTO:
         sam = decide(A.costly_technique("training.optimizer.sam.enabled", "SAM", facts, batch))
@@ -156,4 +170,4 @@ def _with(t: Template, epochs: int, batch: int | None = None) -> Template:
     return template_from_dict(data, t.name)
 
 
-__all__ = ["plan_time_budget", "resolve", "run_facts", "small_input"]
+__all__ = ["mixed_precision", "plan_time_budget", "resolve", "run_facts", "small_input"]

@@ -1,6 +1,7 @@
 """Template -> engine objects. The only place that knows both the template schema and the engine's API."""
 from __future__ import annotations
 
+import dataclasses
 import logging
 import os
 import shutil
@@ -9,6 +10,7 @@ from pathlib import Path
 import torch
 import torch.nn as nn
 
+from clsengine import auto as A
 from clsengine import data as D
 from clsengine import distributed as dist
 from clsengine.checkpoint import load_checkpoint, load_model_weights, load_state_dict_file
@@ -98,10 +100,10 @@ def build_aux(t: Template, num_classes: int, device: torch.device, class_counts:
 
 
 def amp_dtype(t: Template, device: torch.device) -> torch.dtype | None:
-    """The autocast dtype: 'auto' is bf16 on CUDA devices that support it and full precision on CPU."""
+    """The autocast dtype; 'auto' is decided by auto.resolve (clsengine.auto.mixed_precision) before training."""
     amp = t.training.amp
-    if amp == "auto":
-        return torch.bfloat16 if device.type == "cuda" and torch.cuda.is_bf16_supported() else None
+    if amp == AUTO:
+        amp = auto.mixed_precision(t, device.type).value
     if amp == "fp16":
         if device.type != "cuda":
             raise UserError("training.amp=fp16 needs a CUDA device; use bf16 on CPU")
@@ -112,17 +114,19 @@ def amp_dtype(t: Template, device: torch.device) -> torch.dtype | None:
     return torch.bfloat16 if amp == "bf16" else None
 
 
-# Smallest input side at which channels_last was measured to speed up training on a CPU
-# (tools/benchmark_speed_options.py: 1.1-1.4x at 128, 1.0-1.9x at 224, 0.9-1.2x at 32 and 64).
+# Smallest input side from which channels_last was measured faster on a CPU without AVX-512
+# (tools/benchmark_speed_options.py, 2-core AVX2 CPU: 1.1-1.9x from 128 px, 0.88-1.19x at 32 and 64).
 CHANNELS_LAST_MIN_SIDE_CPU = 128
 
 
 def memory_format(t: Template, device: torch.device) -> torch.memory_format:
-    """Layout of weights and batches in training. `auto`: channels_last on CUDA (cuDNN's NHWC kernels), and on
-    a CPU from CHANNELS_LAST_MIN_SIDE_CPU pixels up, where it was measured faster (below, it was not)."""
+    """Layout of weights and batches in training. `auto`: channels_last on CUDA (cuDNN's NHWC kernels); on an
+    AVX-512 CPU at every size (2-core AMD EPYC, torch 2.14: 1.0-2.0x for every template at 32, 64 and 224 px,
+    depthwise networks 1.3-2.0x); on other CPUs from CHANNELS_LAST_MIN_SIDE_CPU pixels up."""
     on = t.training.channels_last
-    if on == "auto":
-        on = device.type == "cuda" or min(input_size(t)) >= CHANNELS_LAST_MIN_SIDE_CPU
+    if on == AUTO:
+        on = (device.type == "cuda" or min(input_size(t)) >= CHANNELS_LAST_MIN_SIDE_CPU
+              or (device.type == "cpu" and A.cpu_has_avx512()))
     return torch.channels_last if on else torch.contiguous_format
 
 
@@ -154,8 +158,10 @@ def eval_transform(t: Template) -> D.transforms.Pipeline:
 
 
 def train_transform(t: Template) -> D.transforms.Pipeline:
-    return D.build_train_transform(input_size(t), t.input.mean, t.input.std, t.training.augmentation,
-                                   bgr=t.input.channel_order == "BGR")
+    aug = t.training.augmentation
+    if aug.hflip == AUTO:  # a template not resolved against its data: the photo default
+        aug = dataclasses.replace(aug, hflip=A.HFLIP_P)
+    return D.build_train_transform(input_size(t), t.input.mean, t.input.std, aug, bgr=t.input.channel_order == "BGR")
 
 
 def report_skipped(scan: D.FolderScan, logger: logging.Logger, out_file: Path | None = None) -> None:

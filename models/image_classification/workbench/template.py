@@ -509,7 +509,8 @@ def _check_semantics(t: Template, v: _Validator) -> None:
         if not ok:
             raise v.fail(path, f"'{path}' must be {expected}, got {_lookup(t, path)!r}")
     try:
-        t.training.augmentation.validate()
+        aug = t.training.augmentation
+        (dataclasses.replace(aug, hflip=0.5) if aug.hflip == AUTO else aug).validate()  # auto: workbench.auto
     except UserError as exc:
         raise v.fail(f"training.augmentation.{exc.field}", f"training.{exc}") from None
 

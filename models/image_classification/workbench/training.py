@@ -45,7 +45,7 @@ def train(t: Template, train_scan: D.FolderScan, val_scan: D.FolderScan, out: Pa
     classes = train_scan.classes
     world = dist.info()
     facts = auto.run_facts(t, len(train_scan.samples), len(classes), device.type, world.world_size,
-                           pretrained=weights is not None)
+                           pretrained=weights is not None, samples=train_scan.samples)
     budget = t.hyper_parameters.basic.time_budget
     budget_s = parse_duration(budget) if budget is not None and resume is None else None
     if budget_s is not None:
