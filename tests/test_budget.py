@@ -12,7 +12,7 @@ import yaml
 
 from clsengine import auto as A
 from clsengine.auto import RunFacts
-from clsengine.budget import parse_duration, seconds_per_image
+from clsengine.budget import parse_duration, per_image_cost, probe_steps, seconds_per_image
 from clsengine.data import EpochLoader
 from clsengine.errors import UserError
 from clsengine.loop import FitConfig, fit
@@ -61,19 +61,21 @@ def test_plan_finds_the_most_epochs_whose_own_recipe_fits():
     facts = auto.run_facts(t, 50_000, 10, "cpu")
     calls: list[int] = []
 
-    def measure(resolved) -> float:
+    def measure(resolved) -> float:  # a step: 21.3 ms + 0.67 ms per image
         calls.append(resolved.hyper_parameters.basic.batch_size)
-        return 0.002 if resolved.hyper_parameters.basic.batch_size == 16 else 0.001
+        return {16: 0.002, 64: 0.001}[resolved.hyper_parameters.basic.batch_size]
 
     resolved, choices = auto.plan_time_budget(t, facts, budget_s=3600, spent_s=lambda: 0.0, seconds_per_image=measure,
                                               val_images=5000)
     epochs, batch = resolved.hyper_parameters.basic.epochs, resolved.hyper_parameters.basic.batch_size
     assert choices[0].key == "hyper_parameters.basic.epochs" and choices[0].value == epochs
-    assert calls == [A.MIN_BATCH["cpu"], 128]      # the probe, then the batch trained with
+    assert calls == [A.MIN_BATCH["cpu"], 4 * A.MIN_BATCH["cpu"]]   # the two probes
     assert batch == 128 and A.steps_per_epoch(facts, batch) == 390
     assert epochs == A.LONG_RUN_STEPS // 390 == 25
     assert resolved.training.optimizer.sam.enabled is False and resolved.training.mutual_learning.enabled is False
-    per_epoch = 390 * 128 * 0.001 + 5000 * 2 * A.EVAL_COST * 0.001 + A.EPOCH_OVERHEAD_S
+    cost = per_image_cost({16: 0.002, 64: 0.001})(128)
+    assert cost == pytest.approx(0.064 / 48 / 2 + (0.032 - 16 * 0.064 / 48 / 2) / 128)
+    per_epoch = 390 * 128 * cost + 5000 * 2 * A.EVAL_COST * cost + A.EPOCH_OVERHEAD_S
     assert epochs * per_epoch <= 3600
 
 
@@ -83,6 +85,29 @@ def test_plan_keeps_the_template_epochs_and_the_long_recipe_when_they_fit():
                                               spent_s=lambda: 0.0, seconds_per_image=lambda r: 1e-6, val_images=5000)
     assert resolved.hyper_parameters.basic.epochs == 200 and "capped" in choices[0].reason
     assert resolved.training.optimizer.sam.enabled is True
+
+
+def test_per_image_cost_falls_with_the_batch_as_a_fixed_cost_per_step_is_shared():
+    cost = per_image_cost({16: 0.005, 64: 0.002})  # steps of 80 ms and 128 ms: 64 ms + 1 ms per image
+    assert cost(16) == pytest.approx(0.005) and cost(64) == pytest.approx(0.002)
+    assert cost(32) == pytest.approx(0.001 + 0.064 / 32) and cost(128) == pytest.approx(0.0015)
+    assert per_image_cost({32: 0.003})(128) == 0.003                     # one measurement: flat
+    noisy = per_image_cost({16: 0.001, 64: 0.0002})                      # a step time that fell with the batch
+    assert noisy(16) == 0.001 and noisy(128) == 0.0002
+    assert probe_steps(16) == (3, 6) and probe_steps(64) == (1, 2) and probe_steps(8) == (3, 6)
+
+
+def test_plan_with_a_pinned_batch_measures_that_batch_only():
+    t = _template(**{"hyper_parameters.basic.batch_size": 32})
+    calls: list[int] = []
+
+    def measure(resolved) -> float:
+        calls.append(resolved.hyper_parameters.basic.batch_size)
+        return 0.001
+
+    resolved, _ = auto.plan_time_budget(t, auto.run_facts(t, 1000, 10, "cpu"), budget_s=60, spent_s=lambda: 0.0,
+                                        seconds_per_image=measure, val_images=200)
+    assert calls == [32] and resolved.hyper_parameters.basic.batch_size == 32
 
 
 def test_bad_time_budget_in_a_template_names_the_key():
@@ -102,6 +127,12 @@ def test_measuring_changes_neither_the_model_nor_the_random_state():
     assert torch.equal(after_measure, torch.rand(3))
     assert all(torch.equal(before[k], v) for k, v in model.state_dict().items())
     assert 0 < seconds < 1
+    # In the run's layout and autocast dtype, the model still untouched.
+    conv = nn.Sequential(nn.Conv2d(3, 4, 1), nn.Flatten(), nn.Linear(16, 3))
+    weight = conv[0].weight.clone()
+    assert 0 < seconds_per_image(conv, data, nn.CrossEntropyLoss(), torch.device("cpu"), steps=2, warmup=1,
+                                 memory_format=torch.channels_last, amp_dtype=torch.bfloat16) < 1
+    assert torch.equal(conv[0].weight, weight) and conv[0].weight.is_contiguous()
 
 
 def _fit(tmp_path: Path, deadline: float | None, epochs: int = 3, replan=None) -> dict:

@@ -12,6 +12,7 @@ from typing import Any, Callable, Sequence
 
 from clsengine import auto as A
 from clsengine.auto import Choice, RunFacts
+from clsengine.budget import per_image_cost
 from clsengine.data import mirror_asymmetry
 from clsengine.models import default_drop_path_rate, uses_depthwise
 
@@ -117,20 +118,19 @@ def plan_time_budget(t: Template, facts: RunFacts, budget_s: float, spent_s: Cal
                      ) -> tuple[Template, list[Choice]]:
     """resolve() with the epochs chosen to fit `budget_s` (at most facts.epochs). The epochs decide the recipe
     (batch, SAM, mutual learning) and the recipe the cost of an epoch, so the two are iterated to a fixed point.
-    `seconds_per_image(resolved)` times a training image of that recipe here: first at the smallest batch
-    (cheap, and used for every batch), then at the batch finally chosen if it differs; `spent_s()` is the time
-    already used, measuring included."""
+    `seconds_per_image(resolved)` times a training image of that recipe here, at the smallest batch and at 4x
+    it (a pinned batch: at that one only); budget.per_image_cost turns the two into the cost at any batch.
+    `spent_s()` is the time already used, measuring included."""
     basic = t.hyper_parameters.basic
-    probe = basic.batch_size if basic.batch_size != AUTO else A.MIN_BATCH.get(facts.device_type, A.MIN_BATCH["cpu"])
-    measured = {probe: seconds_per_image(resolve(_with(t, facts.epochs, batch=probe), facts)[0])}
-    while True:
-        epochs, fit = _fixed_point(t, facts, lambda b: measured.get(b, measured[probe]), val_images, budget_s,
-                                   spent_s())
-        resolved, choices = resolve(_with(t, epochs), dataclasses.replace(facts, epochs=epochs))
-        batch = resolved.hyper_parameters.basic.batch_size
-        if batch in measured:
-            return resolved, [dataclasses.replace(fit, value=epochs), *choices]
-        measured[batch] = seconds_per_image(resolved)
+    if basic.batch_size != AUTO:
+        batches = [basic.batch_size]
+    else:
+        floor = A.MIN_BATCH.get(facts.device_type, A.MIN_BATCH["cpu"])
+        batches = [floor, min(A.MAX_BATCH, 4 * floor)]
+    cost = per_image_cost({b: seconds_per_image(resolve(_with(t, facts.epochs, batch=b), facts)[0]) for b in batches})
+    epochs, fit = _fixed_point(t, facts, cost, val_images, budget_s, spent_s())
+    resolved, choices = resolve(_with(t, epochs), dataclasses.replace(facts, epochs=epochs))
+    return resolved, [dataclasses.replace(fit, value=epochs), *choices]
 
 
 def _fixed_point(t: Template, facts: RunFacts, cost: Callable[[int], float], val_images: int, budget_s: float,

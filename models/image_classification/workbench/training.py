@@ -12,7 +12,7 @@ import torch
 
 from clsengine import data as D
 from clsengine import distributed as dist
-from clsengine.budget import parse_duration, seconds_per_image
+from clsengine.budget import parse_duration, probe_steps, seconds_per_image
 from clsengine.loop import FitConfig, fit
 from clsengine.models import freeze_backbone, load_pretrained
 
@@ -52,7 +52,10 @@ def train(t: Template, train_scan: D.FolderScan, val_scan: D.FolderScan, out: Pa
         def measure(resolved: Template) -> float:
             probe_model = B.build_model(resolved, len(classes)).to(device)
             probe_loss = B.build_loss(resolved, len(classes), train_scan.counts()).to(device)
-            return seconds_per_image(probe_model, B.train_loader(resolved, train_scan, device), probe_loss, device)
+            warmup, steps = probe_steps(resolved.hyper_parameters.basic.batch_size)
+            return seconds_per_image(probe_model, B.train_loader(resolved, train_scan, device), probe_loss, device,
+                                     steps=steps, warmup=warmup, memory_format=B.memory_format(resolved, device),
+                                     amp_dtype=B.amp_dtype(resolved, device))
 
         t, choices = auto.plan_time_budget(t, facts, budget_s, lambda: time.monotonic() - started, measure,
                                            len(val_scan.samples))
