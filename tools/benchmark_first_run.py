@@ -24,6 +24,7 @@ import argparse
 import csv
 import os
 import platform
+import shutil
 import statistics
 import sys
 import time
@@ -85,6 +86,7 @@ def timm(data: Path, args: argparse.Namespace, seed: int) -> dict:
     out = args.out / f"timm_{args.timm_model}_seed{seed}"
     log = args.out / f"{out.name}.log"
     log.unlink(missing_ok=True)
+    shutil.rmtree(out, ignore_errors=True)  # timm appends to an earlier run's summary.csv
     classes = len([d for d in (data / "train").iterdir() if d.is_dir()])
     size = args.input_size or 224
     seconds = run([str(args.timm_python), "train.py", "--data-dir", str(data), "--train-split", "train", "--val-split", "val",
