@@ -90,7 +90,7 @@ def per_image_cost(measured: dict[int, float]) -> Callable[[int], float]:
     """Seconds per training image at any batch, from seconds per image measured at one or more batches. A
     step costs a fixed part (the optimizer, EMA and Python over every parameter, kernel launches) plus a part
     per image, so the cost per image falls with the batch: a line through the two extreme measurements (on
-    2 cores, mobilenet_v3_small at 32 px: 5.2 ms per image at batch 16, about 2.5 at 32). One measurement:
+    2 cores, mobilenet_v3_small at 32 px: 5.2 ms per image at batch 16, 2.3 at 64). One measurement:
     the same cost at every batch."""
     if len(measured) == 1:
         only = next(iter(measured.values()))
