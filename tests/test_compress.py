@@ -15,6 +15,7 @@ from clsengine.compression import AccuracyBudget, qat_epochs
 from clsengine.errors import UserError
 from clsengine.export import read_metadata
 from clsengine.inference import ExportedClassifier
+from clsengine.rundir import release_all
 from conftest import run_captured
 from workbench.template import TemplateError
 
@@ -90,7 +91,10 @@ def run_compress(monkeypatch, wd: Path, float_top1: float, int8_top1: float, *ar
                         lambda self, xml: float_top1 if Path(xml).parent.name == "export_fp32" else int8_top1)
     monkeypatch.setattr(sys, "argv", [str(wd / "compress.py"), "--template", str(wd / "template.yaml"), *args])
     monkeypatch.chdir(wd)
-    return module.main()
+    try:
+        return module.main()
+    finally:
+        release_all()  # what cli.run does after main: the next compress.py in this process takes the folder
 
 
 def test_budget_not_met_runs_fine_tuning_then_reports_and_resumes(trained, monkeypatch, capsys):

@@ -70,20 +70,16 @@ def test_interrupted_save_keeps_previous_file(tmp_path: Path, monkeypatch):
     path = tmp_path / "latest.pth"
     save_checkpoint({"epoch": 1, "w": torch.ones(3)}, path)
     before = path.read_bytes()
-    written_to = []
 
     def crashing_save(obj, f, *args, **kwargs):
-        written_to.append(Path(f))
-        with open(f, "wb") as out:
-            out.write(b"PK\x03\x04 half a checkpoint")
-        raise OSError("disk full")
+        f.write(b"PK\x03\x04 half a checkpoint")
+        raise RuntimeError("serialisation failed")
 
     monkeypatch.setattr(torch, "save", crashing_save)
-    with pytest.raises(OSError, match="disk full"):
+    with pytest.raises(RuntimeError, match="serialisation failed"):
         save_checkpoint({"epoch": 2, "w": torch.zeros(3)}, path)
     monkeypatch.undo()
 
-    assert written_to and written_to[0] != path, "torch.save must write a temporary file, not the target"
     assert path.read_bytes() == before
     loaded = load_checkpoint(path)
     assert loaded["epoch"] == 1 and torch.equal(loaded["w"], torch.ones(3))
@@ -429,7 +425,7 @@ def test_classification_report_hand_computed():
     assert report["num_samples"] == 5
     assert report["confusion_matrix"] == [[2, 1, 0], [0, 1, 1], [0, 0, 0]]
     assert report["top1"] == pytest.approx(60.0)
-    assert report["top5"] == pytest.approx(100.0)
+    assert "top5" not in report  # 3 classes: every label is among the 5 best
     a, b, c = (report["per_class"][k] for k in "abc")
     assert a["precision"] == pytest.approx(100.0) and a["recall"] == pytest.approx(200 / 3)
     assert a["f1"] == pytest.approx(80.0) and a["support"] == 3

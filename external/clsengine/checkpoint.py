@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import importlib
+import io
 import os
 import random
 from pathlib import Path
@@ -11,14 +12,16 @@ import numpy as np
 import torch
 
 from .errors import CheckpointError
-from .fileio import atomic_output
+from .fileio import write_bytes
 
 
 def save_checkpoint(state: dict[str, Any], path: str | os.PathLike) -> Path:
-    """Write to a temporary file in the same folder, then rename: a crash never leaves a half file."""
-    with atomic_output(path) as tmp:
-        torch.save(state, tmp)
-    return Path(path)
+    """Serialise in memory, write to a temporary file in the same folder, then rename: a crash never leaves a
+    half file, and a full disk is one WriteError with the size needed (torch.save's own file writer reports
+    it as an opaque RuntimeError)."""
+    buffer = io.BytesIO()
+    torch.save(state, buffer)
+    return write_bytes(path, buffer.getvalue(), sync=True)
 
 
 # Classes besides tensors and containers that a checkpoint of ours may hold, each a plain value type:

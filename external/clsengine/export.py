@@ -20,6 +20,7 @@ import torch
 import torch.nn as nn
 
 from .errors import UserError
+from .fileio import atomic_output, atomic_outputs
 
 INPUT_NAME = "image"
 OUTPUT_NAME = "logits"
@@ -147,14 +148,15 @@ def export_onnx(model: nn.Module, path: str | os.PathLike, *, input_size: tuple[
             warnings.filterwarnings("ignore", category=DeprecationWarning)
             warnings.filterwarnings("ignore", category=FutureWarning)
             warnings.filterwarnings("ignore", category=torch.jit.TracerWarning)
-            torch.onnx.export(deploy, (example,), str(path), dynamo=False, input_names=[INPUT_NAME],
-                              output_names=[OUTPUT_NAME], opset_version=int(opset),
-                              dynamic_axes=dynamic_axes, do_constant_folding=True)
-    onnx_model = onnx.load(str(path))
-    del onnx_model.metadata_props[:]
-    onnx.helper.set_model_props(onnx_model, meta)
-    onnx.checker.check_model(onnx_model)
-    onnx.save(onnx_model, str(path))
+            with atomic_output(path) as tmp:
+                torch.onnx.export(deploy, (example,), str(tmp), dynamo=False, input_names=[INPUT_NAME],
+                                  output_names=[OUTPUT_NAME], opset_version=int(opset),
+                                  dynamic_axes=dynamic_axes, do_constant_folding=True)
+                onnx_model = onnx.load(str(tmp))
+                del onnx_model.metadata_props[:]
+                onnx.helper.set_model_props(onnx_model, meta)
+                onnx.checker.check_model(onnx_model)
+                onnx.save(onnx_model, str(tmp))
     return path
 
 
@@ -188,7 +190,8 @@ def export_openvino(model: nn.Module, xml_path: str | os.PathLike, *, input_size
             ov_model.reshape({ov_model.input(0).get_any_name(): ov.PartialShape([1, 3, h, w])})
         for key, value in _metadata(input_size, mean, std, input_order, labels, task).items():
             ov_model.set_rt_info(value, [_RT_SECTION, key])
-        ov.save_model(ov_model, str(xml_path), compress_to_fp16=(precision == "FP16"))
+        with atomic_outputs(xml_path.with_suffix(".bin"), xml_path) as (_, tmp_xml):  # .bin, then .xml
+            ov.save_model(ov_model, str(tmp_xml), compress_to_fp16=(precision == "FP16"))
         del ov_model
     return xml_path
 

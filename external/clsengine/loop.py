@@ -16,10 +16,10 @@ import torch.nn as nn
 from tqdm import tqdm
 
 from . import distributed as dist
-from .checkpoint import rng_state, save_checkpoint, set_rng_state
+from .checkpoint import load_checkpoint, rng_state, save_checkpoint, set_rng_state
 from .errors import UserError
 from .losses.mutual import mutual_losses
-from .metrics import primary_score, topk_correct
+from .metrics import primary_score, topk_accuracy
 from .models.batchnorm import batchnorms, update_momentum as update_bn_momentum
 from .optim.scheduler import WarmupScheduler
 from .runlog import RunLog
@@ -191,7 +191,7 @@ def predict(model: nn.Module | Callable[[torch.Tensor], torch.Tensor], loader, d
 
 def validate(model: nn.Module, loader, criterion: nn.Module, device: torch.device,
              progress: bool = True) -> dict[str, float]:
-    """Loss and top-1/top-5, or mAP when the loader yields multi-hot (multi-label) targets."""
+    """Loss and top-1/top-5 (top-5 with more than 5 classes), or mAP when the loader yields multi-hot (multi-label) targets."""
     logits, labels = predict(model, loader, device, desc="val", progress=progress)
     if any(b.device.type != "cpu" for b in criterion.buffers()):  # e.g. class weights on the GPU
         criterion = copy.deepcopy(criterion).cpu()
@@ -199,9 +199,7 @@ def validate(model: nn.Module, loader, criterion: nn.Module, device: torch.devic
     if labels.dim() == 2:
         stats["mAP"] = primary_score(logits, labels)
     else:
-        correct = topk_correct(logits, labels, (1, 5))
-        n = max(1, len(labels))
-        stats.update(top1=100.0 * correct[1] / n, top5=100.0 * correct[5] / n)
+        stats.update(topk_accuracy(logits, labels))
     return stats
 
 
@@ -213,7 +211,40 @@ def score_key(stats: dict[str, float]) -> str:
 def _metrics_text(stats: dict[str, float]) -> str:
     if "mAP" in stats:
         return f"mAP {stats['mAP']:6.2f}"
-    return f"top-1 {stats['top1']:6.2f}  top-5 {stats['top5']:6.2f}"
+    return f"top-1 {stats['top1']:6.2f}" + (f"  top-5 {stats['top5']:6.2f}" if "top5" in stats else "")
+
+
+def best_from_latest(state: dict[str, Any]) -> dict[str, Any]:
+    """best.pth's content from the latest.pth of the epoch that was the best: the model's weights or, where
+    the EMA scored higher (`best_from`), the average's."""
+    best = dict(state)
+    if state.get("best_from") == "ema":
+        best["model"] = {k.removeprefix("module."): v for k, v in state["ema"].items() if k.startswith("module.")}
+        best["weights_from"] = "ema"
+    return best
+
+
+def repair_best(latest: dict[str, Any], best_path: Path, logger: logging.Logger) -> None:
+    """Make best.pth agree with the latest.pth a run resumes from. A kill after latest.pth of an improving
+    epoch was written and before best.pth was leaves best.pth missing or one best epoch behind: it is
+    rebuilt from latest.pth. A best.pth of a later epoch (the epoch being redone) is left for it to replace."""
+    epoch, best_epoch = int(latest["epoch"]), int(latest["best_epoch"])
+    found = None
+    if best_path.is_file():
+        try:
+            found = int(load_checkpoint(best_path).get("epoch", -1))
+        except UserError:
+            found = None  # unreadable: rebuilt below if it can be
+    if found is not None and found >= best_epoch:
+        return
+    if best_epoch == epoch and latest.get("best_from") is not None:
+        save_checkpoint(best_from_latest(latest), best_path)
+        logger.warning(f"{best_path} was {'of epoch ' + str(found) if found is not None else 'missing'}; "
+                       f"rebuilt from latest.pth (epoch {epoch}, the best so far)")
+    else:
+        logger.warning(f"{best_path} of the best epoch {best_epoch} is "
+                       f"{'missing' if found is None else 'replaced by epoch ' + str(found)} and cannot be "
+                       f"rebuilt from latest.pth (epoch {epoch}); it is written again at the next best epoch")
 
 
 def fit(model: nn.Module, train_loader, val_loader, criterion: nn.Module, optimizer: torch.optim.Optimizer,
@@ -248,6 +279,8 @@ def fit(model: nn.Module, train_loader, val_loader, criterion: nn.Module, optimi
         history = list(resume.get("history", []))
         set_rng_state(resume["rng"])
         logger.info(f"Resuming after epoch {start_epoch} (best top-1 {best_top1:.2f} at epoch {best_epoch})")
+        if main and cfg.checkpoints:
+            repair_best(resume, output_dir / "best.pth", logger)
     runlog = RunLog(output_dir, cfg.tensorboard_dir if main else None, history, write=main)
     forward_models = [dist.wrap(m) for m in (model, *recipe.aux_models)] if world.enabled else None
     if recipe.compile:  # compiled on the first step; validation and the weights stay with the plain modules
@@ -306,6 +339,7 @@ def fit(model: nn.Module, train_loader, val_loader, criterion: nn.Module, optimi
                     "best_top1": best_top1,
                     "best_epoch": best_epoch,
                     "val_top1": score,
+                    "best_from": ("ema" if use_ema else "model") if improved else None,
                     "history": runlog.history,
                     "rng": rng_state(),
                     **cfg.checkpoint_extra,
@@ -316,12 +350,11 @@ def fit(model: nn.Module, train_loader, val_loader, criterion: nn.Module, optimi
                     state["ema"] = recipe.ema.state_dict()
                 if recipe.grad_scaler is not None:
                     state["grad_scaler"] = recipe.grad_scaler.state_dict()
+                # latest.pth first: a kill between the two writes leaves a latest.pth of the best epoch,
+                # from which resuming rebuilds best.pth (repair_best).
                 save_checkpoint(state, output_dir / "latest.pth")
                 if improved:
-                    best = dict(state)
-                    if use_ema:
-                        best["model"], best["weights_from"] = recipe.ema.module.state_dict(), "ema"
-                    save_checkpoint(best, output_dir / "best.pth")
+                    save_checkpoint(best_from_latest(state), output_dir / "best.pth")
             runlog.flush()
             ema_text = f"  EMA {'top-1' if key == 'top1' else key} {ema_stats[key]:6.2f}" if ema_stats else ""
             logger.info(f"epoch {epoch + 1:3d}/{epochs}  loss {train_stats['loss']:.4f}  "

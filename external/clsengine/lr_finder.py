@@ -61,16 +61,8 @@ def _finish(fig, ax, ylabel: str, title: str, path: str | Path) -> str:
     ax.set_title(title, fontsize=10)
     ax.grid(alpha=0.3, which="both")
     ax.legend(fontsize=8)
-    return _savefig(fig, path)
-
-
-def _savefig(fig, path: str | Path) -> str:
-    import matplotlib.pyplot as plt
-    Path(path).parent.mkdir(parents=True, exist_ok=True)
-    fig.tight_layout()
-    fig.savefig(path, dpi=100)
-    plt.close(fig)
-    return str(path)
+    from .plots import save_figure
+    return str(save_figure(fig, path))
 
 
 def _plot_range_test(lrs: list[float], losses: list[float], kept: slice, lr: float | None,

@@ -10,6 +10,20 @@ import torch
 from .errors import UserError
 
 
+def meaningful_ks(num_classes: int, ks: tuple[int, ...] = (1, 5)) -> tuple[int, ...]:
+    """The k of top-k worth reporting: top-1, and k below the number of classes (with k >= classes every
+    label is among the k best and top-k is 100 whatever the model)."""
+    return tuple(k for k in ks if k == 1 or k < num_classes)
+
+
+def topk_accuracy(logits: torch.Tensor, labels: torch.Tensor, ks: tuple[int, ...] = (1, 5)) -> dict[str, float]:
+    """{'top1': %, 'top5': %...} for the meaningful k of these logits' class count."""
+    ks = meaningful_ks(logits.shape[1], ks)
+    correct = topk_correct(logits, labels, ks)
+    n = max(1, len(labels))
+    return {f"top{k}": 100.0 * correct[k] / n for k in ks}
+
+
 def topk_correct(logits: torch.Tensor, labels: torch.Tensor, ks: tuple[int, ...] = (1, 5)) -> dict[int, int]:
     """Number of samples whose label is among the k highest logits, for each k (k clipped to the class count)."""
     maxk = min(max(ks), logits.shape[1])
@@ -42,13 +56,10 @@ def classification_report(logits: torch.Tensor, labels: torch.Tensor, classes: l
     preds = logits.argmax(dim=1).numpy().astype(np.int64)
     cm = confusion_matrix(preds, labels_np, n)
     precision, recall, f1, actual = precision_recall_f1(cm)
-    total = max(1, len(labels_np))
-    correct = topk_correct(logits, labels, (1, 5))
     present = actual > 0
     return {
         "num_samples": int(len(labels_np)),
-        "top1": 100.0 * correct[1] / total,
-        "top5": 100.0 * correct[5] / total,
+        **topk_accuracy(logits, labels),  # top5 only with more than 5 classes
         "macro_f1": 100.0 * float(f1[present].mean()) if present.any() else 0.0,
         "per_class": {c: {"precision": 100.0 * float(precision[i]), "recall": 100.0 * float(recall[i]),
                           "f1": 100.0 * float(f1[i]), "support": int(actual[i])} for i, c in enumerate(classes)},

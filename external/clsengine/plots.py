@@ -11,6 +11,8 @@ matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
 
+from .fileio import atomic_output  # noqa: E402
+
 
 def plot_confusion_matrix(cm: Sequence[Sequence[int]], classes: list[str], path: str | os.PathLike) -> Path:
     cm = np.asarray(cm)
@@ -30,10 +32,7 @@ def plot_confusion_matrix(cm: Sequence[Sequence[int]], classes: list[str], path:
             for j in range(n):
                 ax.text(j, i, str(cm[i, j]), ha="center", va="center", fontsize=8,
                         color="white" if normalised[i, j] > 0.5 else "black")
-    fig.tight_layout()
-    fig.savefig(path, dpi=100)
-    plt.close(fig)
-    return Path(path)
+    return save_figure(fig, path)
 
 
 def plot_training_curves(history: list[dict], path: str | os.PathLike) -> Path:
@@ -55,7 +54,16 @@ def plot_training_curves(history: list[dict], path: str | os.PathLike) -> Path:
     for ax in axes:
         ax.set_xlabel("epoch")
         ax.grid(alpha=0.3)
-    fig.tight_layout()
-    fig.savefig(path, dpi=100)
-    plt.close(fig)
-    return Path(path)
+    return save_figure(fig, path)
+
+
+def save_figure(fig, path: str | os.PathLike) -> Path:
+    """Write a figure atomically (a PNG is never half-written) and close it; the format follows the suffix."""
+    path = Path(path)
+    try:
+        fig.tight_layout()
+        with atomic_output(path) as tmp:
+            fig.savefig(tmp, dpi=100, format=path.suffix.lstrip(".") or "png")
+    finally:
+        plt.close(fig)
+    return path

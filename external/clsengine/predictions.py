@@ -18,8 +18,8 @@ import numpy as np
 
 from .data.annotations import read_class_names  # re-exported: clsengine.predictions.read_class_names
 from .errors import UserError
-from .fileio import atomic_output, load_json
-from .metrics import confusion_matrix, precision_recall_f1
+from .fileio import atomic_output, load_json, write_text
+from .metrics import confusion_matrix, meaningful_ks, precision_recall_f1
 
 PRED_KEY = "0_0"
 CLASSES_FILE = "classes.json"
@@ -69,15 +69,14 @@ def write_predictions(out_dir: str | os.PathLike, images: list[str], probs: np.n
             path.parent.mkdir(parents=True, exist_ok=True)
             if threshold is None:
                 best = top_k(p, classes, k)
-                path.write_text(json.dumps({"img_path": image, PRED_KEY: best}), encoding="utf-8")
+                write_text(path, json.dumps({"img_path": image, PRED_KEY: best}))
                 writer.writerow([image, best[0][1], f"{best[0][0]:.6f}"])
             else:
                 found = above_threshold(p, classes, threshold)
-                path.write_text(json.dumps({"img_path": image, PRED_KEY: found, "multilabel": True}),
-                                encoding="utf-8")
+                write_text(path, json.dumps({"img_path": image, PRED_KEY: found, "multilabel": True}))
                 writer.writerow([image, ";".join(label for _, label in found),
                                  ";".join(f"{score:.6f}" for score, _ in found)])
-    (out_dir / CLASSES_FILE).write_text(json.dumps(classes, indent=1), encoding="utf-8")
+    write_text(out_dir / CLASSES_FILE, json.dumps(classes, indent=1))
     return out_dir / SUMMARY_FILE
 
 
@@ -158,6 +157,7 @@ class PredictionReport:
     per_class: dict[str, dict[str, float]]
     missing: list[str] = field(default_factory=list)   # ground-truth images without a prediction
     unmatched: int = 0                                  # predictions without ground truth
+    warnings: list[str] = field(default_factory=list)  # e.g. ground-truth labels the model does not know
 
     def to_text(self, pred_dir: str, gt_path: str) -> str:
         lines = [f"predictions: {pred_dir}", f"ground truth: {gt_path}",
@@ -176,19 +176,38 @@ class PredictionReport:
         return "\n".join(lines) + "\n"
 
 
+def _names(labels: set[str], most: int = 8) -> str:
+    shown = sorted(labels)[:most]
+    return ", ".join(shown) + (f", ... ({len(labels)} in all)" if len(labels) > most else "")
+
+
 def evaluate_predictions(preds: dict[str, list[tuple[float, str]]], truth: dict[str, str],
-                         ks: tuple[int, ...] = (1, 5)) -> PredictionReport:
-    """Top-k accuracy (k up to the length of the prediction lists) and top-1 precision/recall/F1 per class
-    (classes of the ground truth and of the top-1 predictions); macro averages are over the classes present
-    in the ground truth."""
+                         ks: tuple[int, ...] = (1, 5), model_classes: list[str] | None = None) -> PredictionReport:
+    """Top-k accuracy and top-1 precision/recall/F1 per class (classes of the ground truth and of the top-1
+    predictions); macro averages are over the classes present in the ground truth. The model's label space
+    is `model_classes` (its classes.json) or the labels its predictions name. Ground truth that shares no
+    label with it is an error (another label space: ids against names, another class list); ground-truth
+    labels it lacks are a warning. Top-k is reported for k below the number of classes only (with k classes
+    it is 100 by definition) and at most the length of the prediction lists (top-5 of 3-long lists is top-3)."""
     matched, missing = _match(preds, truth)
     if not matched:
         raise UserError("no prediction matches a ground-truth image (compare the img_path values with the "
                         "ground truth's keys)")
+    known = set(model_classes) if model_classes else {label for p in matched for _, label in preds[p]}
+    wanted = {truth[g] for g in matched.values()}
+    warnings = []
+    if not wanted & known:
+        raise UserError(f"the ground-truth labels ({_names(wanted)}) share no name with the model's labels "
+                        f"({_names(known)}): the two use different label spaces (class ids against names? pass "
+                        f"the class list with --class-id-path)")
+    if wanted - known:
+        warnings.append(f"{len(wanted - known)} ground-truth label(s) the model does not predict: "
+                        f"{_names(wanted - known)} (the model's labels: {_names(known)}); their images count as "
+                        f"errors")
     classes = sorted(set(truth.values()) | {entries[0][1] for entries in preds.values() if entries})
     index = {c: i for i, c in enumerate(classes)}
     longest = max(len(preds[p]) for p in matched)
-    ks = tuple(sorted({max(1, min(k, longest)) for k in ks}))  # top-5 of 3-long lists is reported as top-3
+    ks = meaningful_ks(len(known | wanted), tuple(sorted({max(1, min(k, longest)) for k in ks})))
     labels, tops, hits = [], [], {k: 0 for k in ks}
     for pred_key, gt_key in matched.items():
         ranked = [label for _, label in sorted(preds[pred_key], key=lambda e: -e[0])]
@@ -209,7 +228,7 @@ def evaluate_predictions(preds: dict[str, list[tuple[float, str]]], truth: dict[
         topk={k: 100.0 * hits[k] / n for k in ks},
         macro={name: 100.0 * float(values[present].mean()) for name, values in
                (("precision", precision), ("recall", recall), ("f1", f1))},
-        per_class=per_class, missing=missing, unmatched=len(preds) - len(matched))
+        per_class=per_class, missing=missing, unmatched=len(preds) - len(matched), warnings=warnings)
 
 
 __all__ = ["read_class_names", "top_k", "above_threshold", "write_predictions", "read_predictions", "read_ground_truth",

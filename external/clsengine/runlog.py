@@ -7,12 +7,36 @@ import os
 import sys
 from pathlib import Path
 
-from .fileio import atomic_output
+from .fileio import atomic_output, write_error
 from .plots import plot_training_curves
 
 # val_map and ema_val_map are filled for multi-label runs, the top-1/top-5 columns for the others.
 HISTORY_FIELDS = ("epoch", "train_loss", "val_loss", "val_top1", "val_top5", "val_map", "ema_val_top1", "ema_val_map",
                   "lr", "epoch_time_s", "images_per_s")
+
+
+class _LogFile(logging.FileHandler):
+    """The run's log file; when it can no longer be written (full disk, permissions) one warning says so and
+    the run goes on logging to the console, instead of logging's traceback for every record."""
+
+    def __init__(self, path: str):
+        try:
+            super().__init__(path, mode="a", encoding="utf-8")
+        except OSError as exc:
+            raise (write_error(path, exc) or exc) from None
+
+    def handleError(self, record: logging.LogRecord) -> None:
+        exc = sys.exc_info()[1]
+        error = write_error(self.baseFilename, exc) if exc is not None else None
+        print(f"warning: {error or f'cannot write {self.baseFilename}: {exc}'}; the log goes on on the console only",
+              file=sys.stderr)
+        for logger in [logging.getLogger(n) for n in list(logging.root.manager.loggerDict)]:
+            if self in getattr(logger, "handlers", []):
+                logger.removeHandler(self)
+        try:
+            self.close()
+        except OSError:
+            pass
 
 
 def get_logger(log_file: str | os.PathLike | None = None, name: str = "clsengine",
@@ -33,7 +57,7 @@ def get_logger(log_file: str | os.PathLike | None = None, name: str = "clsengine
             if isinstance(h, logging.FileHandler):
                 logger.removeHandler(h)
                 h.close()
-        file_handler = logging.FileHandler(log_file, mode="a", encoding="utf-8")
+        file_handler = _LogFile(log_file)
         file_handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(message)s"))
         logger.addHandler(file_handler)
     return logger
@@ -59,16 +83,23 @@ class RunLog:
 
     def add_epoch(self, row: dict) -> None:
         self.history.append({k: row.get(k, "") for k in HISTORY_FIELDS})
-        if self.writer is not None:
-            step = row["epoch"]
-            self.writer.add_scalar("train/loss", row["train_loss"], step)
-            self.writer.add_scalar("train/lr", row["lr"], step)
-            self.writer.add_scalar("train/images_per_s", row["images_per_s"], step)
-            self.writer.add_scalar("val/loss", row["val_loss"], step)
-            for key in ("val_top1", "val_top5", "val_map", "ema_val_top1", "ema_val_map"):
-                if row.get(key, "") != "":
-                    self.writer.add_scalar("val/" + key.removeprefix("val_"), row[key], step)
+        if self.writer is None:
+            return
+        step = row["epoch"]
+        scalars = {"train/loss": row["train_loss"], "train/lr": row["lr"], "train/images_per_s": row["images_per_s"],
+                   "val/loss": row["val_loss"]}
+        for key in ("val_top1", "val_top5", "val_map", "ema_val_top1", "ema_val_map"):
+            if row.get(key, "") != "":
+                scalars["val/" + key.removeprefix("val_")] = row[key]
+        try:
+            for tag, value in scalars.items():
+                self.writer.add_scalar(tag, value, step)
             self.writer.flush()
+        except OSError as exc:  # the run goes on: history.csv and the checkpoints hold the same numbers
+            print(f"warning: {write_error(self.writer.log_dir, exc) or exc}; no more TensorBoard logging",
+                  file=sys.stderr)
+            self.close()
+            self.writer = None
 
     def flush(self) -> None:
         if not self.write:
@@ -85,4 +116,7 @@ class RunLog:
 
     def close(self) -> None:
         if self.writer is not None:
-            self.writer.close()
+            try:
+                self.writer.close()
+            except OSError:
+                pass

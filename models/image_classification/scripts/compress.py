@@ -35,6 +35,7 @@ import yaml
 from clsengine.checkpoint import load_checkpoint, save_checkpoint
 from clsengine.compression import AccuracyBudget, is_quantized, qat_epochs, quantization_state, quantize
 from clsengine.errors import UserError
+from clsengine.fileio import write_text
 from clsengine.export import export_openvino
 from clsengine.loop import FitConfig, fit
 from clsengine.metrics import primary_score
@@ -51,6 +52,11 @@ FLAG_KEYS = {"epochs": "compression.qat_epochs", "max_accuracy_drop": "compressi
              "calibration_subset": "compression.calibration_subset",
              "batch_size": "hyper_parameters.basic.batch_size", "gpu_num": "gpu_num", "workers": "training.workers"}
 BUDGET_NOT_MET = 3
+# What makes a folder a compression run's (refused to a fresh run without --overwrite), and what --overwrite
+# clears with it.
+RUN_FILES = ("latest.pth", "best.pth", "ptq.pth")
+CLEARED_ON_OVERWRITE = ("history.csv", "config.yaml", "compress.log", "metrics.yaml", "training_curves.png",
+                        "tensorboard", "export", "export_fp32", "skipped_images.txt")
 
 
 def parse_args() -> argparse.Namespace:
@@ -64,6 +70,7 @@ def parse_args() -> argparse.Namespace:
     p.add_argument("--nncf-quantization", action="store_true",
                    help="int8 quantization with NNCF: the compression this script applies (also without the flag)")
     p.add_argument("--resume-from", default=None, help="latest.pth of an interrupted compression to continue")
+    cli.add_overwrite_arg(p, "--save-checkpoints-to")
     p.add_argument("--epochs", type=int, default=None,
                    help="quantization-aware fine-tuning epochs (compression.qat_epochs; 0: post-training only)")
     p.add_argument("--max-accuracy-drop", type=float, default=None,
@@ -144,8 +151,11 @@ def main() -> int:
     c = t.compression
 
     out = Path(args.save_checkpoints_to).resolve()
-    out.mkdir(parents=True, exist_ok=True)
+    lock = cli.claim_output(out, "compress.py", RUN_FILES, RUN_FILES + CLEARED_ON_OVERWRITE, args.resume_from,
+                            args.overwrite)
     logger = get_logger(out / "compress.log")
+    for note in lock.notes:
+        logger.warning(note)
     seed_everything(t.training.seed, t.training.deterministic)
     device = select_device(t.gpu_num)
     train_scan, val_scan = cli.scan_train_val(args, t, logger, out, classes)
@@ -231,7 +241,7 @@ def main() -> int:
         "steps": {f"ptq_{key}": round(ptq_top1, 2), "best_checkpoint": str(out / "best.pth")},
         "machine": {"cpu_count": os.cpu_count(), "benchmark_seconds": args.benchmark_seconds},
     }
-    (out / "metrics.yaml").write_text(yaml.safe_dump(summary, sort_keys=False), encoding="utf-8")
+    write_text(out / "metrics.yaml", yaml.safe_dump(summary, sort_keys=False))
     for name in ("float", "int8"):
         r = rows[name]
         logger.info(f"{name:5s} IR: {metric} {r[key]:6.2f}  size {r['size_bytes'] / 1e6:7.2f} MB"

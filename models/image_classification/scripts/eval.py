@@ -10,7 +10,7 @@ evaluate prediction files.
 A model is a training checkpoint, bare weights (classes then come from the test folders and the model
 from the work dir's template), an OpenVINO IR (.xml) or an ONNX file; all are fed the same images
 (resized to the model's input size, 0..255, in its channel order). The test root falls back to
-$TEST_DATA_ROOT. metrics.yaml holds top-1/top-5, per-class precision, recall and F1, macro F1, the
+$TEST_DATA_ROOT. metrics.yaml holds top-1 and top-5 (with more than 5 classes), per-class precision, recall and F1, macro F1, the
 confusion matrix (also drawn as confusion_matrix.png beside it), the model's size and complexity and
 the sha256 and size of the files evaluated. For a multi-label model it holds mAP, per-class AP and
 precision/recall/F1 at the model's threshold (micro and macro) and the exact-match ratio instead. A model
@@ -30,7 +30,9 @@ import yaml
 
 from clsengine import data as D
 from clsengine import predictions as P
+from clsengine.checkpoint import load_checkpoint
 from clsengine.errors import UserError
+from clsengine.fileio import atomic_output, write_text
 from clsengine.hub import sha256_of
 from clsengine.metrics import classification_report, multilabel_report
 from clsengine.plots import plot_confusion_matrix
@@ -67,10 +69,12 @@ def evaluate_prediction_files(args: argparse.Namespace) -> int:
     preds = P.read_predictions(pred_dir)
     names_file = Path(args.class_id_path) if args.class_id_path else pred_dir / P.CLASSES_FILE
     classes = P.read_class_names(names_file) if names_file.is_file() or args.class_id_path else None
-    report = P.evaluate_predictions(preds, P.read_ground_truth(args.gts, classes))
+    report = P.evaluate_predictions(preds, P.read_ground_truth(args.gts, classes), model_classes=classes)
+    for warning in report.warnings:
+        print(f"warning: {warning}")
     out = Path(args.save_output_to) if args.save_output_to else pred_dir
     out.mkdir(parents=True, exist_ok=True)
-    (out / "eval_results.txt").write_text(report.to_text(str(pred_dir), args.gts), encoding="utf-8")
+    write_text(out / "eval_results.txt", report.to_text(str(pred_dir), args.gts))
     accuracy = "  ".join(f"top-{k} {v:.2f}" for k, v in report.topk.items())
     print(f"{accuracy}  macro precision {report.macro['precision']:.2f}  recall {report.macro['recall']:.2f}  "
           f"F1 {report.macro['f1']:.2f} on {report.num_images} images; results in {out / 'eval_results.txt'}")
@@ -96,15 +100,15 @@ def multiclass_results(model, logits, labels, metrics_path: Path) -> tuple[dict,
     cm_png = plot_confusion_matrix(report["confusion_matrix"], model.classes,
                                    metrics_path.with_name("confusion_matrix.png"))
     result = {
-        "metrics": _size_metrics(model) + [
-            _percent("Top-1 accuracy", "accuracy", report["top1"]),
-            _percent("Top-5 accuracy", "accuracy_top5", report["top5"]),
-            _percent("Macro F1", "macro_f1", report["macro_f1"])],
+        "metrics": _size_metrics(model) + [_percent("Top-1 accuracy", "accuracy", report["top1"])]
+        + ([_percent("Top-5 accuracy", "accuracy_top5", report["top5"])] if "top5" in report else [])
+        + [_percent("Macro F1", "macro_f1", report["macro_f1"])],
         "per_class": report["per_class"],
         "confusion_matrix": report["confusion_matrix"],
         "confusion_matrix_png": str(cm_png.resolve()),
     }
-    return result, (f"top-1 {report['top1']:.2f}  top-5 {report['top5']:.2f}  macro F1 {report['macro_f1']:.2f}  "
+    top5 = f"  top-5 {report['top5']:.2f}" if "top5" in report else ""
+    return result, (f"top-1 {report['top1']:.2f}{top5}  macro F1 {report['macro_f1']:.2f}  "
                     f"on {report['num_samples']} images; metrics in {metrics_path}, confusion matrix in {cm_png}")
 
 
@@ -128,6 +132,18 @@ def multilabel_results(model, logits, labels, metrics_path: Path) -> tuple[dict,
                     f"{r['num_samples']} images; metrics in {metrics_path}")
 
 
+def checkpoint_data_settings(weights: str, ann_file: str, overrides: dict) -> dict:
+    """The data settings a training checkpoint was trained with that decide how the test data reads, where
+    neither a flag nor KEY=VALUE says otherwise: the COCO category map (for a COCO test file). The class
+    subset needs none: the model's classes select the test images."""
+    if not str(ann_file).lower().endswith(".json") or "data.category_map" in overrides \
+            or Path(weights).suffix.lower() in (".xml", ".onnx") or not Path(weights).is_file():
+        return {}
+    template = load_checkpoint(weights).get("config", {}).get("template", {})
+    category_map = template.get("data", {}).get("category_map") if isinstance(template, dict) else None
+    return {"data.category_map": category_map} if category_map else {}
+
+
 def main() -> int:
     args = parse_args()
     if args.preds or args.gts:
@@ -135,7 +151,11 @@ def main() -> int:
     if not args.load_weights:
         raise UserError("pass --load-weights MODEL (or --preds and --gts for prediction files)")
     overrides = cli.collect_overrides(args, {**FLAG_KEYS, **cli.DATASET_FLAG_KEYS})
-    scan = cli.scan_split(args, "test", "TEST_DATA_ROOT", load_template(args.template, overrides))
+    trained_with = checkpoint_data_settings(args.load_weights, args.test_ann_files, overrides)
+    if trained_with:
+        print("note: reading the test data as the model was trained: "
+              + ", ".join(f"{k}={v}" for k, v in trained_with.items()))
+    scan = cli.scan_split(args, "test", "TEST_DATA_ROOT", load_template(args.template, {**trained_with, **overrides}))
     model = load_classifier(args.load_weights, template_path=args.template, overrides=overrides,
                             classes=scan.classes, classes_source=f"test data ({scan.source})", ov_device=args.device,
                             allow_subset=True)
@@ -159,7 +179,7 @@ def main() -> int:
         "classes": classes,
         **task_result,
     }
-    metrics_path.write_text(yaml.safe_dump(result, sort_keys=False), encoding="utf-8")
+    write_text(metrics_path, yaml.safe_dump(result, sort_keys=False))
 
     if args.save_output_to:
         write_per_image(Path(args.save_output_to), model, scan.samples, model.probabilities(logits))
@@ -173,7 +193,7 @@ def write_per_image(out_dir: Path, model, samples: list, probs) -> None:
     """predictions.csv: each image's true label(s) and prediction(s) with their scores."""
     out_dir.mkdir(parents=True, exist_ok=True)
     classes = model.classes
-    with open(out_dir / "predictions.csv", "w", newline="", encoding="utf-8") as f:
+    with atomic_output(out_dir / "predictions.csv") as tmp, open(tmp, "w", newline="", encoding="utf-8") as f:
         writer = csv.writer(f)
         if model.multilabel:
             writer.writerow(["path", "labels", "predictions", "scores"])

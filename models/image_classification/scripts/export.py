@@ -23,6 +23,7 @@ import yaml
 
 from clsengine import data as D
 from clsengine.errors import UserError
+from clsengine.fileio import write_text
 from clsengine.compression import is_quantized
 from clsengine.export import INT8_MIN_AGREEMENT, INT8_RTOL, export_onnx, export_openvino, parity_check
 from workbench import builders as B
@@ -94,7 +95,7 @@ def main() -> int:
                           train_order=t.input.channel_order, **tolerance)
     summary = {"weights": str(weights.resolve()), "images": source,
                "files": {Path(k).name: v for k, v in report.items()}}
-    (out / "parity.yaml").write_text(yaml.safe_dump(summary, sort_keys=False), encoding="utf-8")
+    write_text(out / "parity.yaml", yaml.safe_dump(summary, sort_keys=False))
     for path, r in report.items():
         status = "ok" if r["ok"] else "FAILED"
         print(f"{Path(path).name}: max |logit diff| {r.get('max_abs_diff', float('nan')):.3g}, "

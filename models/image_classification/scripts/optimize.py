@@ -22,7 +22,9 @@ from pathlib import Path
 
 import yaml
 
+from clsengine.fileio import write_text
 from clsengine.hpo import Budget, SearchSpace, create_study, search
+from clsengine.rundir import claim_run_folder
 from clsengine.runlog import get_logger
 from clsengine.utils import seed_everything, select_device
 from workbench import auto
@@ -51,6 +53,8 @@ def parse_args() -> argparse.Namespace:
                    help="optuna storage URL (default: sqlite:///WORK_DIR/hpo/study.db); e.g. "
                         "postgresql://user:pass@host/db for workers on several machines")
     p.add_argument("--study-name", default=None, help="study to create or join (default: the template's name)")
+    p.add_argument("--overwrite", action="store_true",
+                   help="start a new study in WORK_DIR/hpo (default: a rerun continues the study there)")
     p.add_argument("--save-to", default=str(cli.WORK_DIR / cli.HPO_BEST),
                    help=f"where the best parameters go (default: WORK_DIR/{cli.HPO_BEST}, read by train.py)")
     cli.add_runtime_args(p)
@@ -64,8 +68,15 @@ def main() -> int:
                                              "batch_size": "hyper_parameters.basic.batch_size"})
     t = load_template(args.template, overrides)
     out = cli.WORK_DIR / "hpo"
-    out.mkdir(parents=True, exist_ok=True)
+    notes = []
+    if args.storage is None:  # the work dir's own study: one optimize.py at a time; a rerun continues it
+        notes = claim_run_folder(out, "optimize.py", run_names=("study.db",), resuming=not args.overwrite,
+                                 overwrite=args.overwrite, resume_hint="", clear_names=("optimize.log",)).notes
+    else:
+        out.mkdir(parents=True, exist_ok=True)  # a shared storage: workers on other processes join the study
     logger = get_logger(out / "optimize.log")
+    for note in notes:
+        logger.warning(note)
     seed_everything(t.training.seed, t.training.deterministic)
     device = select_device(t.gpu_num)
     train_scan, val_scan = cli.scan_train_val(args, t, logger, out)
@@ -98,6 +109,10 @@ def main() -> int:
         return result["best_top1"]
 
     study = create_study(storage, name, seed=t.training.seed)
+    if study.trials:
+        logger.info(f"Continuing study '{name}': {len(study.trials)} earlier trial(s) count towards the best "
+                    f"(--overwrite starts a new study)" if args.storage is None else
+                    f"Joining study '{name}': {len(study.trials)} trial(s) so far")
     summary = search(study, train_trial, space, Budget(h.time_budget, basic.epochs), h.n_trials, logger)
     best = {"params": {PARAM_KEYS[k]: v for k, v in summary["params"].items()},
             "score": round(summary["score"], 2), "metric": metric, "study": name, "storage": storage,
@@ -105,8 +120,7 @@ def main() -> int:
             "pruned_trials": summary["pruned_trials"], "elapsed_s": summary["elapsed_s"],
             "budget_s": summary["budget_s"]}
     save_to = Path(args.save_to)
-    save_to.parent.mkdir(parents=True, exist_ok=True)
-    save_to.write_text(yaml.safe_dump(best, sort_keys=False), encoding="utf-8")
+    write_text(save_to, yaml.safe_dump(best, sort_keys=False))
     chosen = ", ".join(f"{k.rsplit('.', 1)[1]} {v:.4g}" if isinstance(v, float) else f"{k.rsplit('.', 1)[1]} {v}"
                        for k, v in best["params"].items())
     logger.info(f"Best of {summary['complete_trials']} complete trial(s) ({summary['pruned_trials']} pruned): "

@@ -32,7 +32,7 @@ from clsengine import data as D
 from clsengine import distributed as dist
 from clsengine.checkpoint import load_checkpoint
 from clsengine.errors import UserError
-from clsengine.fileio import atomic_output
+from clsengine.fileio import write_text
 from clsengine.runlog import get_logger
 from clsengine.utils import seed_everything, select_device
 from workbench import builders as B
@@ -44,6 +44,11 @@ FLAG_KEYS = {"epochs": "hyper_parameters.basic.epochs", "time_budget": "hyper_pa
              "batch_size": "hyper_parameters.basic.batch_size",
              "base_learning_rate": "hyper_parameters.basic.base_learning_rate", "gpu_num": "gpu_num",
              "workers": "training.workers"}
+# What makes a folder a run's (refused to a fresh run without --overwrite), and what --overwrite clears with it.
+RUN_FILES = ("latest.pth", "best.pth")
+CLEARED_ON_OVERWRITE = ("history.csv", "config.yaml", "train.log", "training_curves.png", "tensorboard",
+                        "lr_finder.yaml", "lr_finder.png", "dataset_report.txt", "dataset_report.yaml",
+                        "skipped_images.txt")
 
 
 def parse_args() -> argparse.Namespace:
@@ -56,6 +61,7 @@ def parse_args() -> argparse.Namespace:
     p.add_argument("--load-weights", default=None,
                    help="initial weights (default: WORK_DIR/snapshot.pth when instantiate fetched one)")
     p.add_argument("--resume-from", default=None, help="latest.pth of an interrupted run to continue")
+    cli.add_overwrite_arg(p, "--save-checkpoints-to")
     p.add_argument("--load-aux-weights", default=None, action="append", metavar="PATH",
                    help="initial weights of the mutual-learning auxiliary models: a training checkpoint "
                         "holding them all (e.g. outputs/latest.pth), or the flag once per model")
@@ -116,8 +122,11 @@ def main() -> int:
     if not world.enabled:
         device = select_device(t.gpu_num)
     out = Path(args.save_checkpoints_to).resolve()
-    out.mkdir(parents=True, exist_ok=True)
+    lock = cli.claim_output(out, "train.py", RUN_FILES, RUN_FILES + CLEARED_ON_OVERWRITE, args.resume_from,
+                            args.overwrite)
     logger = get_logger(out / "train.log" if world.is_main else None, quiet=not world.is_main)
+    for note in lock.notes:
+        logger.warning(note)
     seed_everything(t.training.seed, t.training.deterministic)
 
     train_scan, val_scan = cli.scan_train_val(args, t, logger, out, resume["classes"] if resume else None)
@@ -130,8 +139,7 @@ def main() -> int:
     logger.info(text)
     if world.is_main:
         dump_config(report, out / "dataset_report.yaml")
-        with atomic_output(out / "dataset_report.txt") as tmp:
-            Path(tmp).write_text(text + "\n", encoding="utf-8")
+        write_text(out / "dataset_report.txt", text + "\n")
     if hpo:
         logger.info(f"Using {hpo_file} (optimize.py): " + ", ".join(f"{k}={v}" for k, v in hpo.items()
                                                                   if k not in overrides))
@@ -151,9 +159,11 @@ def main() -> int:
                    tensorboard_dir=tensorboard_dir, started=started)
     if result is not None:
         score = "mAP" if B.is_multilabel(t) else "top-1"
+        written = [n for n in ("latest.pth", "best.pth", "config.yaml", "train.log", "history.csv",
+                               "training_curves.png") if (out / n).is_file()]
         logger.info(f"Done: best val {score} {result['best_top1']:.2f} at epoch {result['best_epoch']}. "
-                    f"Results in {out}: latest.pth, best.pth, config.yaml, train.log, history.csv, "
-                    f"training_curves.png" + (f", TensorBoard logs in {tensorboard_dir}" if tensorboard_dir else ""))
+                    f"Results in {out}: {', '.join(written)}"
+                    + (f", TensorBoard logs in {tensorboard_dir}" if tensorboard_dir else ""))
     dist.shutdown()
     return 0
 

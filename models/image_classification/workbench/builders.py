@@ -13,6 +13,7 @@ import torch.nn as nn
 from clsengine import auto as A
 from clsengine import data as D
 from clsengine import distributed as dist
+from clsengine.fileio import write_text
 from clsengine.checkpoint import load_checkpoint, load_model_weights, load_state_dict_file
 from clsengine.complexity import complexity
 from clsengine.ema import create_ema
@@ -338,7 +339,7 @@ def find_learning_rate(t: Template, model: nn.Module, criterion: nn.Module, trai
     summary = {"lr": float(result.lr), "mode": f.mode, "min_lr": f.min_lr, "max_lr": f.max_lr,
                "note": result.note, "plot": str(result.plot_path) if result.plot_path else None,
                "trials": result.trials}
-    (out_dir / "lr_finder.yaml").write_text(yaml.safe_dump(summary, sort_keys=False), encoding="utf-8")
+    write_text(out_dir / "lr_finder.yaml", yaml.safe_dump(summary, sort_keys=False))
     logger.info(f"LR finder ({f.mode}): learning rate {result.lr:.4g}" + (f" ({result.note})" if result.note else "")
                 + f"; plot {plot_path}")
     return float(result.lr)

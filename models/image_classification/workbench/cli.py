@@ -14,6 +14,8 @@ import yaml
 from clsengine import data as D
 from clsengine import distributed as dist
 from clsengine.errors import UserError
+from clsengine.fileio import NO_PERMISSION, NO_SPACE, write_error
+from clsengine.rundir import LOCK_FILE, RunLock, claim_run_folder, release_all
 
 from .builders import report_skipped
 from .template import Template, TemplateError, parse_override
@@ -184,4 +186,29 @@ def run(main: Callable[[], int | None]) -> None:
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr)
         sys.exit(130)
+    except OSError as exc:  # a write outside the project's own file helpers: a full disk, a read-only folder
+        error = write_error(exc.filename or "a file", exc) if exc.errno in NO_SPACE + NO_PERMISSION else None
+        if error is None:
+            raise
+        print(f"error: {error}", file=sys.stderr)
+        sys.exit(2)
+    finally:
+        release_all()  # the run folders' locks (a main run in-process by a test or a tool returns here)
     sys.exit(code or 0)
+
+
+def add_overwrite_arg(parser: argparse.ArgumentParser, folder_flag: str) -> None:
+    parser.add_argument("--overwrite", action="store_true",
+                        help=f"start afresh where {folder_flag} holds an earlier run: its checkpoints, logs and "
+                             f"curves are removed first (without the flag such a folder is refused)")
+
+
+def claim_output(out: Path, what: str, run_names: tuple[str, ...], clear_names: tuple[str, ...],
+                 resume_from: str | None, overwrite: bool) -> RunLock:
+    """Lock `out` for this script (rank 0 only; the other ranks write nothing) and refuse to start a fresh run
+    over an earlier one's `run_names`; resuming is continuing the run whose checkpoint lies in `out`."""
+    if not dist.info().is_main:
+        return RunLock(out / LOCK_FILE, -1)
+    resuming = resume_from is not None and Path(resume_from).resolve().parent == out.resolve()
+    return claim_run_folder(out, what, run_names=run_names, resuming=resuming, overwrite=overwrite,
+                            resume_hint=f"--resume-from {out / 'latest.pth'}", clear_names=clear_names)

@@ -19,6 +19,7 @@ import yaml
 from clsengine.budget import parse_duration
 from clsengine.data import AugmentationConfig
 from clsengine.errors import UserError
+from clsengine.fileio import write_text
 
 
 class TemplateError(UserError):
@@ -576,7 +577,4 @@ def template_from_dict(data: Any, source: str, overrides: dict[str, Any] | None 
 
 
 def dump_config(config: dict[str, Any], path: str | Path) -> Path:
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text(yaml.safe_dump(config, sort_keys=False), encoding="utf-8")
-    return path
+    return write_text(path, yaml.safe_dump(config, sort_keys=False))
