@@ -128,6 +128,21 @@ def test_budget_met_after_ptq_skips_fine_tuning(trained, monkeypatch):
     assert yaml.safe_load((wd / "met" / "metrics.yaml").read_text())["budget"]["met"] is True
 
 
+def test_compress_into_a_folder_with_a_compression_run_is_refused_unless_overwrite(trained, monkeypatch):
+    wd = trained["wd"]
+    args = ["--load-weights", "outputs/best.pth", "--save-checkpoints-to", "twice", "--calibration-subset", "6",
+            "--benchmark-seconds", "0", "--max-accuracy-drop", "1", *data_args(trained)]
+    assert run_compress(monkeypatch, wd, 90.0, 89.5, *args) == 0
+    before = (wd / "twice" / "ptq.pth").read_bytes()
+    with pytest.raises(UserError) as info:
+        run_compress(monkeypatch, wd, 90.0, 89.5, *args)
+    message = str(info.value)
+    assert "already holds a run" in message and "ptq.pth" in message and "--overwrite" in message
+    assert (wd / "twice" / "ptq.pth").read_bytes() == before
+    assert run_compress(monkeypatch, wd, 90.0, 89.5, *args, "--overwrite") == 0
+    assert "--overwrite: removed the earlier run's" in (wd / "twice" / "compress.log").read_text()
+
+
 def test_bad_compress_inputs(trained, monkeypatch, tmp_path):
     """One clear error each (in-process: the script's cli.run turns UserError into one 'error:' line, which
     tests/test_workflow.py checks for every script)."""

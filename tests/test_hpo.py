@@ -113,6 +113,18 @@ def test_optimize_py_writes_best_params_that_train_py_uses(tmp_path: Path, tiny_
     assert best["complete_trials"] + best["pruned_trials"] == 3 and 0 <= best["score"] <= 100
     assert (wd / "hpo" / "study.db").is_file() and not list((wd / "hpo").glob("tmp*"))  # trial folders removed
 
+    # A rerun continues the work dir's study (nothing of the earlier trials is lost); --overwrite starts anew.
+    common = [*data, "--n-trials", "1", "--epochs-per-trial", "1", "--time-budget", "1000", "hpo.batch_size=[2,4]",
+              "hyper_parameters.basic.base_learning_rate=0.01"]
+    capsys.readouterr()
+    assert run_in_process(wd, "optimize.py", *common, monkeypatch=monkeypatch) == 0
+    assert "Continuing study" in capsys.readouterr().out
+    again = yaml.safe_load((wd / "hpo_best.yaml").read_text())
+    assert again["complete_trials"] + again["pruned_trials"] == 4 and again["score"] >= best["score"]
+    assert run_in_process(wd, "optimize.py", *common, "--overwrite", monkeypatch=monkeypatch) == 0
+    fresh = yaml.safe_load((wd / "hpo_best.yaml").read_text())
+    assert fresh["complete_trials"] + fresh["pruned_trials"] == 1
+
     # The next train.py run takes them; a flag given on its command line still wins.
     assert run_in_process(wd, "train.py", *data, "--epochs", "1", "--batch-size", "3", monkeypatch=monkeypatch) == 0
     config = yaml.safe_load((wd / "outputs" / "config.yaml").read_text())["template"]
@@ -124,3 +136,18 @@ def test_optimize_py_writes_best_params_that_train_py_uses(tmp_path: Path, tiny_
     (wd / "hpo_best.yaml").write_text("params: [1, 2]\n")
     assert run_in_process(wd, "train.py", *data, "--epochs", "1", monkeypatch=monkeypatch) == 2
     assert "hpo_best.yaml" in capsys.readouterr().err
+
+
+def test_a_study_storage_that_cannot_be_written_is_one_error(tmp_path: Path, monkeypatch):
+    import sqlalchemy.exc
+
+    study = create_study(f"sqlite:///{tmp_path / 'study.db'}", "full")
+
+    def full_disk(*args, **kwargs):
+        raise sqlalchemy.exc.OperationalError("INSERT INTO trials ...", {}, Exception("database or disk is full"))
+
+    monkeypatch.setattr(study, "optimize", full_disk)
+    with pytest.raises(UserError) as info:
+        search(study, lambda params, report: 1.0, SearchSpace((0.001, 0.1), (1e-5, 1e-3)), Budget(1.0, 1), 1,
+               logging.getLogger("test"))
+    assert "no space left" in str(info.value) and str(tmp_path / "study.db") in str(info.value)

@@ -12,6 +12,7 @@ from dataclasses import dataclass, field
 from typing import Any, Callable
 
 from .errors import UserError
+from .fileio import write_error
 
 Report = Callable[[int, float], None]                        # (epoch, score): called after every epoch
 TrainTrial = Callable[[dict[str, Any], Report], float]       # params -> final score (higher is better)
@@ -85,6 +86,28 @@ def create_study(storage: str, name: str, seed: int = 0, pruner_warmup_epochs: i
         raise UserError(f"optuna storage {storage!r}: {type(exc).__name__}: {str(exc).splitlines()[0]}") from None
 
 
+# SQLite's words (through sqlalchemy) for a database it cannot write: a full disk, a read-only file.
+_STORAGE_FULL = ("database or disk is full", "disk i/o error")
+_STORAGE_READ_ONLY = ("readonly database", "read-only", "unable to open database file")
+
+
+def storage_write_error(study, exc: BaseException) -> UserError | None:
+    """One error line for a study storage that cannot be written, or None when `exc` is something else.
+    Completed trials stay in the storage: a rerun continues the study."""
+    text = str(exc).lower()
+    storage = getattr(study, "_storage", None)
+    url = (getattr(storage, "url", None) or getattr(getattr(storage, "_backend", None), "url", None)
+           or "the study's storage")
+    if isinstance(exc, OSError):
+        return write_error(url, exc)
+    if any(words in text for words in _STORAGE_FULL):
+        return UserError(f"cannot write the optuna study ({url}): no space left on the device; free some space "
+                         f"and run optimize.py again (completed trials are kept)")
+    if any(words in text for words in _STORAGE_READ_ONLY):
+        return UserError(f"cannot write the optuna study ({url}): read-only or not writable; fix its permissions")
+    return None
+
+
 def search(study, train_trial: TrainTrial, space: SearchSpace, budget: Budget, n_trials: int,
            logger: logging.Logger) -> dict[str, Any]:
     """Run trials until `n_trials` have run here or the budget is spent; returns a summary of the study
@@ -126,7 +149,15 @@ def search(study, train_trial: TrainTrial, space: SearchSpace, budget: Budget, n
             study_.stop()
 
     optuna.logging.set_verbosity(optuna.logging.WARNING)
-    study.optimize(objective, n_trials=n_trials, callbacks=[stop_when_spent], catch=())
+    try:
+        study.optimize(objective, n_trials=n_trials, callbacks=[stop_when_spent], catch=())
+    except UserError:
+        raise
+    except Exception as exc:
+        error = storage_write_error(study, exc)
+        if error is None:
+            raise
+        raise error from None
     states = [t.state for t in study.trials]
     complete = [t for t in study.trials if t.state == optuna.trial.TrialState.COMPLETE]
     if not complete:
