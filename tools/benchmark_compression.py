@@ -81,9 +81,9 @@ def main() -> int:
             run([sys.executable, str(REPO_ROOT / "tools" / "instantiate_template.py"),
                  str(TEMPLATES / name / "template.yaml"), str(work_dir), "--do-not-load-snapshot", "--overwrite"],
                 REPO_ROOT, log)
-            run([sys.executable, "train.py", *data_args, "--epochs", str(args.epochs), "--batch-size",
+            run([sys.executable, "train.py", "--overwrite", *data_args, "--epochs", str(args.epochs), "--batch-size",
                  str(args.batch_size), f"input.size=[{args.size},{args.size}]", *SHORT_RECIPE], work_dir, log)
-            compress_s = run([sys.executable, "compress.py", "--load-weights", "outputs/best.pth", *data_args,
+            compress_s = run([sys.executable, "compress.py", "--overwrite", "--load-weights", "outputs/best.pth", *data_args,
                               "--save-checkpoints-to", "outputs_int8", "--nncf-quantization", "--benchmark-seconds",
                               str(args.benchmark_seconds), *budget], work_dir, log, ok_codes=(0, 3))
         metrics = yaml.safe_load((work_dir / "outputs_int8" / "metrics.yaml").read_text())

@@ -48,7 +48,7 @@ def train_and_eval(template: str, name: str, out: Path, data_args: list[str], te
     log.unlink(missing_ok=True)
     run([sys.executable, str(REPO_ROOT / "tools" / "instantiate_template.py"), str(TEMPLATES / template /
          "template.yaml"), str(work_dir), "--do-not-load-snapshot", "--overwrite"], REPO_ROOT, log)
-    seconds = run([sys.executable, "train.py", *data_args, "--epochs", str(args.epochs), "--batch-size",
+    seconds = run([sys.executable, "train.py", "--overwrite", *data_args, "--epochs", str(args.epochs), "--batch-size",
                    str(args.batch_size), "--workers", str(args.workers), "input.size=[32,32]",
                    "training.early_stopping_patience=null", *PLAIN, *extra], work_dir, log)
     run([sys.executable, "eval.py", "--load-weights", str(work_dir / "outputs" / "best.pth"), *test_args,

@@ -73,8 +73,9 @@ def ours(template: str, data: Path, args: argparse.Namespace, seed: int) -> dict
     extra = [f"input.size=[{args.input_size},{args.input_size}]"] if args.input_size else []
     length = (["--epochs", str(args.epochs)] if args.epochs else []) + (
         ["--time-budget", args.time_budget] if args.time_budget else [])
-    seconds = run([sys.executable, "train.py", "--train-data-roots", str(data / "train"), "--val-data-roots",
-                   str(data / "val"), *length, f"training.seed={seed}", *extra, *args.set], work_dir, log)
+    seconds = run([sys.executable, "train.py", "--overwrite", "--train-data-roots", str(data / "train"),
+                   "--val-data-roots", str(data / "val"), *length, f"training.seed={seed}", *extra, *args.set],
+                  work_dir, log)
     test = data / "test" if (data / "test").is_dir() else data / "val"
     run([sys.executable, "eval.py", "--load-weights", str(work_dir / "outputs" / "best.pth"), "--test-data-roots",
          str(test), *extra], work_dir, log)

@@ -103,8 +103,8 @@ def train_and_eval(name: str, overrides: list[str], length: list[str], data: Pat
          str(TEMPLATES / args.template / "template.yaml"), str(work_dir), "--do-not-load-snapshot", "--overwrite"],
         REPO_ROOT, log)
     size_override = [f"input.size=[{size},{size}]"] if size else []
-    seconds = run([sys.executable, "train.py", "--train-data-roots", str(data / "train"), "--val-data-roots",
-                   str(data / "val"), *length, f"training.seed={seed}", "training.early_stopping_patience=null",
+    seconds = run([sys.executable, "train.py", "--overwrite", "--train-data-roots", str(data / "train"),
+                   "--val-data-roots", str(data / "val"), *length, f"training.seed={seed}", "training.early_stopping_patience=null",
                    *size_override, *overrides], work_dir, log)
     test = data / "test" if (data / "test").is_dir() else data / "val"
     run([sys.executable, "eval.py", "--load-weights", str(work_dir / "outputs" / "best.pth"), "--test-data-roots",
