@@ -191,7 +191,8 @@ def predict(model: nn.Module | Callable[[torch.Tensor], torch.Tensor], loader, d
 
 def validate(model: nn.Module, loader, criterion: nn.Module, device: torch.device,
              progress: bool = True) -> dict[str, float]:
-    """Loss and top-1/top-5 (top-5 with more than 5 classes), or mAP when the loader yields multi-hot (multi-label) targets."""
+    """Loss and top-1/top-5 (top-5 with more than 5 classes), or mAP when the loader yields multi-hot
+    (multi-label) targets."""
     logits, labels = predict(model, loader, device, desc="val", progress=progress)
     if any(b.device.type != "cpu" for b in criterion.buffers()):  # e.g. class weights on the GPU
         criterion = copy.deepcopy(criterion).cpu()

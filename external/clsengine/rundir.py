@@ -128,7 +128,7 @@ def claim_run_folder(folder: str | os.PathLike, what: str, *, run_names: tuple[s
                 raise RunFolderError(
                     f"{folder} already holds a run ({', '.join(p.name for p in earlier)}): continue it with "
                     f"{resume_hint}, start a fresh one in another folder, or replace it with --overwrite")
-            gone = earlier + run_files(folder, tuple(n for n in clear_names if n not in run_names))
+            gone = earlier + run_files(folder, clear_names)
             for p in gone:
                 shutil.rmtree(p) if p.is_dir() else p.unlink()
             lock.notes.append(f"--overwrite: removed the earlier run's {', '.join(p.name for p in gone)} "

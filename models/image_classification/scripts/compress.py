@@ -151,8 +151,7 @@ def main() -> int:
     c = t.compression
 
     out = Path(args.save_checkpoints_to).resolve()
-    lock = cli.claim_output(out, "compress.py", RUN_FILES, RUN_FILES + CLEARED_ON_OVERWRITE, args.resume_from,
-                            args.overwrite)
+    lock = cli.claim_output(out, "compress.py", RUN_FILES, CLEARED_ON_OVERWRITE, args.resume_from, args.overwrite)
     logger = get_logger(out / "compress.log")
     for note in lock.notes:
         logger.warning(note)

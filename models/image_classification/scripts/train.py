@@ -122,8 +122,7 @@ def main() -> int:
     if not world.enabled:
         device = select_device(t.gpu_num)
     out = Path(args.save_checkpoints_to).resolve()
-    lock = cli.claim_output(out, "train.py", RUN_FILES, RUN_FILES + CLEARED_ON_OVERWRITE, args.resume_from,
-                            args.overwrite)
+    lock = cli.claim_output(out, "train.py", RUN_FILES, CLEARED_ON_OVERWRITE, args.resume_from, args.overwrite)
     logger = get_logger(out / "train.log" if world.is_main else None, quiet=not world.is_main)
     for note in lock.notes:
         logger.warning(note)
