@@ -79,6 +79,34 @@ def test_plan_finds_the_most_epochs_whose_own_recipe_fits():
     assert epochs * per_epoch <= 3600
 
 
+def test_a_binding_budget_doubles_the_batch_where_that_fits_more_epochs():
+    """7000 digits, 168 s, a CPU whose step has a large fixed part (batch 16: 7.1 ms an image, 64: 3.0 ms).
+    The step rule alone would give 3 epochs at batch 16 (1311 steps); doubling fits more epochs each time
+    while the run keeps >= 500 steps: 64 fits 7 epochs (763 steps); 128 would fit 9 of only 486 steps."""
+    t = _template()
+    facts = auto.run_facts(t, 7000, 10, "cpu")
+    costs = {16: 0.0071, 64: 0.003}
+
+    def measure(resolved) -> float:
+        return costs[resolved.hyper_parameters.basic.batch_size]
+
+    resolved, choices = auto.plan_time_budget(t, facts, budget_s=168, spent_s=lambda: 0.0, seconds_per_image=measure,
+                                              val_images=1500)
+    basic = resolved.hyper_parameters.basic
+    assert (basic.batch_size, basic.epochs) == (64, 7)
+    batch_choice = next(c for c in choices if c.key == "hyper_parameters.basic.batch_size")
+    assert batch_choice.value == 64 and "fits 7 epochs" in batch_choice.reason and "fits 3" in batch_choice.reason
+    assert basic.base_learning_rate == pytest.approx(A.ADAMW_LR * (64 / A.ADAMW_BATCH) ** 0.5)  # the LR follows
+    cost = per_image_cost(costs)
+    assert cost(32) / cost(64) >= auto.LARGER_BATCH_SAVING and cost(64) / cost(128) >= auto.LARGER_BATCH_SAVING
+
+    # Where a doubled batch saves little per image (a flat cost), the step rule's batch stays.
+    flat, flat_choices = auto.plan_time_budget(t, facts, budget_s=168, spent_s=lambda: 0.0,
+                                               seconds_per_image=lambda r: 0.0071, val_images=1500)
+    assert flat.hyper_parameters.basic.batch_size == 16 and flat.hyper_parameters.basic.epochs == 3
+    assert "step rule" not in next(c for c in flat_choices if c.key == "hyper_parameters.basic.batch_size").reason
+
+
 def test_plan_keeps_the_template_epochs_and_the_long_recipe_when_they_fit():
     t = _template()
     resolved, choices = auto.plan_time_budget(t, auto.run_facts(t, 50_000, 10, "cpu"), budget_s=1e9,
