@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import copy
 import re
+import statistics
 import time
 from typing import Callable, Iterable
 
@@ -22,7 +23,8 @@ from .errors import UserError
 
 MEASURE_WARMUP_STEPS = 3   # first steps allocate memory and warm caches: not timed
 MEASURE_STEPS = 6
-PROBE_REFERENCE_BATCH = 16  # probes at larger batches take fewer steps (probe_steps)
+PROBE_REFERENCE_BATCH = 16  # probes at larger batches take fewer steps (probe_steps)...
+MIN_PROBE_WARMUP, MIN_PROBE_STEPS = 2, 5  # ...but enough for a median
 
 
 def parse_duration(text: str | float | int) -> float:
@@ -45,19 +47,17 @@ def seconds_per_image(model: nn.Module, loader: Iterable, criterion: nn.Module, 
                       amp_dtype: torch.dtype | None = None) -> float:
     """Wall time of one training image (loading, forward, backward, optimizer step) on this machine, from
     `steps` timed steps of a copy of `model` after `warmup` untimed ones, in the run's layout and autocast
-    dtype. Nothing of the run changes: the copy is discarded and every random state is restored."""
+    dtype: the median step, as a shared machine only ever makes a step slower (a 1-warm-up, 2-step probe at
+    batch 64 once read 6 ms an image where the training ran at 4). Nothing of the run changes: the copy is
+    discarded and every random state is restored."""
     state = rng_state()
     probe = copy.deepcopy(model).to(device, memory_format=memory_format).train()
     optimizer = torch.optim.AdamW([p for p in probe.parameters() if p.requires_grad], lr=1e-6)
-    images = 0
-    started = 0.0
+    per_image: list[float] = []
     try:
         batches = iter(loader)
         for i in range(warmup + steps):
-            if i == warmup:
-                if device.type == "cuda":
-                    torch.cuda.synchronize(device)
-                started, images = time.perf_counter(), 0
+            started = time.perf_counter()
             try:
                 batch = next(batches)
             except StopIteration:  # a loader shorter than the probe: start it again
@@ -70,10 +70,11 @@ def seconds_per_image(model: nn.Module, loader: Iterable, criterion: nn.Module, 
                 logits = probe(x)
             criterion(logits.float(), y).backward()
             optimizer.step()
-            images += x.shape[0]
-        if device.type == "cuda":
-            torch.cuda.synchronize(device)
-        return (time.perf_counter() - started) / max(1, images)
+            if device.type == "cuda":
+                torch.cuda.synchronize(device)
+            if i >= warmup:
+                per_image.append((time.perf_counter() - started) / max(1, x.shape[0]))
+        return statistics.median(per_image)
     finally:
         del probe, optimizer
         set_rng_state(state)
@@ -81,9 +82,10 @@ def seconds_per_image(model: nn.Module, loader: Iterable, criterion: nn.Module, 
 
 def probe_steps(batch: int, reference_batch: int = PROBE_REFERENCE_BATCH) -> tuple[int, int]:
     """(warm-up, timed) steps for a probe at `batch`: the reference batch's, fewer for larger batches, so that
-    every probe reads about as many images (at least 1 + 2 steps)."""
+    every probe reads about as many images (at least MIN_PROBE_WARMUP + MIN_PROBE_STEPS steps)."""
     share = reference_batch / max(batch, reference_batch)
-    return max(1, round(MEASURE_WARMUP_STEPS * share)), max(2, round(MEASURE_STEPS * share))
+    return (max(MIN_PROBE_WARMUP, round(MEASURE_WARMUP_STEPS * share)),
+            max(MIN_PROBE_STEPS, round(MEASURE_STEPS * share)))
 
 
 def per_image_cost(measured: dict[int, float]) -> Callable[[int], float]:
