@@ -24,6 +24,7 @@ import argparse
 import csv
 import os
 import platform
+import re
 import shutil
 import statistics
 import sys
@@ -50,12 +51,16 @@ def top1_of(metrics_file: Path) -> float:
 
 
 def auto_summary(train_log: Path) -> str:
-    """The choices that matter most, from the `auto ...` lines of train.log."""
+    """The choices that matter most, from the `auto ...` lines of train.log (the epochs as re-planned by a
+    time budget's first epoch, where it did)."""
     short = {"hyper_parameters.basic.epochs": "epochs", "hyper_parameters.basic.batch_size": "batch", "training.optimizer.name": "opt",
              "hyper_parameters.basic.base_learning_rate": "lr", "model.small_input": "small_input",
              "training.lr_finder.enabled": "lr_finder"}
     found = {}
     for line in train_log.read_text().splitlines():
+        replanned = re.search(r"Time budget: epoch \d+ took .*?; (\d+) epochs fit in all", line)
+        if replanned:  # the loop's re-plan after its first epoch: the epochs that actually ran
+            found["epochs"] = replanned.group(1)
         if " auto " not in line:
             continue
         key, _, rest = line.split(" auto ", 1)[1].partition(" = ")
