@@ -36,9 +36,10 @@ echo "Installing the engine (editable) and its dependencies"
 quiet_pip install --quiet -e "${ROOT}/external[dev]"
 
 "${VENV}/bin/python" - <<'PY'
-import torch, torchvision, openvino, nncf, optuna, albumentations, torch_lr_finder, yaml
+import torch, torchvision, openvino, nncf, optuna, albumentations, torch_lr_finder, yaml, onnxruntime, onnxscript
 print(f"torch {torch.__version__}, torchvision {torchvision.__version__}, openvino {openvino.__version__}, "
-      f"nncf {nncf.__version__}, optuna {optuna.__version__}, albumentations {albumentations.__version__}; "
+      f"nncf {nncf.__version__}, optuna {optuna.__version__}, albumentations {albumentations.__version__}, "
+      f"onnxruntime {onnxruntime.__version__}, onnxscript {onnxscript.__version__}; "
       f"CUDA available: {torch.cuda.is_available()}")
 PY
 # NNCF compiles its CPU quantization kernels on first use (about a minute on 2 cores, cached per torch version

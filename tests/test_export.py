@@ -76,6 +76,12 @@ def test_fp32_parity(exported, arch):
         with torch.no_grad():
             scale = max(1.0, float(DeployModel(model, IMAGENET_MEAN, IMAGENET_STD)(images()).abs().max()))
         assert entry["max_abs_diff"] < 1e-3 * scale
+        assert entry["exporter"] == "dynamo"  # the current exporter works for every architecture family
+        assert read_metadata(path)["exporter"] == "dynamo" and read_metadata(path)["opset"] == 18
+    # The ONNX file is checked by onnxruntime, independently of OpenVINO (which converted the IR from it).
+    assert set(report[str(onnx_path)]["runtimes"]) == {"onnxruntime", "openvino"}
+    assert set(report[str(xml_path)]["runtimes"]) == {"openvino"}
+    assert all(r["ok"] and r["top1_agreement"] == 1.0 for r in report[str(onnx_path)]["runtimes"].values())
 
 
 def test_outputs_not_degenerate(exported):
@@ -183,6 +189,7 @@ def test_opset_honoured(exported, tmp_path, opset):
     path = export_onnx(model, tmp_path / f"op{opset}.onnx", opset=opset, **KW)
     versions = {o.domain: o.version for o in onnx.load(str(path)).opset_import}
     assert versions.get("", versions.get("ai.onnx")) == opset
+    assert read_metadata(path)["opset"] == opset
     assert parity_check(model, [path], images(2), **PRE)[str(path)]["ok"]
 
 
@@ -218,3 +225,53 @@ def test_bad_arguments_are_user_errors(exported, tmp_path):
         export_onnx(model, tmp_path / "x.onnx", input_order="BRG", **KW)
     with pytest.raises(UserError, match="precision"):
         export_openvino(model, tmp_path / "x.xml", precision="INT8", **KW)
+
+
+class DataDependent(nn.Module):
+    """A branch on a tensor value: torch.export cannot capture it, TorchScript tracing records one path."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.fc = nn.Linear(3, 3)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        pooled = x.mean(dim=(2, 3))
+        if pooled.sum() > -1e9:
+            return self.fc(pooled)
+        return -self.fc(pooled)
+
+
+def test_torchscript_fallback_is_logged_and_recorded(tmp_path, caplog):
+    model = DataDependent().eval()
+    with caplog.at_level("WARNING", logger="clsengine.export"):
+        path = export_onnx(model, tmp_path / "m.onnx", **KW)
+    meta = read_metadata(path)
+    assert meta["exporter"] == "torchscript" and meta["opset"] == 17
+    assert "torch.export-based exporter failed" in meta["exporter_note"]
+    assert "torch.export-based exporter failed" in caplog.text
+    xml = export_openvino(model, tmp_path / "m.xml", **KW)
+    assert read_metadata(xml)["exporter_note"] == meta["exporter_note"]  # the IR says how its ONNX was made
+    report = parity_check(model, [path, xml], images(2), **PRE)
+    assert all(entry["ok"] and entry["exporter"] == "torchscript" for entry in report.values())
+    with pytest.raises(UserError, match="torch.export-based ONNX exporter failed"):
+        export_onnx(model, tmp_path / "strict.onnx", exporter="dynamo", **KW)
+    assert not (tmp_path / "strict.onnx").exists()
+
+
+def test_torchscript_exporter_on_request(exported, tmp_path):
+    model = exported["mobilenet_v3_small"][0]
+    path = export_onnx(model, tmp_path / "ts.onnx", exporter="torchscript", **KW)
+    meta = read_metadata(path)
+    assert meta["exporter"] == "torchscript" and meta["exporter_note"] == "TorchScript exporter chosen explicitly"
+    assert parity_check(model, [path], images(2), **PRE)[str(path)]["ok"]
+    with pytest.raises(UserError, match="unknown ONNX exporter 'jit'"):
+        export_onnx(model, tmp_path / "x.onnx", exporter="jit", **KW)
+
+
+def test_parity_judges_each_runtime(exported):
+    """Each runtime is judged on its own and the file's entry sums them up."""
+    model, onnx_path, _ = exported["resnet18"]
+    other_model = exported["mobilenet_v3_small"][0]
+    report = parity_check(other_model, [onnx_path], images(), **PRE)[str(onnx_path)]
+    assert not report["ok"] and not any(r["ok"] for r in report["runtimes"].values())
+    assert report["max_abs_diff"] == max(r["max_abs_diff"] for r in report["runtimes"].values())

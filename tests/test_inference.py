@@ -37,9 +37,11 @@ def files(tmp_path_factory) -> dict:
     return out
 
 
-@pytest.mark.parametrize("kind", ["onnx", "xml"])
-def test_exported_classifier_matches_pytorch(files, kind):
-    clf = ExportedClassifier(files[kind])
+@pytest.mark.parametrize("kind, runtime", [("onnx", None), ("onnx", "openvino"), ("xml", None)])
+def test_exported_classifier_matches_pytorch(files, kind, runtime):
+    clf = ExportedClassifier(files[kind], runtime=runtime)
+    # ONNX runs in onnxruntime unless OpenVINO is asked for; an IR always in OpenVINO.
+    assert clf.runtime == (runtime or ("onnxruntime" if kind == "onnx" else "openvino"))
     assert clf.labels == LABELS and clf.input_size == (32, 32) and clf.input_order == "BGR"
     batch = torch.randint(0, 256, (5, 3, 32, 32)).float()
     with torch.no_grad():
@@ -51,13 +53,17 @@ def test_exported_classifier_matches_pytorch(files, kind):
     assert isinstance(as_numpy, np.ndarray) and np.allclose(as_numpy, got.numpy())
 
 
-def test_static_batch_file_runs_image_by_image(files):
+def test_static_batch_file_runs_image_by_image(files, tmp_path):
     clf = ExportedClassifier(files["static"])
     assert clf.static_batch == 1 and clf.input_size == (40, 24)
     batch = torch.randint(0, 256, (3, 3, 40, 24)).float()
     together = clf(batch)
     assert together.shape == (3, 3)
     assert torch.allclose(together[1:2], clf(batch[1:2]))
+    static_onnx = export_onnx(files["model"], tmp_path / "s.onnx", input_size=(40, 24), static_batch=True, **KW)
+    in_ort = ExportedClassifier(static_onnx)
+    assert in_ort.runtime == "onnxruntime" and in_ort.static_batch == 1
+    assert torch.allclose(in_ort(batch), together, atol=1e-3 * max(1.0, float(together.abs().max())))
 
 
 def test_ir_complexity_matches_pytorch_count(files):
@@ -87,6 +93,14 @@ def test_exported_classifier_errors(files, tmp_path):
         ExportedClassifier(garbage)
     with pytest.raises(UserError, match="not available"):
         ExportedClassifier(files["xml"], device="NO_SUCH_DEVICE")
+    with pytest.raises(UserError, match="only the openvino runtime runs it"):
+        ExportedClassifier(files["xml"], runtime="onnxruntime")
+    with pytest.raises(UserError, match="unknown runtime 'tensorrt'"):
+        ExportedClassifier(files["onnx"], runtime="tensorrt")
+    with pytest.raises(UserError, match="onnxruntime cannot run on device 'NPU'"):
+        ExportedClassifier(files["onnx"], device="NPU")
+    with pytest.raises(UserError, match="onnxruntime cannot load .*garbage.onnx|garbage.onnx"):
+        ExportedClassifier(garbage, runtime="onnxruntime")
 
 
 # ------------------------------------------------------------------ prediction files

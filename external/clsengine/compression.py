@@ -3,12 +3,14 @@ and the two rules compression follows (how long to fine-tune, and the accuracy b
 
 A quantized model is the original torch module with NNCF's fake-quantizers hooked in: it trains like any
 other module (quantization-aware training), its checkpoint is a plain dict holding its state dict and
-NNCF's configuration (`quantization_state`), and ONNX / OpenVINO export turns the fake-quantizers into int8.
+NNCF's configuration (`quantization_state`), and ONNX / OpenVINO export turns the fake-quantizers into int8
+(`strip_quantizers` first gives them the standard ONNX form).
 """
 from __future__ import annotations
 
 import math
 import os
+import sys
 from dataclasses import dataclass
 from typing import Any, Iterable
 
@@ -78,6 +80,24 @@ def restore_quantized(model: nn.Module, state: dict[str, Any]) -> nn.Module:
     except Exception as exc:  # a config from another architecture or NNCF version
         first = (str(exc).strip().splitlines() or [type(exc).__name__])[0]
         raise UserError(f"cannot restore the quantized model: {first}") from None
+
+
+def has_quantizers(model: nn.Module) -> bool:
+    """Whether NNCF has hooked quantizers into `model` (nncf is only imported once something used it)."""
+    if "nncf" not in sys.modules:
+        return False
+    from nncf.torch.function_hook.wrapper import is_wrapped
+
+    return is_wrapped(model)
+
+
+def strip_quantizers(model: nn.Module, example_input: torch.Tensor) -> nn.Module:
+    """A copy of a quantized model with NNCF's quantizers replaced by torch's own fake-quantize modules, which
+    the ONNX exporter writes as standard QuantizeLinear/DequantizeLinear pairs: onnxruntime runs those as well
+    as OpenVINO does, whereas NNCF's own FakeQuantize ONNX op is known to OpenVINO only."""
+    import nncf
+
+    return nncf.strip(model, do_copy=True, strip_format=nncf.StripFormat.NATIVE, example_input=example_input)
 
 
 def is_quantized(checkpoint: dict[str, Any]) -> bool:

@@ -7,11 +7,13 @@ channel reordering and normalisation are folded into the graph as constants.
 from __future__ import annotations
 
 import copy
-import json
+import io
+import logging
 import os
+import re
 import tempfile
 import warnings
-from contextlib import contextmanager
+from contextlib import contextmanager, redirect_stderr, redirect_stdout
 from pathlib import Path
 from typing import Any, Iterator, Mapping, Sequence
 
@@ -19,13 +21,13 @@ import numpy as np
 import torch
 import torch.nn as nn
 
+from .compression import has_quantizers, strip_quantizers
 from .errors import UserError
 from .fileio import atomic_output, atomic_outputs
+from .inference import ExportedClassifier, runtimes_for
+from .metadata import (INPUT_NAME, MULTICLASS, OUTPUT_NAME, RT_SECTION, build_metadata, check_input_size, check_order,
+                       read_metadata, read_raw_metadata)
 
-INPUT_NAME = "image"
-OUTPUT_NAME = "logits"
-_ORDERS = ("RGB", "BGR")
-_RT_SECTION = "model_info"
 # parity_check tolerances, relative to max(1, max |logit|): FP32 graphs only reorder float arithmetic;
 # FP16-compressed weights lose ~3 decimal digits, so they get a looser bound.
 FP16_RTOL = 2e-2
@@ -42,7 +44,7 @@ class DeployModel(nn.Module):
     def __init__(self, model: nn.Module, mean: Sequence[float], std: Sequence[float],
                  input_order: str = "BGR", train_order: str = "RGB") -> None:
         super().__init__()
-        input_order, train_order = _check_order(input_order), _check_order(train_order)
+        input_order, train_order = check_order(input_order), check_order(train_order)
         if len(mean) != 3 or len(std) != 3:
             raise UserError(f"mean and std need 3 values each, got mean={list(mean)} std={list(std)}")
         if any(float(s) <= 0 for s in std):
@@ -65,13 +67,6 @@ class DeployModel(nn.Module):
         return self.model((x - self.mean) * self.inv_std)
 
 
-def _check_order(order: str) -> str:
-    order = str(order).upper()
-    if order not in _ORDERS:
-        raise UserError(f"channel order must be one of {', '.join(_ORDERS)}, got '{order}'")
-    return order
-
-
 @contextmanager
 def _eval_cpu_copy(model: nn.Module) -> Iterator[nn.Module]:
     """An eval-mode CPU copy, so exporting never changes the caller's model (mode, device, weights)."""
@@ -82,38 +77,6 @@ def _eval_cpu_copy(model: nn.Module) -> Iterator[nn.Module]:
         del clone
 
 
-MULTICLASS = {"type": "multiclass"}
-
-
-def _check_task(task: Mapping[str, Any] | None) -> dict[str, Any]:
-    """How outputs are read: {"type": "multiclass"} (softmax, argmax) or {"type": "multilabel", "threshold": t,
-    "background_label": name or None} (sigmoid per label)."""
-    task = dict(task or MULTICLASS)
-    if task.get("type") not in ("multiclass", "multilabel"):
-        raise UserError(f"task type must be multiclass or multilabel, got {task.get('type')!r}")
-    return task
-
-
-def _metadata(input_size: tuple[int, int], mean, std, input_order: str, labels: list[str],
-              task: Mapping[str, Any] | None = None) -> dict[str, str]:
-    h, w = (int(v) for v in input_size)
-    return {
-        "task": json.dumps(_check_task(task)),
-        "labels": json.dumps([str(label) for label in labels]),
-        "input_size": f"{h},{w}",
-        "mean": json.dumps([float(v) for v in mean]),
-        "std": json.dumps([float(v) for v in std]),
-        "input_order": _check_order(input_order),
-        "model_type": "classification",
-    }
-
-
-def _check_input_size(input_size: tuple[int, int]) -> tuple[int, int]:
-    if len(input_size) != 2 or min(int(v) for v in input_size) < 1:
-        raise UserError(f"input_size must be (H, W) with positive values, got {input_size}")
-    return int(input_size[0]), int(input_size[1])
-
-
 def _check_outputs(logits: torch.Tensor, labels: list[str]) -> None:
     """Catch a label list that does not match the classifier before writing a misleading file."""
     if logits.dim() != 2:
@@ -122,36 +85,117 @@ def _check_outputs(logits: torch.Tensor, labels: list[str]) -> None:
         raise UserError(f"{len(labels)} labels given but the classifier has {logits.shape[1]} outputs")
 
 
-def export_onnx(model: nn.Module, path: str | os.PathLike, *, input_size: tuple[int, int], mean, std,
-                input_order: str = "BGR", train_order: str = "RGB", labels: list[str], opset: int = 17,
-                static_batch: bool = False, task: Mapping[str, Any] | None = None) -> Path:
-    """Write `model` wrapped in DeployModel to ONNX, with labels, task and preprocessing in metadata_props.
+EXPORTERS = ("auto", "dynamo", "torchscript")
+# Opset used when none is asked for: the torch.export-based exporter writes opset 18 natively (asking it for a
+# lower one runs onnx's version converter); the TorchScript exporter's tested default is 17.
+DEFAULT_OPSET = {"dynamo": 18, "torchscript": 17}
+_log = logging.getLogger(__name__)
 
-    Uses the TorchScript-based exporter (`dynamo=False`): the torch.export-based one needs the
-    `onnxscript` package, which this environment lacks; the legacy one still works in torch 2.15
-    (with a deprecation warning, silenced here). Batch is dynamic unless `static_batch`.
+
+def _first_line(exc: BaseException) -> str:
+    """The exception's type and first line, without the terminal colour codes torch.onnx puts in."""
+    text = re.sub(r"\x1b\[[0-9;]*m", "", str(exc)).strip()
+    return f"{type(exc).__name__}: {text.splitlines()[0]}" if text else type(exc).__name__
+
+
+@contextmanager
+def _quiet_torch_logs() -> Iterator[None]:
+    """torch.export prints whole graphs when it fails; the fallback reports the failure in one line."""
+    loggers = [logging.getLogger(name) for name in list(logging.root.manager.loggerDict)
+               if name == "torch" or name.startswith("torch.")]
+    levels = [logger.level for logger in loggers]
+    for logger in loggers:
+        logger.setLevel(logging.ERROR)
+    try:
+        with redirect_stderr(io.StringIO()), redirect_stdout(io.StringIO()):
+            yield
+    finally:
+        for logger, level in zip(loggers, levels):
+            logger.setLevel(level)
+
+
+def _dynamo_export(deploy: nn.Module, example: torch.Tensor, file: Path, opset: int, static_batch: bool) -> None:
+    """torch.onnx.export(dynamo=True): torch.export captures the graph, onnxscript translates it."""
+    dynamic = None if static_batch else {INPUT_NAME: {0: torch.export.Dim("batch", min=1)}}
+    program = torch.onnx.export(deploy, (example,), dynamo=True, input_names=[INPUT_NAME], output_names=[OUTPUT_NAME],
+                                opset_version=opset, dynamic_shapes=dynamic, verbose=False)
+    # Where onnx's version converter cannot go down to `opset`, torch keeps its own opset with a warning only.
+    written = {o.domain: o.version for o in program.model_proto.opset_import}.get("", None)
+    if written != opset:
+        raise RuntimeError(f"it wrote opset {written} where {opset} was asked for (its version converter failed)")
+    program.save(str(file))
+
+
+def _torchscript_export(deploy: nn.Module, example: torch.Tensor, file: Path, opset: int, static_batch: bool) -> None:
+    """The legacy TorchScript-tracing exporter (deprecated in torch, still the one NNCF's int8 graphs need)."""
+    dynamic_axes = None if static_batch else {INPUT_NAME: {0: "batch"}, OUTPUT_NAME: {0: "batch"}}
+    torch.onnx.export(deploy, (example,), str(file), dynamo=False, input_names=[INPUT_NAME],
+                      output_names=[OUTPUT_NAME], opset_version=opset, dynamic_axes=dynamic_axes,
+                      do_constant_folding=True)
+
+
+def _write_graph(deploy: nn.Module, example: torch.Tensor, file: Path, opset: int | None, static_batch: bool,
+                 exporter: str, int8: bool) -> dict[str, str]:
+    """Export with `exporter`; "auto" tries the torch.export-based exporter and falls back to TorchScript with
+    the reason logged (int8 models go straight to TorchScript: torch.export cannot capture fake-quantize ops,
+    whose scales it sees as data-dependent values). Returns the exporter keys of the file's metadata."""
+    note = ""
+    if exporter == "auto" and int8:
+        note = "int8 model: torch.export cannot capture its fake-quantize ops; used the TorchScript exporter"
+        _log.info("ONNX export: %s", note)
+    elif exporter in ("auto", "dynamo"):
+        used_opset = DEFAULT_OPSET["dynamo"] if opset is None else int(opset)
+        try:
+            with _quiet_torch_logs():
+                _dynamo_export(deploy, example, file, used_opset, static_batch)
+            return {"exporter": "dynamo", "exporter_note": "", "opset": str(used_opset)}
+        except Exception as exc:  # torch.export and onnxscript raise many types; any of them means: fall back
+            if exporter == "dynamo":
+                raise UserError(f"the torch.export-based ONNX exporter failed: {_first_line(exc)} "
+                                f"(exporter auto or torchscript uses the TorchScript exporter instead)") from None
+            note = f"the torch.export-based exporter failed ({_first_line(exc)[:300]}); used the TorchScript exporter"
+            _log.warning("ONNX export: %s", note)
+    else:
+        note = "TorchScript exporter chosen explicitly"
+    used_opset = DEFAULT_OPSET["torchscript"] if opset is None else int(opset)
+    _torchscript_export(deploy, example, file, used_opset, static_batch)
+    return {"exporter": "torchscript", "exporter_note": note, "opset": str(used_opset)}
+
+
+def export_onnx(model: nn.Module, path: str | os.PathLike, *, input_size: tuple[int, int], mean, std,
+                input_order: str = "BGR", train_order: str = "RGB", labels: list[str], opset: int | None = None,
+                static_batch: bool = False, task: Mapping[str, Any] | None = None, exporter: str = "auto") -> Path:
+    """Write `model` wrapped in DeployModel to ONNX, with labels, task, preprocessing and the exporter used in
+    metadata_props.
+
+    exporter: "dynamo" (torch.onnx.export(dynamo=True), the current exporter), "torchscript" (the legacy one),
+    or "auto": dynamo, and TorchScript where dynamo fails (NNCF's int8 models), with the reason in the log and
+    in the metadata ("exporter_note"). Batch is dynamic unless `static_batch`; opset None = the exporter's own.
     """
     import onnx
 
-    h, w = _check_input_size(input_size)
-    meta = _metadata(input_size, mean, std, input_order, labels, task)
+    if exporter not in EXPORTERS:
+        raise UserError(f"unknown ONNX exporter '{exporter}': expected one of {', '.join(EXPORTERS)}")
+    h, w = check_input_size(input_size)
+    meta = build_metadata(input_size, mean, std, input_order, labels, task)
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     with _eval_cpu_copy(model) as clone:
+        int8 = has_quantizers(clone)
+        if int8:  # standard QuantizeLinear/DequantizeLinear nodes instead of NNCF's own op
+            clone = strip_quantizers(clone, torch.zeros(1, 3, h, w)).eval()
         deploy = DeployModel(clone, mean, std, input_order, train_order).eval()
         example = torch.full((1, 3, h, w), 127.0)
         with torch.no_grad():
             _check_outputs(deploy(example), labels)
-        dynamic_axes = None if static_batch else {INPUT_NAME: {0: "batch"}, OUTPUT_NAME: {0: "batch"}}
         with torch.no_grad(), warnings.catch_warnings():
             warnings.filterwarnings("ignore", message=".*legacy TorchScript-based ONNX export.*")
             warnings.filterwarnings("ignore", category=DeprecationWarning)
             warnings.filterwarnings("ignore", category=FutureWarning)
+            warnings.filterwarnings("ignore", category=UserWarning)
             warnings.filterwarnings("ignore", category=torch.jit.TracerWarning)
             with atomic_output(path) as tmp:
-                torch.onnx.export(deploy, (example,), str(tmp), dynamo=False, input_names=[INPUT_NAME],
-                                  output_names=[OUTPUT_NAME], opset_version=int(opset),
-                                  dynamic_axes=dynamic_axes, do_constant_folding=True)
+                meta.update(_write_graph(deploy, example, Path(tmp), opset, static_batch, exporter, int8))
                 onnx_model = onnx.load(str(tmp))
                 del onnx_model.metadata_props[:]
                 onnx.helper.set_model_props(onnx_model, meta)
@@ -161,86 +205,49 @@ def export_onnx(model: nn.Module, path: str | os.PathLike, *, input_size: tuple[
 
 
 def export_openvino(model: nn.Module, xml_path: str | os.PathLike, *, input_size: tuple[int, int], mean, std,
-                    input_order: str = "BGR", train_order: str = "RGB", labels: list[str], opset: int = 17,
-                    static_batch: bool = False, precision: str = "FP32", task: Mapping[str, Any] | None = None
-                    ) -> Path:
+                    input_order: str = "BGR", train_order: str = "RGB", labels: list[str], opset: int | None = None,
+                    static_batch: bool = False, precision: str = "FP32", task: Mapping[str, Any] | None = None,
+                    exporter: str = "auto") -> Path:
     """Write OpenVINO IR (.xml + .bin) with the same metadata in rt_info["model_info"].
 
     Converted from an ONNX file written by export_onnx (in a temporary folder): that way both
-    deployment files come from one traced graph, and OpenVINO's ONNX frontend is a stable path, whereas
+    deployment files come from one exported graph, and OpenVINO's ONNX frontend is a stable path, whereas
     its PyTorch frontend depends on torch tracing/torch.export details that change between versions.
+    A static batch is part of the ONNX graph already, so the IR inherits it.
     """
-    import openvino as ov
+    _check_ir_args(xml_path, precision)  # before minutes of export
+    with tempfile.TemporaryDirectory() as tmp:
+        onnx_path = export_onnx(model, Path(tmp) / "model.onnx", input_size=input_size, mean=mean, std=std,
+                                input_order=input_order, train_order=train_order, labels=labels,
+                                opset=opset, static_batch=static_batch, task=task, exporter=exporter)
+        return onnx_to_openvino(onnx_path, xml_path, precision=precision)
 
+
+def _check_ir_args(xml_path: str | os.PathLike, precision: str) -> tuple[Path, str]:
     precision = str(precision).upper()
     if precision not in ("FP32", "FP16"):
         raise UserError(f"precision must be FP32 or FP16, got '{precision}'")
     xml_path = Path(xml_path)
     if xml_path.suffix != ".xml":
         raise UserError(f"OpenVINO IR path must end in .xml, got {xml_path}")
-    xml_path.parent.mkdir(parents=True, exist_ok=True)
-    with tempfile.TemporaryDirectory() as tmp:
-        onnx_path = export_onnx(model, Path(tmp) / "model.onnx", input_size=input_size, mean=mean, std=std,
-                                input_order=input_order, train_order=train_order, labels=labels,
-                                opset=opset, static_batch=static_batch, task=task)
-        # Saved before the folder goes: the converted model may still map the ONNX file's weights.
-        ov_model = ov.convert_model(str(onnx_path))
-        if static_batch:
-            h, w = _check_input_size(input_size)
-            ov_model.reshape({ov_model.input(0).get_any_name(): ov.PartialShape([1, 3, h, w])})
-        for key, value in _metadata(input_size, mean, std, input_order, labels, task).items():
-            ov_model.set_rt_info(value, [_RT_SECTION, key])
-        with atomic_outputs(xml_path.with_suffix(".bin"), xml_path) as (_, tmp_xml):  # .bin, then .xml
-            ov.save_model(ov_model, str(tmp_xml), compress_to_fp16=(precision == "FP16"))
-        del ov_model
-    return xml_path
+    return xml_path, precision
 
 
-def read_metadata(path: str | os.PathLike) -> dict:
-    """Labels, input size and preprocessing stored by export_onnx / export_openvino (.onnx or .xml)."""
-    path = Path(path)
-    if not path.is_file():
-        raise UserError(f"{path} does not exist")
-    if path.suffix not in (".onnx", ".xml"):
-        raise UserError(f"{path}: expected a .onnx or .xml file")
-    try:
-        raw = _read_raw_metadata(path)
-    except Exception as exc:  # protobuf, XML and OpenVINO errors: the file is not a model of that format
-        message = (str(exc).strip().splitlines() or [type(exc).__name__])[0]
-        raise UserError(f"cannot read {path} as {'ONNX' if path.suffix == '.onnx' else 'OpenVINO IR'}: "
-                        f"{message}") from None
-    if "labels" not in raw:
-        raise UserError(f"{path} has no export metadata (was it written by clsengine.export?)")
-    return _parse_metadata(raw)
-
-
-def _read_raw_metadata(path: Path) -> dict[str, str]:
-    if path.suffix == ".onnx":
-        import onnx
-
-        return {p.key: p.value for p in onnx.load(str(path), load_external_data=False).metadata_props}
+def onnx_to_openvino(onnx_path: str | os.PathLike, xml_path: str | os.PathLike, *, precision: str = "FP32") -> Path:
+    """Convert an ONNX file written by export_onnx to OpenVINO IR, carrying its metadata over (export.py uses
+    this when it writes both formats, so the IR comes from the very file it ships beside)."""
     import openvino as ov
 
-    ov_model = ov.Core().read_model(str(path))
-    raw = {}
-    if ov_model.has_rt_info([_RT_SECTION]):
-        for key in ("labels", "input_size", "mean", "std", "input_order", "model_type", "task"):
-            if ov_model.has_rt_info([_RT_SECTION, key]):
-                raw[key] = ov_model.get_rt_info([_RT_SECTION, key]).astype(str)
-    return raw
-
-
-def _parse_metadata(raw: dict[str, str]) -> dict:
-    h, w = (int(v) for v in raw["input_size"].split(","))
-    return {
-        "labels": list(json.loads(raw["labels"])),
-        "input_size": (h, w),
-        "mean": [float(v) for v in json.loads(raw["mean"])],
-        "std": [float(v) for v in json.loads(raw["std"])],
-        "input_order": raw["input_order"],
-        "model_type": raw.get("model_type", "classification"),
-        "task": _check_task(json.loads(raw["task"]) if "task" in raw else None),
-    }
+    xml_path, precision = _check_ir_args(xml_path, precision)
+    xml_path.parent.mkdir(parents=True, exist_ok=True)
+    ov_model = ov.convert_model(str(onnx_path))
+    meta = read_raw_metadata(Path(onnx_path))
+    for key, value in meta.items():
+        ov_model.set_rt_info(value, [RT_SECTION, key])
+    with atomic_outputs(xml_path.with_suffix(".bin"), xml_path) as (_, tmp_xml):  # .bin, then .xml
+        ov.save_model(ov_model, str(tmp_xml), compress_to_fp16=(precision == "FP16"))
+    del ov_model  # before the caller's temporary ONNX file goes: the converted model may map its weights
+    return xml_path
 
 
 def _is_fp16_ir(path: Path) -> bool:
@@ -251,48 +258,63 @@ def _is_fp16_ir(path: Path) -> bool:
     return 'element_type="f16"' in text
 
 
+def _compare(logits: np.ndarray, reference: np.ndarray, tolerance: float, min_top1_agreement: float) -> dict:
+    if logits.shape != reference.shape:
+        return dict(max_abs_diff=float("inf"), top1_agreement=0.0, ok=False,
+                    error=f"output shape {logits.shape} != reference {reference.shape}")
+    diff = float(np.abs(logits - reference).max())
+    agreement = float((logits.argmax(axis=1) == reference.argmax(axis=1)).mean())
+    return dict(max_abs_diff=diff, top1_agreement=agreement,
+                ok=bool(diff <= tolerance and agreement >= min_top1_agreement))
+
+
 def parity_check(model: nn.Module, exported: list[str | os.PathLike], images: torch.Tensor, *, mean, std,
                  input_order: str = "BGR", train_order: str = "RGB", atol: float = 1e-3,
                  min_top1_agreement: float = 1.0) -> dict:
-    """Compare exported files against PyTorch on the same images; report, never raise.
+    """Compare exported files against PyTorch on the same images, in every runtime that runs them; report,
+    never raise.
 
-    Per file: `max_abs_diff` of logits, `top1_agreement` (fraction of images with the same argmax),
-    `tolerance` and `ok`. Rule: ok = max_abs_diff <= rtol * max(1, max |reference logit|) and
-    top1_agreement >= min_top1_agreement, with rtol = `atol` for FP32 files and max(atol, 2e-2) for FP16 IR
-    (the tolerance scales with the logits so large-logit models are not judged more strictly). An int8
-    model is compared with its fake-quantized PyTorch twin, which real int8 kernels only approximate:
-    callers pass INT8_RTOL and INT8_MIN_AGREEMENT then.
-    Each file is compiled by OpenVINO on CPU with f32 inference precision (OpenVINO reads .onnx directly).
-    A file that cannot be run is reported with ok=False and its `error`.
+    An ONNX file is run by onnxruntime and by OpenVINO (which reads .onnx directly), an IR by OpenVINO; each
+    on CPU at f32. Per file and runtime (entry["runtimes"][name]): `max_abs_diff` of logits, `top1_agreement`
+    (fraction of images with the same argmax) and `ok`; the file's own entry sums them up (ok only when every
+    runtime is, the largest difference, the lowest agreement) and names the exporter that wrote it.
+    Rule: ok = max_abs_diff <= rtol * max(1, max |reference logit|) and top1_agreement >= min_top1_agreement,
+    with rtol = `atol` for FP32 files and max(atol, 2e-2) for FP16 IR (the tolerance scales with the logits
+    so large-logit models are not judged more strictly). An int8 model is compared with its fake-quantized
+    PyTorch twin, which real int8 kernels only approximate: callers pass INT8_RTOL and INT8_MIN_AGREEMENT
+    then. A file or runtime that cannot run is reported with ok=False and its `error`.
     """
-    from .inference import ExportedClassifier  # here, not at the top: inference builds on this module
-
     images = images.detach().to("cpu", torch.float32)
     with _eval_cpu_copy(model) as clone, torch.no_grad():
         reference = DeployModel(clone, mean, std, input_order, train_order).eval()(images).numpy()
     scale = max(1.0, float(np.abs(reference).max()))
-    ref_top1 = reference.argmax(axis=1)
     report: dict = {}
     for file in exported:
         file = Path(file)
         rtol = max(atol, FP16_RTOL) if _is_fp16_ir(file) else atol
         entry: dict = {"tolerance": rtol * scale}
         try:
-            logits = ExportedClassifier(file)(images.numpy())
-        except Exception as exc:  # report, never raise: the caller decides what a failure means
-            entry.update(max_abs_diff=float("inf"), top1_agreement=0.0, ok=False, error=f"{type(exc).__name__}: {exc}")
-            report[str(file)] = entry
-            continue
-        if logits.shape != reference.shape:
-            entry.update(max_abs_diff=float("inf"), top1_agreement=0.0, ok=False,
-                         error=f"output shape {logits.shape} != reference {reference.shape}")
-        else:
-            diff = float(np.abs(logits - reference).max())
-            agreement = float((logits.argmax(axis=1) == ref_top1).mean())
-            entry.update(max_abs_diff=diff, top1_agreement=agreement,
-                         ok=bool(diff <= entry["tolerance"] and agreement >= min_top1_agreement))
+            meta = read_metadata(file)
+            entry.update(exporter=meta["exporter"], exporter_note=meta["exporter_note"])
+        except UserError as exc:
+            entry.update(exporter="unknown", error=str(exc))
+        runs: dict = {}
+        for runtime in runtimes_for(file):
+            try:
+                logits = ExportedClassifier(file, runtime=runtime)(images.numpy())
+            except Exception as exc:  # report, never raise: the caller decides what a failure means
+                runs[runtime] = dict(max_abs_diff=float("inf"), top1_agreement=0.0, ok=False, error=_first_line(exc))
+                continue
+            runs[runtime] = _compare(logits, reference, entry["tolerance"], min_top1_agreement)
+        entry.update(max_abs_diff=max(r["max_abs_diff"] for r in runs.values()),
+                     top1_agreement=min(r["top1_agreement"] for r in runs.values()),
+                     ok=all(r["ok"] for r in runs.values()) and "error" not in entry, runtimes=runs)
+        errors = [f"{name}: {r['error']}" for name, r in runs.items() if "error" in r]
+        if errors and "error" not in entry:
+            entry["error"] = "; ".join(errors)
         report[str(file)] = entry
     return report
 
 
-__all__ = ["MULTICLASS", "DeployModel", "export_onnx", "export_openvino", "parity_check", "read_metadata"]
+__all__ = ["DEFAULT_OPSET", "EXPORTERS", "MULTICLASS", "DeployModel", "export_onnx", "export_openvino", "onnx_to_openvino",
+           "parity_check", "read_metadata"]

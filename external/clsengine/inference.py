@@ -2,21 +2,27 @@
 
 An ExportedClassifier takes images as the exported graph wants them: (N, 3, H, W) float values 0..255
 in the file's `input_order` (see clsengine.export.DeployModel); the file's metadata says which.
-OpenVINO runs both formats (it reads .onnx directly), so no second runtime is needed.
+An ONNX file is run by onnxruntime unless OpenVINO is asked for: onnxruntime is the ONNX consumer
+independent of OpenVINO, whose IR is converted from that same ONNX file, so checking the ONNX file with
+OpenVINO alone could let a wrong ONNX graph hide behind OpenVINO's conversion.
 """
 from __future__ import annotations
 
 import os
 from pathlib import Path
+from typing import Any, Callable
 
 import numpy as np
 import torch
 
 from .errors import UserError
-from .export import read_metadata
+from .metadata import OUTPUT_NAME, read_metadata
 
 EXPORTED_SUFFIXES = (".xml", ".onnx")
+RUNTIMES = ("onnxruntime", "openvino")
 _FLOAT_TYPES = ("f32", "f16", "bf16", "f64")
+# onnxruntime's execution provider for each device name a user may give.
+_ORT_PROVIDERS = {"CPU": "CPUExecutionProvider", "GPU": "CUDAExecutionProvider", "CUDA": "CUDAExecutionProvider"}
 
 
 def _first_line(exc: BaseException) -> str:
@@ -31,43 +37,130 @@ def device_available(device: str, available: list[str]) -> bool:
     return any(d == device or d.startswith(device + ".") for d in available)
 
 
-class ExportedClassifier:
-    """An exported classifier compiled by OpenVINO on `device` (CPU, GPU, NPU...).
+def runtimes_for(path: str | os.PathLike) -> tuple[str, ...]:
+    """The runtimes that can run a file: an IR only OpenVINO, an ONNX file both (onnxruntime first)."""
+    return RUNTIMES if Path(path).suffix == ".onnx" else ("openvino",)
 
-    Call it with a (N, 3, H, W) tensor or array of 0..255 values; it returns logits of the same kind.
-    A file exported with a static batch of 1 is run one image at a time, as it will be in deployment.
-    """
 
-    def __init__(self, path: str | os.PathLike, device: str = "CPU") -> None:
+def check_runtime(path: str | os.PathLike, runtime: str | None) -> str:
+    """`runtime`, or the file's default one (onnxruntime for ONNX, OpenVINO for an IR), checked."""
+    path = Path(path)
+    if runtime is None:
+        return runtimes_for(path)[0]
+    runtime = str(runtime).lower()
+    if runtime not in RUNTIMES:
+        raise UserError(f"unknown runtime '{runtime}': expected one of {', '.join(RUNTIMES)}")
+    if runtime not in runtimes_for(path):
+        raise UserError(f"{path} is an OpenVINO IR: only the openvino runtime runs it (onnxruntime runs .onnx files)")
+    return runtime
+
+
+def runtime_versions() -> dict[str, str]:
+    """The version of each runtime installed here, for reports that name what checked a file."""
+    import openvino as ov
+
+    versions = {"openvino": ov.get_version()}
+    try:
+        import onnxruntime as ort
+
+        versions["onnxruntime"] = ort.__version__
+    except ImportError:
+        versions["onnxruntime"] = "not installed"
+    return versions
+
+
+class _OpenVINOSession:
+    """The file compiled by OpenVINO on `device`; at full f32 on CPU, so that accuracy measured here is the
+    exported file's, not a bf16 rounding's."""
+
+    def __init__(self, path: Path, device: str) -> None:
         import openvino as ov
 
-        self.path = Path(path)
-        if self.path.suffix not in EXPORTED_SUFFIXES:
-            raise UserError(f"{self.path}: expected an OpenVINO IR (.xml) or ONNX (.onnx) file")
-        if self.path.suffix == ".xml" and not self.path.with_suffix(".bin").is_file():
-            raise UserError(f"{self.path}: its weights file {self.path.with_suffix('.bin').name} is missing")
-        meta = read_metadata(self.path)
-        self.labels: list[str] = meta["labels"]
-        self.input_size: tuple[int, int] = tuple(meta["input_size"])
-        self.input_order: str = meta["input_order"]
-        self.mean, self.std = meta["mean"], meta["std"]
-        self.task: dict = meta["task"]   # {"type": "multiclass"} or multilabel with threshold / background_label
         core = ov.Core()
         if not device_available(device, core.available_devices):
             raise UserError(f"OpenVINO device '{device}' is not available here; available: "
                             f"{', '.join(core.available_devices)}")
         try:
-            self.ov_model = core.read_model(str(self.path))
-            # Full f32 on CPU, so that accuracy measured here is the exported file's, not a bf16 rounding's.
+            self.ov_model = core.read_model(str(path))
             config = {"INFERENCE_PRECISION_HINT": "f32"} if device == "CPU" else {}
             self.compiled = core.compile_model(self.ov_model, device, config)
         except RuntimeError as exc:
-            raise UserError(f"OpenVINO cannot load {self.path}: {_first_line(exc)}") from None
+            raise UserError(f"OpenVINO cannot load {path}: {_first_line(exc)}") from None
         batch = self.ov_model.input(0).get_partial_shape()[0]
         self.static_batch = batch.get_length() if batch.is_static else None
         n_out = self.ov_model.output(0).get_partial_shape()[-1]
-        if n_out.is_static and n_out.get_length() != len(self.labels):
-            raise UserError(f"{self.path}: {n_out.get_length()} outputs but {len(self.labels)} labels in its metadata")
+        self.num_outputs = n_out.get_length() if n_out.is_static else None
+        self.name = "OpenVINO"
+
+    def __call__(self, images: np.ndarray) -> np.ndarray:
+        return np.asarray(self.compiled(images)[0])
+
+
+class _OnnxRuntimeSession:
+    """The ONNX file in an onnxruntime InferenceSession on `device` (CPU; GPU through CUDA when installed)."""
+
+    def __init__(self, path: Path, device: str) -> None:
+        try:
+            import onnxruntime as ort
+        except ImportError:
+            raise UserError("onnxruntime is not installed: run ./init_venv.sh, or pass --runtime openvino") from None
+        provider = _ORT_PROVIDERS.get(device.split(".")[0].upper())
+        available = ort.get_available_providers()
+        if provider is None or provider not in available:
+            raise UserError(f"onnxruntime cannot run on device '{device}' here (its execution providers: "
+                            f"{', '.join(available)}); use the openvino runtime for that device")
+        options = ort.SessionOptions()
+        options.log_severity_level = 3  # errors only: its optimizer's notes are not the user's concern
+        try:
+            self.session = ort.InferenceSession(str(path), options, providers=[provider])
+        except Exception as exc:  # onnxruntime raises its own exception types for unreadable or invalid graphs
+            raise UserError(f"onnxruntime cannot load {path}: {_first_line(exc)}") from None
+        self.input_name = self.session.get_inputs()[0].name
+        outputs = [o.name for o in self.session.get_outputs()]
+        self.output_name = OUTPUT_NAME if OUTPUT_NAME in outputs else outputs[0]
+        batch = self.session.get_inputs()[0].shape[0]
+        self.static_batch = batch if isinstance(batch, int) else None
+        n_out = self.session.get_outputs()[outputs.index(self.output_name)].shape[-1]
+        self.num_outputs = n_out if isinstance(n_out, int) else None
+        self.name = "onnxruntime"
+
+    def __call__(self, images: np.ndarray) -> np.ndarray:
+        return np.asarray(self.session.run([self.output_name], {self.input_name: images})[0])
+
+
+class ExportedClassifier:
+    """An exported classifier run by `runtime` on `device` (CPU, GPU, NPU...).
+
+    runtime: "onnxruntime" or "openvino"; None = the file's default (onnxruntime for .onnx, OpenVINO for .xml).
+    Call it with a (N, 3, H, W) tensor or array of 0..255 values; it returns logits of the same kind.
+    A file exported with a static batch of 1 is run one image at a time, as it will be in deployment.
+    """
+
+    def __init__(self, path: str | os.PathLike, device: str = "CPU", runtime: str | None = None) -> None:
+        self.path = Path(path)
+        if self.path.suffix not in EXPORTED_SUFFIXES:
+            raise UserError(f"{self.path}: expected an OpenVINO IR (.xml) or ONNX (.onnx) file")
+        if self.path.suffix == ".xml" and not self.path.with_suffix(".bin").is_file():
+            raise UserError(f"{self.path}: its weights file {self.path.with_suffix('.bin').name} is missing")
+        self.runtime = check_runtime(self.path, runtime)
+        meta = read_metadata(self.path)
+        self.metadata: dict[str, Any] = meta
+        self.labels: list[str] = meta["labels"]
+        self.input_size: tuple[int, int] = tuple(meta["input_size"])
+        self.input_order: str = meta["input_order"]
+        self.mean, self.std = meta["mean"], meta["std"]
+        self.task: dict = meta["task"]   # {"type": "multiclass"} or multilabel with threshold / background_label
+        opener: Callable[[Path, str], Any] = _OnnxRuntimeSession if self.runtime == "onnxruntime" else _OpenVINOSession
+        self._session = opener(self.path, device)
+        self.static_batch: int | None = self._session.static_batch
+        n_out = self._session.num_outputs
+        if n_out is not None and n_out != len(self.labels):
+            raise UserError(f"{self.path}: {n_out} outputs but {len(self.labels)} labels in its metadata")
+
+    @property
+    def runtime_name(self) -> str:
+        """How reports name the runtime: 'onnxruntime' or 'OpenVINO'."""
+        return self._session.name
 
     @property
     def files(self) -> list[Path]:
@@ -79,8 +172,8 @@ class ExportedClassifier:
         if self.static_batch is not None and images.shape[0] != self.static_batch:
             if self.static_batch != 1:
                 raise UserError(f"{self.path} has a static batch of {self.static_batch}; got {images.shape[0]} images")
-            return np.concatenate([self.compiled(images[i:i + 1])[0] for i in range(images.shape[0])])
-        return np.asarray(self.compiled(images)[0])
+            return np.concatenate([self._session(images[i:i + 1]) for i in range(images.shape[0])])
+        return self._session(images)
 
     def __call__(self, images: torch.Tensor | np.ndarray) -> torch.Tensor | np.ndarray:
         if isinstance(images, torch.Tensor):
@@ -88,7 +181,13 @@ class ExportedClassifier:
         return self._run(np.asarray(images))
 
     def complexity(self) -> dict[str, float]:
-        return ir_complexity(self.ov_model, self.input_size)
+        """Counted on the graph OpenVINO reads from the file, whichever runtime runs it."""
+        ov_model = getattr(self._session, "ov_model", None)
+        if ov_model is None:
+            import openvino as ov
+
+            ov_model = ov.Core().read_model(str(self.path))
+        return ir_complexity(ov_model, self.input_size)
 
 
 def ir_complexity(ov_model, input_size: tuple[int, int]) -> dict[str, float]:
@@ -123,4 +222,5 @@ def is_exported_model(path: str | os.PathLike) -> bool:
     return Path(path).suffix in EXPORTED_SUFFIXES
 
 
-__all__ = ["ExportedClassifier", "device_available", "ir_complexity", "is_exported_model", "EXPORTED_SUFFIXES"]
+__all__ = ["ExportedClassifier", "EXPORTED_SUFFIXES", "RUNTIMES", "check_runtime", "device_available", "ir_complexity",
+           "is_exported_model", "runtime_versions", "runtimes_for"]

@@ -4,12 +4,14 @@ evaluate prediction files.
 
   python eval.py --load-weights outputs/best.pth --test-data-roots DATA/val --save-metrics-to metrics.yaml
   python eval.py --load-weights export/model.xml   # the exported IR (or export/model.onnx), same metrics
+  python eval.py --load-weights export/model.onnx --runtime openvino   # ONNX in OpenVINO, not onnxruntime
   python eval.py --load-weights outputs/best.pth --test-ann-files test.json --test-data-roots IMAGES
   python eval.py --preds predictions/ --gts ground_truth.json   # end-to-end: writes eval_results.txt
 
 A model is a training checkpoint, bare weights (classes then come from the test folders and the model
 from the work dir's template), an OpenVINO IR (.xml) or an ONNX file; all are fed the same images
-(resized to the model's input size, 0..255, in its channel order). The test root falls back to
+(resized to the model's input size, 0..255, in its channel order). A checkpoint runs in PyTorch, an IR in
+OpenVINO, an ONNX file in onnxruntime (or OpenVINO with --runtime openvino); metrics.yaml names the runtime. The test root falls back to
 $TEST_DATA_ROOT. metrics.yaml holds top-1 and top-5 (with more than 5 classes), per-class precision, recall and F1, macro F1, the
 confusion matrix (also drawn as confusion_matrix.png beside it), the model's size and complexity and
 the sha256 and size of the files evaluated. For a multi-label model it holds mAP, per-class AP and
@@ -53,7 +55,7 @@ def parse_args() -> argparse.Namespace:
                    help="metrics file to write (default: WORK_DIR/metrics.yaml)")
     p.add_argument("--save-output-to", default=None,
                    help="folder for per-image predictions (predictions.csv); with --preds, for eval_results.txt")
-    p.add_argument("--device", default="CPU", help="OpenVINO device for .xml/.onnx models (CPU, GPU, NPU...)")
+    cli.add_exported_model_args(p)
     e2e = p.add_argument_group("end-to-end evaluation of prediction files")
     e2e.add_argument("--preds", default=None, help="folder of per-image prediction JSON files (from predict.py)")
     e2e.add_argument("--gts", default=None, help="ground-truth JSON {image_path: label}")
@@ -157,7 +159,8 @@ def main() -> int:
               + ", ".join(f"{k}={v}" for k, v in trained_with.items()))
     scan = cli.scan_split(args, "test", "TEST_DATA_ROOT", load_template(args.template, {**trained_with, **overrides}))
     model = load_classifier(args.load_weights, template_path=args.template, overrides=overrides,
-                            classes=scan.classes, classes_source=f"test data ({scan.source})", ov_device=args.device,
+                            classes=scan.classes, classes_source=f"test data ({scan.source})", device=args.device,
+                            runtime=args.runtime,
                             allow_subset=True)
     classes = model.classes
     if classes != scan.classes:  # a model trained on some of the classes: evaluated on those
@@ -170,7 +173,7 @@ def main() -> int:
     results = multilabel_results if model.multilabel else multiclass_results
     task_result, summary = results(model, logits, labels, metrics_path)
     result = {
-        "model": {"path": str(Path(args.load_weights).resolve()), "format": model.kind,
+        "model": {"path": str(Path(args.load_weights).resolve()), "format": model.kind, "runtime": model.runtime,
                   "input_size": list(model.input_size), "input_order": model.input_order, "task": model.task["type"]},
         "files": [{"name": f.name, "path": str(f.resolve()), "sha256": sha256_of(f), "size": f.stat().st_size}
                   for f in model.files],
@@ -185,7 +188,7 @@ def main() -> int:
         write_per_image(Path(args.save_output_to), model, scan.samples, model.probabilities(logits))
     if scan.skipped:
         print(f"warning: skipped {len(scan.skipped)} unreadable file(s), e.g. {scan.skipped[0][0]}")
-    print(f"{model.kind}: {summary}")
+    print(f"{model.kind} ({model.runtime}): {summary}")
     return 0
 
 

@@ -8,9 +8,11 @@ The exported models take an image as the deployment side has it: planar, 0-255, 
 output_format.openvino_input_format channel order (BGR by default); channel order and mean/std
 normalisation are part of the graph, and labels, input size and normalisation are stored in the
 models' metadata. Without --onnx/--openvino both formats are written (as the template's output_format
-says). The parity check runs PyTorch, ONNX and IR on the same images (real validation images when
---val-data-roots or $VAL_DATA_ROOT is given, random ones otherwise), writes parity.yaml and fails
-beyond tolerance.
+says). ONNX is written by torch's current exporter (torch.onnx.export(dynamo=True)); where it fails (int8
+models from compress.py, for example) the TorchScript exporter is used and the reason logged and stored in
+the file's metadata; --exporter pins either. The parity check runs PyTorch, the ONNX file in onnxruntime
+and in OpenVINO, and the IR in OpenVINO on the same images (real validation images when --val-data-roots
+or $VAL_DATA_ROOT is given, random ones otherwise), writes parity.yaml and fails beyond tolerance.
 """
 from __future__ import annotations
 
@@ -24,8 +26,10 @@ import yaml
 from clsengine import data as D
 from clsengine.errors import UserError
 from clsengine.fileio import write_text
+from clsengine.inference import runtime_versions
 from clsengine.compression import is_quantized
-from clsengine.export import INT8_MIN_AGREEMENT, INT8_RTOL, export_onnx, export_openvino, parity_check
+from clsengine.export import (DEFAULT_OPSET, EXPORTERS, INT8_MIN_AGREEMENT, INT8_RTOL, export_onnx, export_openvino,
+                              onnx_to_openvino, parity_check)
 from workbench import builders as B
 from workbench import cli
 from workbench.classifier import load_training_checkpoint, model_from_checkpoint
@@ -43,7 +47,12 @@ def parse_args() -> argparse.Namespace:
     p.add_argument("--static", action="store_true", default=None,
                    help="static input shape [1, 3, H, W], as NPU compilers need (default: the template's "
                         "output_format.static_shape)")
-    p.add_argument("--opset", type=int, default=17, help="ONNX opset")
+    p.add_argument("--opset", type=int, default=None,
+                   help=f"ONNX opset (default: the exporter's own, {DEFAULT_OPSET['dynamo']} for dynamo, "
+                        f"{DEFAULT_OPSET['torchscript']} for TorchScript)")
+    p.add_argument("--exporter", choices=EXPORTERS, default="auto",
+                   help="ONNX exporter: dynamo (torch.export-based), torchscript (legacy) or auto: dynamo, "
+                        "TorchScript where dynamo fails (default)")
     p.add_argument("--val-data-roots", default=None,
                    help="folder of images (searched recursively) for the parity check (default: $VAL_DATA_ROOT)")
     p.add_argument("--parity-images", type=int, default=16, help="images used by the parity check")
@@ -74,7 +83,7 @@ def main() -> int:
     common = dict(input_size=size, mean=t.input.mean, std=t.input.std, input_order=order,
                   train_order=t.input.channel_order, labels=classes, opset=args.opset,
                   static_batch=t.output_format.static_shape if args.static is None else args.static,
-                  task=B.task_metadata(t))
+                  task=B.task_metadata(t), exporter=args.exporter)
     want_onnx, want_ir = args.onnx, args.openvino
     if not (want_onnx or want_ir):
         want_onnx, want_ir = t.output_format.onnx, t.output_format.openvino
@@ -83,8 +92,9 @@ def main() -> int:
     written = []
     if want_onnx:
         written.append(export_onnx(model, out / "model.onnx", **common))
-    if want_ir:
-        written.append(export_openvino(model, out / "model.xml", precision=args.precision, **common))
+    if want_ir:  # from the ONNX file just written, when there is one: both files are then one graph
+        written.append(onnx_to_openvino(written[0], out / "model.xml", precision=args.precision) if written
+                       else export_openvino(model, out / "model.xml", precision=args.precision, **common))
     if not written:
         raise UserError("nothing to export: pass --onnx and/or --openvino")
 
@@ -93,13 +103,16 @@ def main() -> int:
     tolerance = dict(atol=INT8_RTOL, min_top1_agreement=INT8_MIN_AGREEMENT) if is_quantized(checkpoint) else {}
     report = parity_check(model, written, images, mean=t.input.mean, std=t.input.std, input_order=order,
                           train_order=t.input.channel_order, **tolerance)
-    summary = {"weights": str(weights.resolve()), "images": source,
+    summary = {"weights": str(weights.resolve()), "images": source, "runtimes": runtime_versions(),
                "files": {Path(k).name: v for k, v in report.items()}}
     write_text(out / "parity.yaml", yaml.safe_dump(summary, sort_keys=False))
     for path, r in report.items():
-        status = "ok" if r["ok"] else "FAILED"
-        print(f"{Path(path).name}: max |logit diff| {r.get('max_abs_diff', float('nan')):.3g}, "
-              f"top-1 agreement {100 * r.get('top1_agreement', 0):.1f}% [{status}]")
+        note = f" ({r['exporter_note']})" if r.get("exporter_note") else ""
+        print(f"{Path(path).name}: written by the {r['exporter']} exporter{note}")
+        for runtime, run in r["runtimes"].items():
+            detail = f" ({run['error']})" if "error" in run else ""
+            print(f"  {runtime}: max |logit diff| {run['max_abs_diff']:.3g}, top-1 agreement "
+                  f"{100 * run['top1_agreement']:.1f}% [{'ok' if run['ok'] else 'FAILED'}]{detail}")
     failed = [Path(p).name for p, r in report.items() if not r["ok"]]
     if failed:
         raise UserError(f"exported {', '.join(failed)} differ from the PyTorch model beyond tolerance "

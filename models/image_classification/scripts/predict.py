@@ -35,7 +35,7 @@ def parse_args() -> argparse.Namespace:
     p.add_argument("--class-id-path", default=None, help="class names: JSON list or {\"0\": name, ...}")
     p.add_argument("--threshold", type=float, default=None,
                    help="multi-label models: list labels scoring at least this (default: the model's task.threshold)")
-    p.add_argument("--device", default="CPU", help="OpenVINO device for .xml/.onnx models (CPU, GPU, NPU...)")
+    cli.add_exported_model_args(p)
     cli.add_runtime_args(p)
     cli.add_template_args(p)
     return p.parse_intermixed_args()
@@ -48,7 +48,8 @@ def main() -> int:
     overrides = cli.collect_overrides(args, FLAG_KEYS)
     names = P.read_class_names(args.class_id_path) if args.class_id_path else None
     model = load_classifier(args.load_weights, template_path=args.template, overrides=overrides, classes=names,
-                            classes_source=f"class-id file {args.class_id_path}", ov_device=args.device)
+                            classes_source=f"class-id file {args.class_id_path}", device=args.device,
+                            runtime=args.runtime)
     files, skipped = D.list_images(args.input)
     # The sample's "label" is its index in `files`, so each result stays tied to its image.
     logits, index = model.predict([(f, i) for i, f in enumerate(files)], "predict", multihot=False)

@@ -34,6 +34,7 @@ class Classifier:
     device: torch.device
     files: list[Path]
     kind: str                                      # "checkpoint", "OpenVINO IR" or "ONNX"
+    runtime: str                                   # what runs it: "PyTorch", "OpenVINO" or "onnxruntime"
     complexity: Callable[[], dict[str, float]]
     template: Template   # the checkpoint's; for exported files the work dir's (it sets batch size and workers)
     task: dict           # {"type": "multiclass"} or {"type": "multilabel", "threshold", "background_label"}
@@ -68,7 +69,7 @@ class Classifier:
         dataset = D.ImageDataset(samples, self.classes, self.transform(),
                                  multilabel=self.multilabel if multihot is None else multihot)
         loader = B.make_loader(dataset, t, B.eval_batch_size(t), train=False, device=self.device)
-        return predict(self.run, loader, self.device, desc=f"{desc} ({self.kind})")
+        return predict(self.run, loader, self.device, desc=f"{desc} ({self.kind}, {self.runtime})")
 
 
 def _head_outputs(model: torch.nn.Module, state: dict[str, torch.Tensor]) -> int | None:
@@ -116,20 +117,24 @@ def _check_classes(own: list[str], classes: list[str] | None, own_source: str, c
 
 
 def load_classifier(path: str | Path, *, template_path: str, overrides: dict[str, Any], classes: list[str] | None,
-                    classes_source: str, ov_device: str = "CPU", allow_subset: bool = False) -> Classifier:
+                    classes_source: str, device: str = "CPU", runtime: str | None = None,
+                    allow_subset: bool = False) -> Classifier:
     """Open `path` for inference.
 
+    `device` and `runtime` say how an exported file runs (runtime None: onnxruntime for ONNX, OpenVINO for IR);
+    a checkpoint runs in PyTorch on the template's device.
     `classes` (named by `classes_source`, e.g. the test folder) are needed for bare weights, which do not
     know their classes, and are checked against the classes a training checkpoint or exported file holds
     (`allow_subset`: the model may know only some of them, e.g. one trained with --classes).
     """
     path = Path(path)
     if is_exported_model(path):
-        exported = ExportedClassifier(path, ov_device)
+        exported = ExportedClassifier(path, device, runtime)
         _check_classes(exported.labels, classes, str(path), classes_source, allow_subset)
         return Classifier(run=exported, classes=exported.labels, input_size=exported.input_size,
                           input_order=exported.input_order, device=torch.device("cpu"), files=exported.files,
-                          kind="OpenVINO IR" if path.suffix == ".xml" else "ONNX", complexity=exported.complexity,
+                          kind="OpenVINO IR" if path.suffix == ".xml" else "ONNX", runtime=exported.runtime_name,
+                          complexity=exported.complexity,
                           template=load_template(template_path, overrides), task=exported.task)
     if path.suffix == ".bin" and path.with_suffix(".xml").is_file():
         raise UserError(f"{path} is the weights half of an OpenVINO IR; pass {path.with_suffix('.xml')}")
@@ -155,6 +160,6 @@ def load_classifier(path: str | Path, *, template_path: str, overrides: dict[str
                          train_order=t.input.channel_order).to(device).eval()
     size = B.input_size(t)
     return Classifier(run=deploy, classes=classes, input_size=size, input_order=order, device=device,
-                      files=[path], kind="int8 checkpoint" if quantized else "checkpoint",
+                      files=[path], kind="int8 checkpoint" if quantized else "checkpoint", runtime="PyTorch",
                       complexity=lambda: complexity(model, size), template=t, task=B.task_metadata(t))
 

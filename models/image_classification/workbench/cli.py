@@ -15,6 +15,7 @@ from clsengine import data as D
 from clsengine import distributed as dist
 from clsengine.errors import UserError
 from clsengine.fileio import NO_PERMISSION, NO_SPACE, write_error
+from clsengine.inference import RUNTIMES
 from clsengine.rundir import LOCK_FILE, RunLock, claim_run_folder, release_all
 
 from .builders import report_skipped
@@ -36,6 +37,14 @@ def add_runtime_args(parser: argparse.ArgumentParser) -> None:
                         help="GPUs to use (0: CPU; default: the template's gpu_num, CPU when no CUDA device)")
     parser.add_argument("--batch-size", type=int, default=None, help="override hyper_parameters.basic.batch_size")
     parser.add_argument("--workers", type=int, default=None, help="data-loading processes (training.workers)")
+
+
+def add_exported_model_args(parser: argparse.ArgumentParser) -> None:
+    """How an exported model (.xml / .onnx) is run: eval.py and predict.py share these."""
+    parser.add_argument("--device", default="CPU",
+                        help="device for .xml/.onnx models: CPU, GPU, NPU... (onnxruntime: CPU, or GPU through CUDA)")
+    parser.add_argument("--runtime", choices=RUNTIMES, default=None,
+                        help="runtime for an .onnx model (default: onnxruntime; an IR always runs in OpenVINO)")
 
 
 def add_data_args(parser: argparse.ArgumentParser, split: str, env: str) -> None:
