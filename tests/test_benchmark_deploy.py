@@ -42,6 +42,7 @@ def assert_positive(rows: dict, *keys: tuple[str, str]) -> None:
 
 
 IR32, IR16, ONNX = ("OpenVINO IR (CPU)", "FP32"), ("OpenVINO IR (CPU)", "FP16"), ("ONNX via OpenVINO (CPU)", "FP32")
+ORT = ("ONNX via onnxruntime (CPU)", "FP32")
 
 
 def test_table_rows_and_saved_results(tmp_path):
@@ -61,7 +62,12 @@ def test_table_rows_and_saved_results(tmp_path):
     first = result.stdout.splitlines()[0]
     assert "resnet18" in first and "32x32" in first and "OpenVINO" in first and "torch" in first, first
     rows = parse_table(result.stdout)
-    assert_positive(rows, IR32, IR16, ONNX, ("OpenVINO IR (CPU)", "INT8"), ("PyTorch eager (CPU)", "FP32"))
+    assert_positive(rows, IR32, IR16, ONNX, ORT, ("OpenVINO IR (CPU)", "INT8"), ("PyTorch eager (CPU)", "FP32"))
+    assert "ONNX exporter: dynamo" in first and "onnxruntime" in first, first
+    import openvino as ov
+
+    if not any(d.startswith("GPU") for d in ov.Core().available_devices):  # resnet18's targets: CPU, iGPU
+        assert "inference_target not present here: iGPU" in first, first
     assert any(fmt.startswith("PyTorch eager (CUDA)") for fmt, _ in rows) == torch.cuda.is_available()
     assert {p.name for p in out.iterdir()} >= {"model_fp32.xml", "model_fp16.xml", "model.onnx", "benchmark.yaml"}
     saved = yaml.safe_load((out / "benchmark.yaml").read_text())
@@ -86,3 +92,21 @@ def test_unavailable_device_is_a_user_error(capsys):
     assert exit_info.value.code == 2
     err = capsys.readouterr().err
     assert err.startswith("error: --device TPU") and err.count("\n") == 1, err
+
+
+def test_devices_follow_the_inference_target():
+    """Without --device, each OpenVINO device of the template's inference_target that is present is timed."""
+    import benchmark_deploy
+    import openvino as ov
+
+    from clsengine.errors import UserError
+
+    core = ov.Core()
+    available = list(core.available_devices)
+    devices, missing = benchmark_deploy.choose_devices(core, None, ["CPU", "iGPU", "NPU"])
+    assert devices[0] == "CPU" and ("GPU" in devices) == any(d.startswith("GPU") for d in available)
+    assert ("NPU" in missing) != any(d.startswith("NPU") for d in available)
+    assert benchmark_deploy.choose_devices(core, "cpu", ["NPU"]) == (["CPU"], [])  # --device pins one
+    if not any(d.startswith("NPU") for d in available):
+        with pytest.raises(UserError, match="none of the template's inference_target"):
+            benchmark_deploy.choose_devices(core, None, ["NPU"])

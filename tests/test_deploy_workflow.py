@@ -22,6 +22,7 @@ def trained(trained_resnet18) -> dict:
     wd, val = trained["wd"], trained["val"]
     result = run_script(wd, "export.py", "--load-weights", "outputs/best.pth", env={"VAL_DATA_ROOT": str(val)})
     assert result.returncode == 0, result.stderr
+    trained["export_stdout"] = result.stdout
     return trained
 
 
@@ -33,20 +34,44 @@ def test_export_writes_parity_checked_ir_and_onnx(trained, tmp_path):
     assert parity["images"].startswith("9 images from")  # the validation images, found through $VAL_DATA_ROOT
     for name in ("model.onnx", "model.xml"):
         assert parity["files"][name]["ok"] and parity["files"][name]["top1_agreement"] == 1.0
+        assert parity["files"][name]["exporter"] == "dynamo"
+    # The ONNX file is checked by onnxruntime too, not only through OpenVINO (which the IR comes from).
+    assert set(parity["files"]["model.onnx"]["runtimes"]) == {"onnxruntime", "openvino"}
+    assert set(parity["runtimes"]) == {"onnxruntime", "openvino"} and parity["devices"][0] == "CPU"
+    assert all(r["ok"] for r in parity["files"]["model.onnx"]["runtimes"].values())
+    out = trained["export_stdout"]
+    assert "model.onnx: written by the dynamo exporter" in out and "  onnxruntime: max |logit diff|" in out, out
     meta = read_metadata(export / "model.xml")
     assert meta["labels"] == ["class_0", "class_1", "class_2"] and tuple(meta["input_size"]) == (32, 32)
     assert meta["input_order"] == "BGR"
 
     static = run_script(wd, "export.py", "--load-weights", "outputs/best.pth", "--openvino", "--static",
-                        "--precision", "FP16", "--input-shape", "48", "48", "--save-model-to", str(tmp_path / "npu"))
+                        "--precision", "FP16", "--input-shape", "48", "48", "--save-model-to", str(tmp_path / "npu"),
+                        "inference_target=[CPU,NPU]")
     assert static.returncode == 0, static.stderr
+    assert "warning: inference_target lists NPU" not in static.stdout  # static: what NPU compilers need
     assert not (tmp_path / "npu" / "model.onnx").exists()
     assert tuple(read_metadata(tmp_path / "npu" / "model.xml")["input_size"]) == (48, 48)
     assert ExportedClassifier(tmp_path / "npu" / "model.xml").static_batch == 1
 
+    dynamic = run_script(wd, "export.py", "--load-weights", "outputs/best.pth", "--onnx", "--exporter", "torchscript",
+                         "--save-model-to", str(tmp_path / "dyn"), "inference_target=[CPU,NPU]")
+    assert dynamic.returncode == 0, dynamic.stderr
+    assert "warning: inference_target lists NPU, whose compilers need a static input shape" in dynamic.stdout
+    assert "TorchScript exporter chosen explicitly" in dynamic.stdout
+    if not any(d.startswith("NPU") for d in _ov_devices()):
+        assert "note: inference_target NPU not present here" in dynamic.stdout
+    assert read_metadata(tmp_path / "dyn" / "model.onnx")["exporter"] == "torchscript"
+
     bare = tmp_path / "bare.pth"
     torch.save(torch.load(wd / "outputs" / "best.pth", weights_only=True)["model"], bare)
     assert_clean_error(run_script(wd, "export.py", "--load-weights", str(bare)), "bare weights")
+
+
+def _ov_devices() -> list[str]:
+    import openvino as ov
+
+    return list(ov.Core().available_devices)
 
 
 def _eval(wd: Path, weights: str, val: Path, out: str, *extra: str) -> dict:
@@ -63,10 +88,13 @@ def _metric(metrics: dict, key: str) -> float:
 def test_eval_of_exported_models_matches_checkpoint(trained):
     wd, val = trained["wd"], trained["val"]
     reference = _eval(wd, "outputs/best.pth", val, "m_pth.yaml")
-    for weights, fmt, names in (("export/model.xml", "OpenVINO IR", ["model.xml", "model.bin"]),
-                                ("export/model.onnx", "ONNX", ["model.onnx"])):
-        metrics = _eval(wd, weights, val, f"m_{fmt}.yaml")
-        assert metrics["model"]["format"] == fmt
+    assert reference["model"]["runtime"] == "PyTorch"
+    for weights, fmt, names, runtime in (("export/model.xml", "OpenVINO IR", ["model.xml", "model.bin"], "OpenVINO"),
+                                         ("export/model.onnx", "ONNX", ["model.onnx"], "onnxruntime"),
+                                         ("export/model.onnx", "ONNX", ["model.onnx"], "OpenVINO")):
+        flags = ("--runtime", "openvino") if fmt == "ONNX" and runtime == "OpenVINO" else ()
+        metrics = _eval(wd, weights, val, f"m_{fmt}_{runtime}.yaml", *flags)
+        assert metrics["model"]["format"] == fmt and metrics["model"]["runtime"] == runtime
         assert [f["name"] for f in metrics["files"]] == names and all(len(f["sha256"]) == 64 for f in metrics["files"])
         assert metrics["confusion_matrix"] == reference["confusion_matrix"]
         for key in ("accuracy", "macro_f1"):
@@ -115,6 +143,15 @@ def test_predict_one_image_from_checkpoint_and_bare_weights(trained, tmp_path):
     out = json.loads((tmp_path / "one" / "1.png.json").read_text())
     assert len(out["0_0"]) == 3 and sum(score for score, _ in out["0_0"]) == pytest.approx(1.0, abs=1e-4)
 
+    dynamic = run_script(wd, "export.py", "--load-weights", "outputs/best.pth", "--onnx", "--exporter", "torchscript",
+                         "--save-model-to", str(tmp_path / "dyn"), "inference_target=[CPU,NPU]")
+    assert dynamic.returncode == 0, dynamic.stderr
+    assert "warning: inference_target lists NPU, whose compilers need a static input shape" in dynamic.stdout
+    assert "TorchScript exporter chosen explicitly" in dynamic.stdout
+    if not any(d.startswith("NPU") for d in _ov_devices()):
+        assert "note: inference_target NPU not present here" in dynamic.stdout
+    assert read_metadata(tmp_path / "dyn" / "model.onnx")["exporter"] == "torchscript"
+
     bare = tmp_path / "bare.pth"
     torch.save(torch.load(wd / "outputs" / "best.pth", weights_only=True)["model"], bare)
     assert_clean_error(run_script(wd, "predict.py", "--load-weights", str(bare), "--input", str(image),
@@ -149,6 +186,15 @@ def test_bad_inputs_give_one_clear_error(trained, tmp_path, monkeypatch, capsys)
     assert result.returncode == 0 and "knows 3 of the 4 test classes" in result.stdout, result.stderr
     assert yaml.safe_load((tmp_path / "four.yaml").read_text())["dataset"]["num_images"] == 3
     # Bare weights of a 3-class model against a 2-class test folder: the class count is named.
+    dynamic = run_script(wd, "export.py", "--load-weights", "outputs/best.pth", "--onnx", "--exporter", "torchscript",
+                         "--save-model-to", str(tmp_path / "dyn"), "inference_target=[CPU,NPU]")
+    assert dynamic.returncode == 0, dynamic.stderr
+    assert "warning: inference_target lists NPU, whose compilers need a static input shape" in dynamic.stdout
+    assert "TorchScript exporter chosen explicitly" in dynamic.stdout
+    if not any(d.startswith("NPU") for d in _ov_devices()):
+        assert "note: inference_target NPU not present here" in dynamic.stdout
+    assert read_metadata(tmp_path / "dyn" / "model.onnx")["exporter"] == "torchscript"
+
     bare = tmp_path / "bare.pth"
     torch.save(torch.load(wd / "outputs" / "best.pth", weights_only=True)["model"], bare)
     assert_clean_error(run("--load-weights", str(bare), "--test-data-roots", str(two), "input.size=[32,32]"),

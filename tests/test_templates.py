@@ -296,3 +296,17 @@ def test_data_section_values(tmp_path):
     assert f"{path}:{line_of(text, 'class_weights')}:" in message and "none, auto or a list" in message
     assert "a list without repeated names" in error(write(tmp_path, GOOD + "data:\n  classes: [a, a]\n"))
     assert "one of auto, folders, list, coco" in error(write(tmp_path, GOOD + "data:\n  format: csv\n"))
+
+
+def test_removed_and_invalid_target_keys(tmp_path):
+    """training_target was dropped (the device follows gpu_num); inference_target names known devices."""
+    base = template_path("resnet18").read_text()
+    old = tmp_path / "old.yaml"
+    old.write_text(base + "training_target: [GPU, CPU]\n")
+    with pytest.raises(TemplateError, match=r"old.yaml:\d+: 'training_target' is no longer a template key: .*delete it"):
+        load_template(old)
+    bad = tmp_path / "bad.yaml"
+    bad.write_text(base.replace("inference_target: [CPU, iGPU]", "inference_target: [CPU, TPU]"))
+    with pytest.raises(TemplateError, match=r"bad.yaml:\d+: .*inference_target"):
+        load_template(bad)
+    assert load_template(template_path("efficientnet_b0_npu")).inference_target == ["CPU", "iGPU", "NPU"]

@@ -1,5 +1,6 @@
 #!/usr/bin/env python3
-"""Inference speed of a classifier as deployed: OpenVINO IR (FP32, FP16, optional INT8), ONNX and PyTorch.
+"""Inference speed of a classifier as deployed: OpenVINO IR (FP32, FP16, optional INT8), ONNX in
+onnxruntime and in OpenVINO, and PyTorch.
 
   python tools/benchmark_deploy.py [--template mobilenet_v3_large_1 | --load-weights outputs/best.pth]
                                    [--input-size H W] [--num-classes 1000] [--seconds 10] [--batch-size 32]
@@ -7,12 +8,12 @@
 
 The model is exported with clsengine.export as the work-dir export.py does it (preprocessing in the graph,
 0-255 input in the template's output_format.openvino_input_format order), then each file is timed with
-OpenVINO on --device:
+OpenVINO on each device of the template's inference_target that is present here (or on --device alone):
   throughput  PERFORMANCE_HINT=THROUGHPUT, an AsyncInferQueue of OPTIMAL_NUMBER_OF_INFER_REQUESTS
               requests of batch 1 kept full for --seconds: images/s;
   latency     PERFORMANCE_HINT=LATENCY, synchronous batch-1 requests for --seconds after a warm-up:
               median and 90th percentile in ms.
-The ONNX file is run by OpenVINO (and by onnxruntime on CPU too, when it is installed). PyTorch eager
+The ONNX file is run by OpenVINO and by onnxruntime on CPU. PyTorch eager
 rows (unless --skip-torch) time the same model, preprocessing included, under torch.inference_mode:
 throughput with --batch-size images per forward, latency with batch 1; on CPU with torch's default
 thread count, and on CUDA as well when a CUDA device is present.
@@ -26,7 +27,6 @@ from __future__ import annotations
 
 import argparse
 import copy
-import importlib.util
 import os
 import platform
 import sys
@@ -46,8 +46,8 @@ TEMPLATES = DOMAIN_DIR / "model_templates" / "custom-classification"
 sys.path.insert(0, str(DOMAIN_DIR))  # the domain's `workbench` package, as work dirs see it
 
 from clsengine.errors import UserError  # noqa: E402
-from clsengine.export import DeployModel, export_onnx, export_openvino  # noqa: E402
-from clsengine.inference import device_available  # noqa: E402
+from clsengine.export import DeployModel, export_onnx, export_openvino, read_metadata  # noqa: E402
+from clsengine.inference import ExportedClassifier, device_available, runtime_versions, target_devices  # noqa: E402
 from clsengine.speed import latency_ms, ov_latency, ov_throughput, random_images, timed_calls  # noqa: E402
 from workbench import builders as B  # noqa: E402
 from workbench import cli  # noqa: E402
@@ -93,7 +93,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                    help="network input height and width (default: the template's input.size)")
     p.add_argument("--seconds", type=float, default=10.0, help="duration of each measurement")
     p.add_argument("--batch-size", type=int, default=32, help="images per forward for PyTorch throughput")
-    p.add_argument("--device", default="CPU", help="OpenVINO device: CPU, or GPU / NPU when available")
+    p.add_argument("--device", default=None,
+                   help="OpenVINO device: CPU, or GPU / NPU when available (default: every device of the template's "
+                        "inference_target present here)")
     p.add_argument("--int8-ir", default=None, help="an already quantised IR (.xml) to add as an INT8 row")
     p.add_argument("--out", type=Path, default=None,
                    help="folder for the exported files and benchmark.yaml (default: a temporary folder)")
@@ -115,6 +117,17 @@ def check_args(args: argparse.Namespace) -> None:
         path = Path(args.int8_ir)
         if path.suffix != ".xml" or not path.is_file() or not path.with_suffix(".bin").is_file():
             raise UserError(f"--int8-ir {path}: expected an existing OpenVINO IR .xml with its .bin beside it")
+
+
+def choose_devices(core: ov.Core, device: str | None, targets: list[str]) -> tuple[list[str], list[str]]:
+    """(devices to time, inference targets absent here): --device alone, else the template's targets present."""
+    if device is not None:
+        return [check_device(core, device)], []
+    present, missing = target_devices(targets, list(core.available_devices))
+    if not present:
+        raise UserError(f"none of the template's inference_target ({', '.join(targets)}) is present here (OpenVINO "
+                        f"lists {', '.join(core.available_devices)}); pass --device")
+    return present, missing
 
 
 def check_device(core: ov.Core, device: str) -> str:
@@ -169,7 +182,7 @@ def export_all(subject: Subject, out: Path) -> list[tuple[str, str, Path]]:
     return [
         ("OpenVINO IR", "FP32", export_openvino(subject.model, out / "model_fp32.xml", precision="FP32", **common)),
         ("OpenVINO IR", "FP16", export_openvino(subject.model, out / "model_fp16.xml", precision="FP16", **common)),
-        ("ONNX via OpenVINO", "FP32", export_onnx(subject.model, out / "model.onnx", **common)),
+        ("ONNX", "FP32", export_onnx(subject.model, out / "model.onnx", **common)),
     ]
 
 
@@ -186,6 +199,7 @@ def batch_throughput(step: Callable[[], object], batch: int, seconds: float) -> 
 
 def bench_openvino(core: ov.Core, name: str, fmt: str, precision: str, path: Path, device: str,
                    size: tuple[int, int], seconds: float) -> Row:
+    fmt = "ONNX via OpenVINO" if fmt == "ONNX" else fmt
     progress(f"{fmt} {precision} on {device}: throughput")
     throughput, setup = ov_throughput(core, path, device, size, seconds)
     progress(f"{fmt} {precision} on {device}: latency")
@@ -194,16 +208,13 @@ def bench_openvino(core: ov.Core, name: str, fmt: str, precision: str, path: Pat
 
 
 def bench_onnxruntime(name: str, path: Path, size: tuple[int, int], batch: int, seconds: float) -> Row:
-    """The ONNX file in onnxruntime on CPU (only called when onnxruntime is installed)."""
-    import onnxruntime as ort
-
-    session = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
-    input_name = session.get_inputs()[0].name
+    """The ONNX file in onnxruntime on CPU, as eval.py runs it (clsengine.inference)."""
+    model = ExportedClassifier(path, runtime="onnxruntime")
     many, one = random_images((batch, 3, *size)), random_images((1, 3, *size))
     progress("ONNX via onnxruntime on CPU: throughput")
-    throughput = batch_throughput(lambda: session.run(None, {input_name: many}), batch, seconds)
+    throughput = batch_throughput(lambda: model(many), batch, seconds)
     progress("ONNX via onnxruntime on CPU: latency")
-    median, p90 = latency_ms(timed_calls(lambda: session.run(None, {input_name: one}), seconds))
+    median, p90 = latency_ms(timed_calls(lambda: model(one), seconds))
     return Row(name, "ONNX via onnxruntime (CPU)", "FP32", throughput, median, p90, f"batch {batch}")
 
 
@@ -233,17 +244,20 @@ def bench_torch(subject: Subject, device: torch.device, batch: int, seconds: flo
 
 
 # ------------------------------------------------------------------------------------------- report
-def header(subject: Subject, core: ov.Core, device: str, load: float) -> str:
+def header(subject: Subject, core: ov.Core, devices: list[str], missing: list[str], exporter: str, load: float) -> str:
     """What was measured, where: enough to compare two tables (and to see a machine that was busy)."""
     cpu = core.get_property("CPU", "FULL_DEVICE_NAME") if "CPU" in core.available_devices else ""
     cpu = cpu or platform.processor() or platform.machine()
     parts = [f"{subject.name} ({subject.source}), input {subject.size[0]}x{subject.size[1]}",
              f"CPU: {cpu}, {os.cpu_count()} cores, load average {load:.2f} at start"]
-    if device != "CPU":
-        parts.append(f"OpenVINO device {device}: {core.get_property(device, 'FULL_DEVICE_NAME')}")
+    parts += [f"OpenVINO device {d}: {core.get_property(d, 'FULL_DEVICE_NAME')}" for d in devices if d != "CPU"]
+    if missing:
+        parts.append(f"inference_target not present here: {', '.join(missing)}")
+    parts.append(f"ONNX exporter: {exporter}")
     if torch.cuda.is_available():
         parts.append(f"CUDA: {torch.cuda.get_device_name()}")
-    parts.append(f"OpenVINO {ov.get_version()}, torch {torch.__version__} ({torch.get_num_threads()} threads)")
+    parts.append(f"OpenVINO {ov.get_version()}, onnxruntime {runtime_versions()['onnxruntime']}, torch {torch.__version__} "
+                 f"({torch.get_num_threads()} threads)")
     return "; ".join(parts)
 
 
@@ -260,15 +274,12 @@ def write_yaml(path: Path, title: str, rows: list[Row], seconds: float) -> None:
     path.write_text(yaml.safe_dump(data, sort_keys=False, allow_unicode=True), encoding="utf-8")
 
 
-def run_benchmarks(args: argparse.Namespace, subject: Subject, core: ov.Core, device: str, out: Path) -> list[Row]:
-    files = export_all(subject, out)
-    if args.int8_ir:
-        files.append(("OpenVINO IR", "INT8", Path(args.int8_ir)))
+def run_benchmarks(args: argparse.Namespace, subject: Subject, core: ov.Core, devices: list[str],
+                   files: list[tuple[str, str, Path]]) -> list[Row]:
     rows = [bench_openvino(core, subject.name, fmt, precision, path, device, subject.size, args.seconds)
-            for fmt, precision, path in files]
-    if importlib.util.find_spec("onnxruntime") is not None:
-        onnx_path = next(path for fmt, _, path in files if fmt.startswith("ONNX"))
-        rows.append(bench_onnxruntime(subject.name, onnx_path, subject.size, args.batch_size, args.seconds))
+            for device in devices for fmt, precision, path in files]
+    onnx_path = next(path for fmt, _, path in files if fmt == "ONNX")
+    rows.append(bench_onnxruntime(subject.name, onnx_path, subject.size, args.batch_size, args.seconds))
     if not args.skip_torch:
         rows.append(bench_torch(subject, torch.device("cpu"), args.batch_size, args.seconds))
         if torch.cuda.is_available():
@@ -280,14 +291,18 @@ def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     check_args(args)
     core = ov.Core()
-    device = check_device(core, args.device)
     subject = load_subject(args)
+    devices, missing = choose_devices(core, args.device, subject.template.inference_target)
     load = os.getloadavg()[0] if hasattr(os, "getloadavg") else float("nan")
     with tempfile.TemporaryDirectory(prefix="benchmark_deploy_") as tmp:
         out = args.out if args.out is not None else Path(tmp)
         out.mkdir(parents=True, exist_ok=True)
-        rows = run_benchmarks(args, subject, core, device, out)
-    title = header(subject, core, device, load)
+        files = export_all(subject, out)
+        exporter = read_metadata(files[-1][2])["exporter"]
+        if args.int8_ir:
+            files.append(("OpenVINO IR", "INT8", Path(args.int8_ir)))
+        rows = run_benchmarks(args, subject, core, devices, files)
+    title = header(subject, core, devices, missing, exporter, load)
     print(title)
     print()
     print(table(rows))

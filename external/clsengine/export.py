@@ -258,6 +258,12 @@ def _is_fp16_ir(path: Path) -> bool:
     return 'element_type="f16"' in text
 
 
+def _runs(file: Path, devices: Sequence[str]) -> list[tuple[str, str]]:
+    """(runtime, device) pairs a file is checked in: onnxruntime on CPU, OpenVINO on each device."""
+    return [(runtime, device) for runtime in runtimes_for(file)
+            for device in (["CPU"] if runtime == "onnxruntime" else list(devices) or ["CPU"])]
+
+
 def _compare(logits: np.ndarray, reference: np.ndarray, tolerance: float, min_top1_agreement: float) -> dict:
     if logits.shape != reference.shape:
         return dict(max_abs_diff=float("inf"), top1_agreement=0.0, ok=False,
@@ -270,12 +276,13 @@ def _compare(logits: np.ndarray, reference: np.ndarray, tolerance: float, min_to
 
 def parity_check(model: nn.Module, exported: list[str | os.PathLike], images: torch.Tensor, *, mean, std,
                  input_order: str = "BGR", train_order: str = "RGB", atol: float = 1e-3,
-                 min_top1_agreement: float = 1.0) -> dict:
+                 min_top1_agreement: float = 1.0, devices: Sequence[str] = ("CPU",)) -> dict:
     """Compare exported files against PyTorch on the same images, in every runtime that runs them; report,
     never raise.
 
-    An ONNX file is run by onnxruntime and by OpenVINO (which reads .onnx directly), an IR by OpenVINO; each
-    on CPU at f32. Per file and runtime (entry["runtimes"][name]): `max_abs_diff` of logits, `top1_agreement`
+    An ONNX file is run by onnxruntime (CPU) and by OpenVINO (which reads .onnx directly), an IR by OpenVINO;
+    OpenVINO on each of `devices` (CPU at f32; results named "openvino" on CPU, "openvino:GPU" elsewhere,
+    judged with the FP16 tolerance, as accelerators compute in f16 by default). Per file and runtime (entry["runtimes"][name]): `max_abs_diff` of logits, `top1_agreement`
     (fraction of images with the same argmax) and `ok`; the file's own entry sums them up (ok only when every
     runtime is, the largest difference, the lowest agreement) and names the exporter that wrote it.
     Rule: ok = max_abs_diff <= rtol * max(1, max |reference logit|) and top1_agreement >= min_top1_agreement,
@@ -299,13 +306,15 @@ def parity_check(model: nn.Module, exported: list[str | os.PathLike], images: to
         except UserError as exc:
             entry.update(exporter="unknown", error=str(exc))
         runs: dict = {}
-        for runtime in runtimes_for(file):
+        for runtime, device in _runs(file, devices):
+            name = runtime if device == "CPU" else f"{runtime}:{device}"
+            tolerance = entry["tolerance"] if device == "CPU" else max(rtol, FP16_RTOL) * scale
             try:
-                logits = ExportedClassifier(file, runtime=runtime)(images.numpy())
+                logits = ExportedClassifier(file, device=device, runtime=runtime)(images.numpy())
             except Exception as exc:  # report, never raise: the caller decides what a failure means
-                runs[runtime] = dict(max_abs_diff=float("inf"), top1_agreement=0.0, ok=False, error=_first_line(exc))
+                runs[name] = dict(max_abs_diff=float("inf"), top1_agreement=0.0, ok=False, error=_first_line(exc))
                 continue
-            runs[runtime] = _compare(logits, reference, entry["tolerance"], min_top1_agreement)
+            runs[name] = _compare(logits, reference, tolerance, min_top1_agreement)
         entry.update(max_abs_diff=max(r["max_abs_diff"] for r in runs.values()),
                      top1_agreement=min(r["top1_agreement"] for r in runs.values()),
                      ok=all(r["ok"] for r in runs.values()) and "error" not in entry, runtimes=runs)

@@ -37,6 +37,22 @@ def device_available(device: str, available: list[str]) -> bool:
     return any(d == device or d.startswith(device + ".") for d in available)
 
 
+# A template's inference_target names -> OpenVINO device names (an integrated GPU is OpenVINO's GPU device).
+TARGET_DEVICES = {"CPU": "CPU", "IGPU": "GPU", "GPU": "GPU", "NPU": "NPU"}
+
+
+def target_devices(targets: list[str], available: list[str]) -> tuple[list[str], list[str]]:
+    """(OpenVINO devices of `targets` present here, target names absent here), in the targets' order."""
+    present, missing = [], []
+    for target in targets:
+        device = TARGET_DEVICES[str(target).upper()]
+        if device_available(device, available):
+            present += [device] if device not in present else []
+        else:
+            missing.append(str(target))
+    return present, missing
+
+
 def runtimes_for(path: str | os.PathLike) -> tuple[str, ...]:
     """The runtimes that can run a file: an IR only OpenVINO, an ONNX file both (onnxruntime first)."""
     return RUNTIMES if Path(path).suffix == ".onnx" else ("openvino",)
@@ -222,5 +238,6 @@ def is_exported_model(path: str | os.PathLike) -> bool:
     return Path(path).suffix in EXPORTED_SUFFIXES
 
 
-__all__ = ["ExportedClassifier", "EXPORTED_SUFFIXES", "RUNTIMES", "check_runtime", "device_available", "ir_complexity",
-           "is_exported_model", "runtime_versions", "runtimes_for"]
+__all__ = ["ExportedClassifier", "EXPORTED_SUFFIXES", "RUNTIMES", "TARGET_DEVICES", "check_runtime", "device_available", "ir_complexity",
+           "is_exported_model", "runtime_versions", "runtimes_for",
+           "target_devices"]

@@ -20,13 +20,14 @@ import argparse
 import os
 from pathlib import Path
 
+import openvino as ov
 import torch
 import yaml
 
 from clsengine import data as D
 from clsengine.errors import UserError
 from clsengine.fileio import write_text
-from clsengine.inference import runtime_versions
+from clsengine.inference import runtime_versions, target_devices
 from clsengine.compression import is_quantized
 from clsengine.export import (DEFAULT_OPSET, EXPORTERS, INT8_MIN_AGREEMENT, INT8_RTOL, export_onnx, export_openvino,
                               onnx_to_openvino, parity_check)
@@ -101,9 +102,16 @@ def main() -> int:
     images, source = parity_images(args.val_data_roots or os.environ.get("VAL_DATA_ROOT"), size,
                                    args.parity_images, order)
     tolerance = dict(atol=INT8_RTOL, min_top1_agreement=INT8_MIN_AGREEMENT) if is_quantized(checkpoint) else {}
+    devices, missing = target_devices(t.inference_target, ov.Core().available_devices)
+    if missing:
+        print(f"note: inference_target {', '.join(missing)} not present here: the files are not run on it")
+    if "NPU" in (d.upper() for d in t.inference_target) and not common["static_batch"]:
+        print("warning: inference_target lists NPU, whose compilers need a static input shape: export with --static "
+              "(or output_format.static_shape: true) for the NPU")
     report = parity_check(model, written, images, mean=t.input.mean, std=t.input.std, input_order=order,
-                          train_order=t.input.channel_order, **tolerance)
+                          train_order=t.input.channel_order, devices=devices or ["CPU"], **tolerance)
     summary = {"weights": str(weights.resolve()), "images": source, "runtimes": runtime_versions(),
+               "devices": devices or ["CPU"], "targets_not_present": missing,
                "files": {Path(k).name: v for k, v in report.items()}}
     write_text(out / "parity.yaml", yaml.safe_dump(summary, sort_keys=False))
     for path, r in report.items():

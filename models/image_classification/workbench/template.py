@@ -20,6 +20,13 @@ from clsengine.budget import parse_duration
 from clsengine.data import AugmentationConfig
 from clsengine.errors import UserError
 from clsengine.fileio import write_text
+from clsengine.inference import TARGET_DEVICES
+
+
+# Keys of the historic schema that this one dropped, and what decides instead.
+REMOVED_KEYS = {"training_target": "train.py trains on the first CUDA device when there is one (gpu_num, --gpu-num), "
+                                   "else on the CPU"}
+INFERENCE_TARGETS = ("CPU", "iGPU", "GPU", "NPU")
 
 
 class TemplateError(UserError):
@@ -244,8 +251,7 @@ class Template:
     hpo: HpoSection = field(default_factory=HpoSection)
     snapshot: Snapshot | None = None
     gpu_num: int = 1
-    training_target: list[str] = field(default_factory=lambda: ["CPU", "GPU"])
-    inference_target: list[str] = field(default_factory=lambda: ["CPU", "iGPU", "NPU"])
+    inference_target: list[str] = field(default_factory=lambda: ["CPU", "iGPU"])   # devices export.py checks on
     tensorboard: bool = True
 
     def metric(self, key: str) -> Metric | None:
@@ -313,6 +319,8 @@ class _Validator:
         for key in data:
             if key not in fields:
                 dotted = f"{path}.{key}" if path else str(key)
+                if dotted in REMOVED_KEYS:
+                    raise self.fail(dotted, f"'{dotted}' is no longer a template key: {REMOVED_KEYS[dotted]}; delete it")
                 close = difflib.get_close_matches(str(key), list(fields), n=1)
                 hint = f" (did you mean '{close[0]}'?)" if close else f" (allowed: {', '.join(fields)})"
                 raise self.fail(dotted, f"unknown key '{dotted}'{hint}")
@@ -466,6 +474,8 @@ def _check_semantics(t: Template, v: _Validator) -> None:
         ("hpo.batch_size", all(b >= 1 for b in t.hpo.batch_size), "a list of batch sizes >= 1"),
         ("hpo.epochs_per_trial", t.hpo.epochs_per_trial is None or t.hpo.epochs_per_trial >= 1, "null or at least 1"),
         ("hpo.time_budget", t.hpo.time_budget > 0, "positive"),
+        ("inference_target", bool(t.inference_target) and all(str(d).upper() in TARGET_DEVICES for d in t.inference_target),
+         f"a non-empty list of {', '.join(INFERENCE_TARGETS)}"),
         ("hpo.n_trials", t.hpo.n_trials >= 1, "at least 1"),
         ("gpu_num", t.gpu_num >= 0, "0 or more"),
         ("output_format.openvino_input_format", t.output_format.openvino_input_format in ("RGB", "BGR"), "RGB or BGR"),
