@@ -13,7 +13,7 @@ import numpy as np
 import torch
 
 from .errors import UserError
-from .export import read_metadata
+from .export import SALIENCY_NAME, read_metadata
 
 EXPORTED_SUFFIXES = (".xml", ".onnx")
 _FLOAT_TYPES = ("f32", "f16", "bf16", "f64")
@@ -35,6 +35,7 @@ class ExportedClassifier:
     """An exported classifier compiled by OpenVINO on `device` (CPU, GPU, NPU...).
 
     Call it with a (N, 3, H, W) tensor or array of 0..255 values; it returns logits of the same kind.
+    `explain` returns the logits and the saliency maps of a file exported with explain=True (`saliency`).
     A file exported with a static batch of 1 is run one image at a time, as it will be in deployment.
     """
 
@@ -52,6 +53,7 @@ class ExportedClassifier:
         self.input_order: str = meta["input_order"]
         self.mean, self.std = meta["mean"], meta["std"]
         self.task: dict = meta["task"]   # {"type": "multiclass"} or multilabel with threshold / background_label
+        self.saliency: dict | None = meta["saliency"]   # {"output", "method"} when it has a saliency output
         core = ov.Core()
         if not device_available(device, core.available_devices):
             raise UserError(f"OpenVINO device '{device}' is not available here; available: "
@@ -74,18 +76,33 @@ class ExportedClassifier:
         """The files that make up the model (an IR is .xml + .bin)."""
         return [self.path, self.path.with_suffix(".bin")] if self.path.suffix == ".xml" else [self.path]
 
-    def _run(self, images: np.ndarray) -> np.ndarray:
+    def _run(self, images: np.ndarray, outputs: tuple[int, ...] = (0,)) -> list[np.ndarray]:
         images = np.ascontiguousarray(images, dtype=np.float32)
         if self.static_batch is not None and images.shape[0] != self.static_batch:
             if self.static_batch != 1:
                 raise UserError(f"{self.path} has a static batch of {self.static_batch}; got {images.shape[0]} images")
-            return np.concatenate([self.compiled(images[i:i + 1])[0] for i in range(images.shape[0])])
-        return np.asarray(self.compiled(images)[0])
+            results = [self.compiled(images[i:i + 1]) for i in range(images.shape[0])]
+            return [np.concatenate([r[k] for r in results]) for k in outputs]
+        result = self.compiled(images)
+        return [np.asarray(result[k]) for k in outputs]
 
     def __call__(self, images: torch.Tensor | np.ndarray) -> torch.Tensor | np.ndarray:
         if isinstance(images, torch.Tensor):
-            return torch.from_numpy(self._run(images.detach().cpu().numpy()))
-        return self._run(np.asarray(images))
+            return torch.from_numpy(self._run(images.detach().cpu().numpy())[0])
+        return self._run(np.asarray(images))[0]
+
+    def explain(self, images: torch.Tensor | np.ndarray) -> tuple[torch.Tensor, torch.Tensor] | tuple[np.ndarray, ...]:
+        """(logits, saliency maps (N, classes, h, w) in [0, 1]) of a file exported with explain=True."""
+        if not self.saliency:
+            raise UserError(f"{self.path} has no saliency output (it was exported without explain=True)")
+        name = self.saliency.get("output", SALIENCY_NAME)
+        try:
+            port = self.compiled.output(name)
+        except RuntimeError:
+            raise UserError(f"{self.path}: its metadata names a saliency output '{name}' the model lacks") from None
+        as_tensor = isinstance(images, torch.Tensor)
+        logits, maps = self._run(images.detach().cpu().numpy() if as_tensor else np.asarray(images), (0, port))
+        return (torch.from_numpy(logits), torch.from_numpy(maps)) if as_tensor else (logits, maps)
 
     def complexity(self) -> dict[str, float]:
         return ir_complexity(self.ov_model, self.input_size)
