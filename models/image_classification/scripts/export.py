@@ -2,7 +2,7 @@
 """Export a checkpoint to OpenVINO IR and ONNX, then check both against PyTorch.
 
   python export.py --load-weights outputs/best.pth --save-model-to export [--onnx] [--openvino]
-                   [--precision FP32|FP16] [--input-shape H W] [--static] [--opset 17]
+                   [--precision FP32|FP16] [--input-shape H W] [--static] [--opset 17] [--explain]
 
 The exported models take an image as the deployment side has it: planar, 0-255, in the template's
 output_format.openvino_input_format channel order (BGR by default); channel order and mean/std
@@ -10,7 +10,8 @@ normalisation are part of the graph, and labels, input size and normalisation ar
 models' metadata. Without --onnx/--openvino both formats are written (as the template's output_format
 says). The parity check runs PyTorch, ONNX and IR on the same images (real validation images when
 --val-data-roots or $VAL_DATA_ROOT is given, random ones otherwise), writes parity.yaml and fails
-beyond tolerance.
+beyond tolerance. With --explain the models have a second output, "saliency": the Recipro-CAM maps
+(N, classes, h, w) in [0, 1] that explain.py overlays on images; the parity check compares it too.
 """
 from __future__ import annotations
 
@@ -44,6 +45,9 @@ def parse_args() -> argparse.Namespace:
                    help="static input shape [1, 3, H, W], as NPU compilers need (default: the template's "
                         "output_format.static_shape)")
     p.add_argument("--opset", type=int, default=17, help="ONNX opset")
+    p.add_argument("--explain", action="store_true",
+                   help="add the saliency maps as a second output, 'saliency' (N, classes, h, w), for explain.py "
+                        "and deployed models that show where they saw the class")
     p.add_argument("--val-data-roots", default=None,
                    help="folder of images (searched recursively) for the parity check (default: $VAL_DATA_ROOT)")
     p.add_argument("--parity-images", type=int, default=16, help="images used by the parity check")
@@ -68,13 +72,16 @@ def main() -> int:
     weights = Path(args.load_weights)
     checkpoint = load_training_checkpoint(weights)
     t, classes, model = model_from_checkpoint(checkpoint, weights, cli.collect_overrides(args, {}))
+    if args.explain and is_quantized(checkpoint):
+        raise UserError(f"--explain: {weights} is an int8 checkpoint; saliency maps are computed on the float "
+                        f"model: export the checkpoint it was compressed from with --explain")
 
     size = tuple(args.input_shape) if args.input_shape else B.input_size(t)
     order = t.output_format.openvino_input_format
     common = dict(input_size=size, mean=t.input.mean, std=t.input.std, input_order=order,
                   train_order=t.input.channel_order, labels=classes, opset=args.opset,
                   static_batch=t.output_format.static_shape if args.static is None else args.static,
-                  task=B.task_metadata(t))
+                  task=B.task_metadata(t), explain=args.explain)
     want_onnx, want_ir = args.onnx, args.openvino
     if not (want_onnx or want_ir):
         want_onnx, want_ir = t.output_format.onnx, t.output_format.openvino
@@ -98,14 +105,16 @@ def main() -> int:
     write_text(out / "parity.yaml", yaml.safe_dump(summary, sort_keys=False))
     for path, r in report.items():
         status = "ok" if r["ok"] else "FAILED"
+        saliency = (f", max |saliency diff| {r.get('saliency_max_abs_diff', float('nan')):.3g}"
+                    if "saliency_ok" in r else "")
         print(f"{Path(path).name}: max |logit diff| {r.get('max_abs_diff', float('nan')):.3g}, "
-              f"top-1 agreement {100 * r.get('top1_agreement', 0):.1f}% [{status}]")
+              f"top-1 agreement {100 * r.get('top1_agreement', 0):.1f}%{saliency} [{status}]")
     failed = [Path(p).name for p, r in report.items() if not r["ok"]]
     if failed:
         raise UserError(f"exported {', '.join(failed)} differ from the PyTorch model beyond tolerance "
                         f"(details in {out / 'parity.yaml'})")
-    print(f"Exported {', '.join(p.name for p in written)} to {out} ({size[0]}x{size[1]}, {order} 0-255 input); "
-          f"parity on {source}: ok")
+    print(f"Exported {', '.join(p.name for p in written)} to {out} ({size[0]}x{size[1]}, {order} 0-255 input"
+          f"{'; outputs logits and saliency' if args.explain else ''}); parity on {source}: ok")
     return 0
 
 
