@@ -209,7 +209,8 @@ def test_script_help_and_bad_override(tmp_path: Path, tiny_dataset: Path, work_d
     wd = work_dir("resnet18")
     # --help of every script, in-process (each script's parse_args; a subprocess each would cost seconds).
     scripts = sorted(p.name for p in wd.glob("*.py"))
-    assert {"train.py", "eval.py", "export.py", "predict.py", "compress.py", "optimize.py"} <= set(scripts)
+    assert {"train.py", "eval.py", "export.py", "predict.py", "compress.py", "optimize.py",
+            "explain.py"} <= set(scripts)
     for script in scripts:
         spec = importlib.util.spec_from_file_location(f"help_{script[:-3]}", wd / script)
         module = importlib.util.module_from_spec(spec)

@@ -25,12 +25,18 @@ from .compression import has_quantizers, strip_quantizers
 from .errors import UserError
 from .fileio import atomic_output, atomic_outputs
 from .inference import ExportedClassifier, runtimes_for
-from .metadata import (INPUT_NAME, MULTICLASS, OUTPUT_NAME, RT_SECTION, build_metadata, check_input_size, check_order,
-                       read_metadata, read_raw_metadata)
+from .metadata import (INPUT_NAME, MULTICLASS, OUTPUT_NAME, RT_SECTION, SALIENCY_NAME, build_metadata,
+                       check_input_size, check_order, check_task, read_metadata, read_raw_metadata)
+from .saliency import METHOD as SALIENCY_METHOD
+from .saliency import check_explainable, logits_and_saliency
 
 # parity_check tolerances, relative to max(1, max |logit|): FP32 graphs only reorder float arithmetic;
 # FP16-compressed weights lose ~3 decimal digits, so they get a looser bound.
 FP16_RTOL = 2e-2
+# Saliency maps (0..1) of an explain=True export, compared on each image's top-1 class: min-max scaling
+# magnifies the float noise of maps whose scores barely vary, so the bound is absolute and loose.
+SALIENCY_ATOL = 1e-2
+FP16_SALIENCY_ATOL = 5e-2
 # int8 IR against the fake-quantized PyTorch model: rounding and saturation of real int8 kernels (notably on
 # CPUs without VNNI) move logits by up to ~10% of their range and can flip near-tied images.
 INT8_RTOL = 0.2
@@ -39,10 +45,15 @@ INT8_MIN_AGREEMENT = 0.9
 
 class DeployModel(nn.Module):
     """Image 0..255 in `input_order` -> logits: channel reorder and (x - mean) / std run inside the graph,
-    as constant buffers, so the exported file carries the training preprocessing with it."""
+    as constant buffers, so the exported file carries the training preprocessing with it.
+
+    With `explain`, it returns (logits, saliency): the Recipro-CAM maps (N, classes, h, w) in [0, 1] beside
+    the same logits (clsengine.saliency; sigmoid scores when `multilabel`), so a deployed model explains
+    itself."""
 
     def __init__(self, model: nn.Module, mean: Sequence[float], std: Sequence[float],
-                 input_order: str = "BGR", train_order: str = "RGB") -> None:
+                 input_order: str = "BGR", train_order: str = "RGB", explain: bool = False,
+                 multilabel: bool = False) -> None:
         super().__init__()
         input_order, train_order = check_order(input_order), check_order(train_order)
         if len(mean) != 3 or len(std) != 3:
@@ -52,6 +63,10 @@ class DeployModel(nn.Module):
         self.model = model
         self.input_order = input_order
         self.train_order = train_order
+        self.explain = bool(explain)
+        if self.explain:
+            check_explainable(model)
+        self.multilabel = bool(multilabel)
         # Index i of the network's channel order taken from the input's channel order.
         perm = [input_order.index(c) for c in train_order]
         self.flip = perm != [0, 1, 2]
@@ -60,11 +75,14 @@ class DeployModel(nn.Module):
         self.register_buffer("inv_std", (1.0 / torch.tensor([float(v) for v in std], dtype=torch.float64))
                              .float().view(1, 3, 1, 1), persistent=False)
 
-    def forward(self, image: torch.Tensor) -> torch.Tensor:
+    def forward(self, image: torch.Tensor) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
         x = image.float()
         if self.flip:
             x = x.index_select(1, self.perm)
-        return self.model((x - self.mean) * self.inv_std)
+        x = (x - self.mean) * self.inv_std
+        if self.explain:
+            return logits_and_saliency(self.model, x, multilabel=self.multilabel)
+        return self.model(x)
 
 
 @contextmanager
@@ -114,10 +132,11 @@ def _quiet_torch_logs() -> Iterator[None]:
             logger.setLevel(level)
 
 
-def _dynamo_export(deploy: nn.Module, example: torch.Tensor, file: Path, opset: int, static_batch: bool) -> None:
+def _dynamo_export(deploy: nn.Module, example: torch.Tensor, file: Path, opset: int, static_batch: bool,
+                   outputs: list[str]) -> None:
     """torch.onnx.export(dynamo=True): torch.export captures the graph, onnxscript translates it."""
     dynamic = None if static_batch else {INPUT_NAME: {0: torch.export.Dim("batch", min=1)}}
-    program = torch.onnx.export(deploy, (example,), dynamo=True, input_names=[INPUT_NAME], output_names=[OUTPUT_NAME],
+    program = torch.onnx.export(deploy, (example,), dynamo=True, input_names=[INPUT_NAME], output_names=outputs,
                                 opset_version=opset, dynamic_shapes=dynamic, verbose=False)
     # Where onnx's version converter cannot go down to `opset`, torch keeps its own opset with a warning only.
     written = {o.domain: o.version for o in program.model_proto.opset_import}.get("", None)
@@ -126,16 +145,17 @@ def _dynamo_export(deploy: nn.Module, example: torch.Tensor, file: Path, opset: 
     program.save(str(file))
 
 
-def _torchscript_export(deploy: nn.Module, example: torch.Tensor, file: Path, opset: int, static_batch: bool) -> None:
+def _torchscript_export(deploy: nn.Module, example: torch.Tensor, file: Path, opset: int, static_batch: bool,
+                        outputs: list[str]) -> None:
     """The legacy TorchScript-tracing exporter (deprecated in torch, still the one NNCF's int8 graphs need)."""
-    dynamic_axes = None if static_batch else {INPUT_NAME: {0: "batch"}, OUTPUT_NAME: {0: "batch"}}
+    dynamic_axes = None if static_batch else {name: {0: "batch"} for name in [INPUT_NAME, *outputs]}
     torch.onnx.export(deploy, (example,), str(file), dynamo=False, input_names=[INPUT_NAME],
-                      output_names=[OUTPUT_NAME], opset_version=opset, dynamic_axes=dynamic_axes,
+                      output_names=outputs, opset_version=opset, dynamic_axes=dynamic_axes,
                       do_constant_folding=True)
 
 
 def _write_graph(deploy: nn.Module, example: torch.Tensor, file: Path, opset: int | None, static_batch: bool,
-                 exporter: str, int8: bool) -> dict[str, str]:
+                 exporter: str, int8: bool, outputs: list[str]) -> dict[str, str]:
     """Export with `exporter`; "auto" tries the torch.export-based exporter and falls back to TorchScript with
     the reason logged (int8 models go straight to TorchScript: torch.export cannot capture fake-quantize ops,
     whose scales it sees as data-dependent values). Returns the exporter keys of the file's metadata."""
@@ -147,7 +167,7 @@ def _write_graph(deploy: nn.Module, example: torch.Tensor, file: Path, opset: in
         used_opset = DEFAULT_OPSET["dynamo"] if opset is None else int(opset)
         try:
             with _quiet_torch_logs():
-                _dynamo_export(deploy, example, file, used_opset, static_batch)
+                _dynamo_export(deploy, example, file, used_opset, static_batch, outputs)
             return {"exporter": "dynamo", "exporter_note": "", "opset": str(used_opset)}
         except Exception as exc:  # torch.export and onnxscript raise many types; any of them means: fall back
             if exporter == "dynamo":
@@ -158,15 +178,19 @@ def _write_graph(deploy: nn.Module, example: torch.Tensor, file: Path, opset: in
     else:
         note = "TorchScript exporter chosen explicitly"
     used_opset = DEFAULT_OPSET["torchscript"] if opset is None else int(opset)
-    _torchscript_export(deploy, example, file, used_opset, static_batch)
+    _torchscript_export(deploy, example, file, used_opset, static_batch, outputs)
     return {"exporter": "torchscript", "exporter_note": note, "opset": str(used_opset)}
 
 
 def export_onnx(model: nn.Module, path: str | os.PathLike, *, input_size: tuple[int, int], mean, std,
                 input_order: str = "BGR", train_order: str = "RGB", labels: list[str], opset: int | None = None,
-                static_batch: bool = False, task: Mapping[str, Any] | None = None, exporter: str = "auto") -> Path:
+                static_batch: bool = False, task: Mapping[str, Any] | None = None, exporter: str = "auto",
+                explain: bool = False) -> Path:
     """Write `model` wrapped in DeployModel to ONNX, with labels, task, preprocessing and the exporter used in
     metadata_props.
+
+    `explain` adds the saliency maps as a second output, SALIENCY_NAME (DeployModel), and says so in the
+    metadata ("saliency"); the logits output is the same either way.
 
     exporter: "dynamo" (torch.onnx.export(dynamo=True), the current exporter), "torchscript" (the legacy one),
     or "auto": dynamo, and TorchScript where dynamo fails (NNCF's int8 models), with the reason in the log and
@@ -177,17 +201,21 @@ def export_onnx(model: nn.Module, path: str | os.PathLike, *, input_size: tuple[
     if exporter not in EXPORTERS:
         raise UserError(f"unknown ONNX exporter '{exporter}': expected one of {', '.join(EXPORTERS)}")
     h, w = check_input_size(input_size)
-    meta = build_metadata(input_size, mean, std, input_order, labels, task)
+    meta = build_metadata(input_size, mean, std, input_order, labels, task,
+                          {"output": SALIENCY_NAME, "method": SALIENCY_METHOD} if explain else None)
+    outputs = [OUTPUT_NAME, SALIENCY_NAME] if explain else [OUTPUT_NAME]
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     with _eval_cpu_copy(model) as clone:
         int8 = has_quantizers(clone)
         if int8:  # standard QuantizeLinear/DequantizeLinear nodes instead of NNCF's own op
             clone = strip_quantizers(clone, torch.zeros(1, 3, h, w)).eval()
-        deploy = DeployModel(clone, mean, std, input_order, train_order).eval()
+        deploy = DeployModel(clone, mean, std, input_order, train_order, explain,
+                             check_task(task)["type"] == "multilabel").eval()
         example = torch.full((1, 3, h, w), 127.0)
         with torch.no_grad():
-            _check_outputs(deploy(example), labels)
+            out = deploy(example)
+        _check_outputs(out[0] if explain else out, labels)
         with torch.no_grad(), warnings.catch_warnings():
             warnings.filterwarnings("ignore", message=".*legacy TorchScript-based ONNX export.*")
             warnings.filterwarnings("ignore", category=DeprecationWarning)
@@ -195,7 +223,7 @@ def export_onnx(model: nn.Module, path: str | os.PathLike, *, input_size: tuple[
             warnings.filterwarnings("ignore", category=UserWarning)
             warnings.filterwarnings("ignore", category=torch.jit.TracerWarning)
             with atomic_output(path) as tmp:
-                meta.update(_write_graph(deploy, example, Path(tmp), opset, static_batch, exporter, int8))
+                meta.update(_write_graph(deploy, example, Path(tmp), opset, static_batch, exporter, int8, outputs))
                 onnx_model = onnx.load(str(tmp))
                 del onnx_model.metadata_props[:]
                 onnx.helper.set_model_props(onnx_model, meta)
@@ -207,8 +235,9 @@ def export_onnx(model: nn.Module, path: str | os.PathLike, *, input_size: tuple[
 def export_openvino(model: nn.Module, xml_path: str | os.PathLike, *, input_size: tuple[int, int], mean, std,
                     input_order: str = "BGR", train_order: str = "RGB", labels: list[str], opset: int | None = None,
                     static_batch: bool = False, precision: str = "FP32", task: Mapping[str, Any] | None = None,
-                    exporter: str = "auto") -> Path:
-    """Write OpenVINO IR (.xml + .bin) with the same metadata in rt_info["model_info"].
+                    exporter: str = "auto", explain: bool = False) -> Path:
+    """Write OpenVINO IR (.xml + .bin) with the same metadata in rt_info["model_info"] (and, with `explain`,
+    the same saliency output as export_onnx).
 
     Converted from an ONNX file written by export_onnx (in a temporary folder): that way both
     deployment files come from one exported graph, and OpenVINO's ONNX frontend is a stable path, whereas
@@ -219,7 +248,8 @@ def export_openvino(model: nn.Module, xml_path: str | os.PathLike, *, input_size
     with tempfile.TemporaryDirectory() as tmp:
         onnx_path = export_onnx(model, Path(tmp) / "model.onnx", input_size=input_size, mean=mean, std=std,
                                 input_order=input_order, train_order=train_order, labels=labels,
-                                opset=opset, static_batch=static_batch, task=task, exporter=exporter)
+                                opset=opset, static_batch=static_batch, task=task, exporter=exporter,
+                                explain=explain)
         return onnx_to_openvino(onnx_path, xml_path, precision=precision)
 
 
@@ -289,7 +319,8 @@ def parity_check(model: nn.Module, exported: list[str | os.PathLike], images: to
     with rtol = `atol` for FP32 files and max(atol, 2e-2) for FP16 IR (the tolerance scales with the logits
     so large-logit models are not judged more strictly). An int8 model is compared with its fake-quantized
     PyTorch twin, which real int8 kernels only approximate: callers pass INT8_RTOL and INT8_MIN_AGREEMENT
-    then. A file or runtime that cannot run is reported with ok=False and its `error`.
+    then. A file or runtime that cannot run is reported with ok=False and its `error`. A file with a saliency
+    output (explain=True) is also judged on it, in each runtime: see _saliency_parity.
     """
     images = images.detach().to("cpu", torch.float32)
     with _eval_cpu_copy(model) as clone, torch.no_grad():
@@ -310,11 +341,18 @@ def parity_check(model: nn.Module, exported: list[str | os.PathLike], images: to
             name = runtime if device == "CPU" else f"{runtime}:{device}"
             tolerance = entry["tolerance"] if device == "CPU" else max(rtol, FP16_RTOL) * scale
             try:
-                logits = ExportedClassifier(file, device=device, runtime=runtime)(images.numpy())
+                runner = ExportedClassifier(file, device=device, runtime=runtime)
+                logits, maps = runner.explain(images.numpy()) if runner.saliency else (runner(images.numpy()), None)
             except Exception as exc:  # report, never raise: the caller decides what a failure means
                 runs[name] = dict(max_abs_diff=float("inf"), top1_agreement=0.0, ok=False, error=_first_line(exc))
                 continue
             runs[name] = _compare(logits, reference, tolerance, min_top1_agreement)
+            if maps is not None:
+                runs[name].update(_saliency_parity(
+                    model, images, maps, reference.argmax(axis=1), runner.task["type"] == "multilabel",
+                    FP16_SALIENCY_ATOL if _is_fp16_ir(file) or device != "CPU" else SALIENCY_ATOL,
+                    mean=mean, std=std, input_order=input_order, train_order=train_order))
+                runs[name]["ok"] = runs[name]["ok"] and runs[name]["saliency_ok"]
         entry.update(max_abs_diff=max(r["max_abs_diff"] for r in runs.values()),
                      top1_agreement=min(r["top1_agreement"] for r in runs.values()),
                      ok=all(r["ok"] for r in runs.values()) and "error" not in entry, runtimes=runs)
@@ -325,5 +363,20 @@ def parity_check(model: nn.Module, exported: list[str | os.PathLike], images: to
     return report
 
 
-__all__ = ["DEFAULT_OPSET", "EXPORTERS", "MULTICLASS", "DeployModel", "export_onnx", "export_openvino", "onnx_to_openvino",
+def _saliency_parity(model: nn.Module, images: torch.Tensor, maps: np.ndarray, top1: np.ndarray, multilabel: bool,
+                     atol: float, **preprocessing) -> dict:
+    """`saliency_max_abs_diff` of an exported file's saliency maps from PyTorch's, on each image's top-1 class
+    (the map one looks at; the maps of classes scored ~0 everywhere are min-max scaled float noise), with
+    `saliency_tolerance` and `saliency_ok`."""
+    with _eval_cpu_copy(model) as clone, torch.no_grad():
+        _, expected = DeployModel(clone, **preprocessing, explain=True, multilabel=multilabel).eval()(images)
+    expected = expected.numpy()
+    if maps.shape != expected.shape:
+        return {"saliency_ok": False, "saliency_error": f"saliency shape {maps.shape} != reference {expected.shape}"}
+    rows = np.arange(len(images))
+    diff = float(np.abs(maps[rows, top1] - expected[rows, top1]).max())
+    return {"saliency_max_abs_diff": diff, "saliency_tolerance": atol, "saliency_ok": diff <= atol}
+
+
+__all__ = ["DEFAULT_OPSET", "EXPORTERS", "MULTICLASS", "SALIENCY_NAME", "DeployModel", "export_onnx", "export_openvino", "onnx_to_openvino",
            "parity_check", "read_metadata"]

@@ -16,7 +16,7 @@ import numpy as np
 import torch
 
 from .errors import UserError
-from .metadata import OUTPUT_NAME, read_metadata
+from .metadata import OUTPUT_NAME, SALIENCY_NAME, read_metadata
 
 EXPORTED_SUFFIXES = (".xml", ".onnx")
 RUNTIMES = ("onnxruntime", "openvino")
@@ -106,10 +106,12 @@ class _OpenVINOSession:
         self.static_batch = batch.get_length() if batch.is_static else None
         n_out = self.ov_model.output(0).get_partial_shape()[-1]
         self.num_outputs = n_out.get_length() if n_out.is_static else None
+        self.output_names = [next(iter(o.get_names()), str(i)) for i, o in enumerate(self.compiled.outputs)]
         self.name = "OpenVINO"
 
-    def __call__(self, images: np.ndarray) -> np.ndarray:
-        return np.asarray(self.compiled(images)[0])
+    def __call__(self, images: np.ndarray, outputs: list[str]) -> list[np.ndarray]:
+        result = self.compiled(images)
+        return [np.asarray(result[self.compiled.output(name)]) for name in outputs]
 
 
 class _OnnxRuntimeSession:
@@ -132,16 +134,15 @@ class _OnnxRuntimeSession:
         except Exception as exc:  # onnxruntime raises its own exception types for unreadable or invalid graphs
             raise UserError(f"onnxruntime cannot load {path}: {_first_line(exc)}") from None
         self.input_name = self.session.get_inputs()[0].name
-        outputs = [o.name for o in self.session.get_outputs()]
-        self.output_name = OUTPUT_NAME if OUTPUT_NAME in outputs else outputs[0]
+        self.output_names = [o.name for o in self.session.get_outputs()]
         batch = self.session.get_inputs()[0].shape[0]
         self.static_batch = batch if isinstance(batch, int) else None
-        n_out = self.session.get_outputs()[outputs.index(self.output_name)].shape[-1]
+        n_out = self.session.get_outputs()[0].shape[-1]
         self.num_outputs = n_out if isinstance(n_out, int) else None
         self.name = "onnxruntime"
 
-    def __call__(self, images: np.ndarray) -> np.ndarray:
-        return np.asarray(self.session.run([self.output_name], {self.input_name: images})[0])
+    def __call__(self, images: np.ndarray, outputs: list[str]) -> list[np.ndarray]:
+        return [np.asarray(a) for a in self.session.run(outputs, {self.input_name: images})]
 
 
 class ExportedClassifier:
@@ -149,6 +150,7 @@ class ExportedClassifier:
 
     runtime: "onnxruntime" or "openvino"; None = the file's default (onnxruntime for .onnx, OpenVINO for .xml).
     Call it with a (N, 3, H, W) tensor or array of 0..255 values; it returns logits of the same kind.
+    `explain` returns the logits and the saliency maps of a file exported with explain=True (`saliency`).
     A file exported with a static batch of 1 is run one image at a time, as it will be in deployment.
     """
 
@@ -166,9 +168,12 @@ class ExportedClassifier:
         self.input_order: str = meta["input_order"]
         self.mean, self.std = meta["mean"], meta["std"]
         self.task: dict = meta["task"]   # {"type": "multiclass"} or multilabel with threshold / background_label
+        self.saliency: dict | None = meta["saliency"]   # {"output", "method"} when it has a saliency output
         opener: Callable[[Path, str], Any] = _OnnxRuntimeSession if self.runtime == "onnxruntime" else _OpenVINOSession
         self._session = opener(self.path, device)
         self.static_batch: int | None = self._session.static_batch
+        self.output_names: list[str] = self._session.output_names
+        self._logits = OUTPUT_NAME if OUTPUT_NAME in self.output_names else self.output_names[0]
         n_out = self._session.num_outputs
         if n_out is not None and n_out != len(self.labels):
             raise UserError(f"{self.path}: {n_out} outputs but {len(self.labels)} labels in its metadata")
@@ -183,18 +188,31 @@ class ExportedClassifier:
         """The files that make up the model (an IR is .xml + .bin)."""
         return [self.path, self.path.with_suffix(".bin")] if self.path.suffix == ".xml" else [self.path]
 
-    def _run(self, images: np.ndarray) -> np.ndarray:
+    def _run(self, images: np.ndarray, outputs: list[str]) -> list[np.ndarray]:
         images = np.ascontiguousarray(images, dtype=np.float32)
         if self.static_batch is not None and images.shape[0] != self.static_batch:
             if self.static_batch != 1:
                 raise UserError(f"{self.path} has a static batch of {self.static_batch}; got {images.shape[0]} images")
-            return np.concatenate([self._session(images[i:i + 1]) for i in range(images.shape[0])])
-        return self._session(images)
+            results = [self._session(images[i:i + 1], outputs) for i in range(images.shape[0])]
+            return [np.concatenate([r[k] for r in results]) for k in range(len(outputs))]
+        return self._session(images, outputs)
 
     def __call__(self, images: torch.Tensor | np.ndarray) -> torch.Tensor | np.ndarray:
         if isinstance(images, torch.Tensor):
-            return torch.from_numpy(self._run(images.detach().cpu().numpy()))
-        return self._run(np.asarray(images))
+            return torch.from_numpy(self._run(images.detach().cpu().numpy(), [self._logits])[0])
+        return self._run(np.asarray(images), [self._logits])[0]
+
+    def explain(self, images: torch.Tensor | np.ndarray) -> tuple[torch.Tensor, torch.Tensor] | tuple[np.ndarray, ...]:
+        """(logits, saliency maps (N, classes, h, w) in [0, 1]) of a file exported with explain=True."""
+        if not self.saliency:
+            raise UserError(f"{self.path} has no saliency output (it was exported without explain=True)")
+        name = self.saliency.get("output", SALIENCY_NAME)
+        if name not in self.output_names:
+            raise UserError(f"{self.path}: its metadata names a saliency output '{name}' the model lacks")
+        as_tensor = isinstance(images, torch.Tensor)
+        logits, maps = self._run(images.detach().cpu().numpy() if as_tensor else np.asarray(images),
+                                 [self._logits, name])
+        return (torch.from_numpy(logits), torch.from_numpy(maps)) if as_tensor else (logits, maps)
 
     def complexity(self) -> dict[str, float]:
         """Counted on the graph OpenVINO reads from the file, whichever runtime runs it."""

@@ -14,12 +14,13 @@ from .errors import UserError
 
 INPUT_NAME = "image"
 OUTPUT_NAME = "logits"
+SALIENCY_NAME = "saliency"  # second output of an explain=True export: (N, classes, h, w) saliency maps in [0, 1]
 CHANNEL_ORDERS = ("RGB", "BGR")
 RT_SECTION = "model_info"
 MULTICLASS = {"type": "multiclass"}
 # Written by export; "exporter" is "dynamo" or "torchscript", "exporter_note" why the fallback was used.
 _KEYS = ("labels", "input_size", "mean", "std", "input_order", "model_type", "task", "exporter", "exporter_note",
-         "opset")
+         "opset", "saliency")
 
 
 def check_order(order: str) -> str:
@@ -45,10 +46,12 @@ def check_input_size(input_size: tuple[int, int]) -> tuple[int, int]:
 
 
 def build_metadata(input_size: tuple[int, int], mean, std, input_order: str, labels: list[str],
-                   task: Mapping[str, Any] | None = None) -> dict[str, str]:
-    """The string key/values every exported file carries (the exporter keys are added by export_onnx)."""
+                   task: Mapping[str, Any] | None = None, saliency: Mapping[str, str] | None = None) -> dict[str, str]:
+    """The string key/values every exported file carries (the exporter keys are added by export_onnx);
+    `saliency` ({"output": name, "method": ...}) for a file with a saliency output."""
     h, w = check_input_size(input_size)
     return {
+        **({"saliency": json.dumps(dict(saliency))} if saliency else {}),
         "task": json.dumps(check_task(task)),
         "labels": json.dumps([str(label) for label in labels]),
         "input_size": f"{h},{w}",
@@ -102,8 +105,10 @@ def _parse(raw: dict[str, str]) -> dict:
         "exporter": raw.get("exporter", "torchscript"),   # files written before the exporter was recorded
         "exporter_note": raw.get("exporter_note", ""),
         "opset": int(raw["opset"]) if raw.get("opset", "").isdigit() else None,
+        # {"output": name, "method": "recipro_cam"} for a file exported with explain=True, else None
+        "saliency": json.loads(raw["saliency"]) if "saliency" in raw else None,
     }
 
 
-__all__ = ["INPUT_NAME", "MULTICLASS", "OUTPUT_NAME", "build_metadata", "check_input_size", "check_order",
+__all__ = ["INPUT_NAME", "MULTICLASS", "OUTPUT_NAME", "SALIENCY_NAME", "build_metadata", "check_input_size", "check_order",
            "check_task", "read_metadata"]

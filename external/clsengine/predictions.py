@@ -39,11 +39,21 @@ def above_threshold(probs: np.ndarray, classes: list[str], threshold: float) -> 
     return [[round(float(probs[i]), 6), classes[i]] for i in order if probs[i] >= threshold]
 
 
-def prediction_file(out_dir: Path, image: str, base: Path) -> Path:
-    """Where the JSON of `image` goes: its path under `base` + .json, so that images with the same name
-    in different folders do not overwrite each other."""
+def prediction_file(out_dir: Path, image: str, base: Path, suffix: str = ".json") -> Path:
+    """Where the JSON (or another file, `suffix`) of `image` goes: its path under `base` + suffix, so that
+    images with the same name in different folders do not overwrite each other."""
     relative = Path(image).resolve().relative_to(base)
-    return out_dir / relative.with_name(relative.name + ".json")
+    return out_dir / relative.with_name(relative.name + suffix)
+
+
+def mirror_base(images: list[str], root: str | os.PathLike | None = None) -> Path:
+    """The folder whose tree per-image output files mirror: `root` when it is a folder holding every image,
+    else the images' deepest common folder."""
+    parents = [str(Path(image).resolve().parent) for image in images]
+    base = Path(root).resolve() if root is not None and Path(root).is_dir() else Path(os.path.commonpath(parents))
+    if not all(Path(p).is_relative_to(base) for p in parents):
+        base = Path(os.path.commonpath(parents))
+    return base
 
 
 def write_predictions(out_dir: str | os.PathLike, images: list[str], probs: np.ndarray, classes: list[str],
@@ -57,10 +67,7 @@ def write_predictions(out_dir: str | os.PathLike, images: list[str], probs: np.n
 
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
-    parents = [str(Path(image).resolve().parent) for image in images]
-    base = Path(root).resolve() if root is not None and Path(root).is_dir() else Path(os.path.commonpath(parents))
-    if not all(Path(p).is_relative_to(base) for p in parents):
-        base = Path(os.path.commonpath(parents))
+    base = mirror_base(images, root)
     with atomic_output(out_dir / SUMMARY_FILE) as tmp, open(tmp, "w", newline="", encoding="utf-8") as summary:
         writer = csv.writer(summary)
         writer.writerow(["img_path", "label", "score"] if threshold is None else ["img_path", "labels", "scores"])

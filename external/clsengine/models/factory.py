@@ -5,7 +5,9 @@ import os
 from dataclasses import dataclass, field
 from typing import Callable
 
+import torch
 import torch.nn as nn
+import torch.nn.functional as F
 import torchvision.models as tvm
 from torchvision.ops import SqueezeExcitation
 
@@ -22,6 +24,7 @@ IMAGENET_STD = (58.395, 57.12, 57.375)
 class ArchSpec:
     builder: Callable[..., nn.Module]
     head: str                      # attribute holding the classifier; everything else is the backbone
+    trunk: tuple[str, ...] = ("features",)  # children run in order from the image to the last feature map
     takes_width: bool = False      # builder accepts width_mult
     takes_dropout: bool = False    # builder accepts dropout
     drop_path_rate: float = 0.0    # the architecture's stochastic depth (torchvision's default); 0: it has none
@@ -56,6 +59,10 @@ def _cfg(size: int) -> dict:
     return {"input_size": (size, size), "mean": IMAGENET_MEAN, "std": IMAGENET_STD}
 
 
+_RESNET_TRUNK = ("conv1", "bn1", "relu", "maxpool", "layer1", "layer2", "layer3", "layer4")
+_REGNET_TRUNK = ("stem", "trunk_output")
+
+
 _ARCHS: dict[str, ArchSpec] = {
     "mobilenet_v3_large": ArchSpec(tvm.mobilenet_v3_large, "classifier", takes_width=True, takes_dropout=True,
                                   depthwise=True),
@@ -80,11 +87,11 @@ _ARCHS: dict[str, ArchSpec] = {
                                     drop_path_rate=0.2, depthwise=True, default_cfg=_cfg(260)),
     "efficientnet_b3_npu": ArchSpec(_npu(tvm.efficientnet_b3), "classifier", takes_dropout=True,
                                     drop_path_rate=0.2, depthwise=True, default_cfg=_cfg(300)),
-    "resnet18": ArchSpec(tvm.resnet18, "fc"),
-    "resnet34": ArchSpec(tvm.resnet34, "fc"),
-    "resnet50": ArchSpec(tvm.resnet50, "fc"),
-    "regnet_x_800mf": ArchSpec(tvm.regnet_x_800mf, "fc"),
-    "regnet_y_800mf": ArchSpec(tvm.regnet_y_800mf, "fc"),
+    "resnet18": ArchSpec(tvm.resnet18, "fc", trunk=_RESNET_TRUNK),
+    "resnet34": ArchSpec(tvm.resnet34, "fc", trunk=_RESNET_TRUNK),
+    "resnet50": ArchSpec(tvm.resnet50, "fc", trunk=_RESNET_TRUNK),
+    "regnet_x_800mf": ArchSpec(tvm.regnet_x_800mf, "fc", trunk=_REGNET_TRUNK),
+    "regnet_y_800mf": ArchSpec(tvm.regnet_y_800mf, "fc", trunk=_REGNET_TRUNK),
 }
 
 
@@ -198,6 +205,22 @@ def create_model(name: str, num_classes: int, *, width_mult: float = 1.0, dropou
 def classifier(model: nn.Module) -> nn.Module:
     """The model's classification head (what stays trainable when the backbone is frozen)."""
     return getattr(model, getattr(model, "head_name"))
+
+
+def forward_features(model: nn.Module, images: torch.Tensor) -> torch.Tensor:
+    """The backbone's last feature map (N, C, h, w) of a create_model() model, before global pooling: what
+    saliency methods look at (timm's `forward_features`). forward_head(model, forward_features(model, x))
+    is model(x) for every architecture (tests/test_explain.py checks it)."""
+    x = images
+    for name in _spec(model.arch_name).trunk:
+        x = getattr(model, name)(x)
+    return x
+
+
+def forward_head(model: nn.Module, features: torch.Tensor) -> torch.Tensor:
+    """Logits from a feature map: global average pooling, then the classifier, as every architecture here
+    ends (timm's `forward_head`). A (N, C, 1, 1) input is a feature map already pooled."""
+    return classifier(model)(torch.flatten(F.adaptive_avg_pool2d(features, 1), 1))
 
 
 def freeze_backbone(model: nn.Module) -> None:

@@ -2,7 +2,7 @@
 """Export a checkpoint to OpenVINO IR and ONNX, then check both against PyTorch.
 
   python export.py --load-weights outputs/best.pth --save-model-to export [--onnx] [--openvino]
-                   [--precision FP32|FP16] [--input-shape H W] [--static] [--opset 17]
+                   [--precision FP32|FP16] [--input-shape H W] [--static] [--opset N] [--explain]
 
 The exported models take an image as the deployment side has it: planar, 0-255, in the template's
 output_format.openvino_input_format channel order (BGR by default); channel order and mean/std
@@ -13,6 +13,8 @@ models from compress.py, for example) the TorchScript exporter is used and the r
 the file's metadata; --exporter pins either. The parity check runs PyTorch, the ONNX file in onnxruntime
 and in OpenVINO, and the IR in OpenVINO on the same images (real validation images when --val-data-roots
 or $VAL_DATA_ROOT is given, random ones otherwise), writes parity.yaml and fails beyond tolerance.
+With --explain the models have a second output, "saliency": the Recipro-CAM maps (N, classes, h, w) in
+[0, 1] that explain.py overlays on images; the parity check compares it too.
 """
 from __future__ import annotations
 
@@ -54,6 +56,9 @@ def parse_args() -> argparse.Namespace:
     p.add_argument("--exporter", choices=EXPORTERS, default="auto",
                    help="ONNX exporter: dynamo (torch.export-based), torchscript (legacy) or auto: dynamo, "
                         "TorchScript where dynamo fails (default)")
+    p.add_argument("--explain", action="store_true",
+                   help="add the saliency maps as a second output, 'saliency' (N, classes, h, w), for explain.py "
+                        "and deployed models that show where they saw the class")
     p.add_argument("--val-data-roots", default=None,
                    help="folder of images (searched recursively) for the parity check (default: $VAL_DATA_ROOT)")
     p.add_argument("--parity-images", type=int, default=16, help="images used by the parity check")
@@ -78,13 +83,16 @@ def main() -> int:
     weights = Path(args.load_weights)
     checkpoint = load_training_checkpoint(weights)
     t, classes, model = model_from_checkpoint(checkpoint, weights, cli.collect_overrides(args, {}))
+    if args.explain and is_quantized(checkpoint):
+        raise UserError(f"--explain: {weights} is an int8 checkpoint; saliency maps are computed on the float "
+                        f"model: export the checkpoint it was compressed from with --explain")
 
     size = tuple(args.input_shape) if args.input_shape else B.input_size(t)
     order = t.output_format.openvino_input_format
     common = dict(input_size=size, mean=t.input.mean, std=t.input.std, input_order=order,
                   train_order=t.input.channel_order, labels=classes, opset=args.opset,
                   static_batch=t.output_format.static_shape if args.static is None else args.static,
-                  task=B.task_metadata(t), exporter=args.exporter)
+                  task=B.task_metadata(t), exporter=args.exporter, explain=args.explain)
     want_onnx, want_ir = args.onnx, args.openvino
     if not (want_onnx or want_ir):
         want_onnx, want_ir = t.output_format.onnx, t.output_format.openvino
@@ -119,14 +127,15 @@ def main() -> int:
         print(f"{Path(path).name}: written by the {r['exporter']} exporter{note}")
         for runtime, run in r["runtimes"].items():
             detail = f" ({run['error']})" if "error" in run else ""
+            saliency = f", max |saliency diff| {run['saliency_max_abs_diff']:.3g}" if "saliency_max_abs_diff" in run else ""
             print(f"  {runtime}: max |logit diff| {run['max_abs_diff']:.3g}, top-1 agreement "
-                  f"{100 * run['top1_agreement']:.1f}% [{'ok' if run['ok'] else 'FAILED'}]{detail}")
+                  f"{100 * run['top1_agreement']:.1f}%{saliency} [{'ok' if run['ok'] else 'FAILED'}]{detail}")
     failed = [Path(p).name for p, r in report.items() if not r["ok"]]
     if failed:
         raise UserError(f"exported {', '.join(failed)} differ from the PyTorch model beyond tolerance "
                         f"(details in {out / 'parity.yaml'})")
-    print(f"Exported {', '.join(p.name for p in written)} to {out} ({size[0]}x{size[1]}, {order} 0-255 input); "
-          f"parity on {source}: ok")
+    print(f"Exported {', '.join(p.name for p in written)} to {out} ({size[0]}x{size[1]}, {order} 0-255 input"
+          f"{'; outputs logits and saliency' if args.explain else ''}); parity on {source}: ok")
     return 0
 
 

@@ -38,6 +38,9 @@ class Classifier:
     complexity: Callable[[], dict[str, float]]
     template: Template   # the checkpoint's; for exported files the work dir's (it sets batch size and workers)
     task: dict           # {"type": "multiclass"} or {"type": "multilabel", "threshold", "background_label"}
+    # Like `run`, but -> (logits, saliency maps (N, classes, h, w) in [0, 1]); None for an exported file without
+    # a saliency output (export.py --explain writes one) and for int8 checkpoints (see clsengine.saliency)
+    explain: Callable[[torch.Tensor], tuple[torch.Tensor, torch.Tensor]] | None = None
 
     @property
     def multilabel(self) -> bool:
@@ -135,7 +138,8 @@ def load_classifier(path: str | Path, *, template_path: str, overrides: dict[str
                           input_order=exported.input_order, device=torch.device("cpu"), files=exported.files,
                           kind="OpenVINO IR" if path.suffix == ".xml" else "ONNX", runtime=exported.runtime_name,
                           complexity=exported.complexity,
-                          template=load_template(template_path, overrides), task=exported.task)
+                          template=load_template(template_path, overrides), task=exported.task,
+                          explain=exported.explain if exported.saliency else None)
     if path.suffix == ".bin" and path.with_suffix(".xml").is_file():
         raise UserError(f"{path} is the weights half of an OpenVINO IR; pass {path.with_suffix('.xml')}")
     checkpoint = load_checkpoint(path)
@@ -158,8 +162,12 @@ def load_classifier(path: str | Path, *, template_path: str, overrides: dict[str
     order = t.output_format.openvino_input_format
     deploy = DeployModel(model, t.input.mean, t.input.std, input_order=order,
                          train_order=t.input.channel_order).to(device).eval()
+    explain = None if quantized else DeployModel(model, t.input.mean, t.input.std, input_order=order,
+                                                 train_order=t.input.channel_order, explain=True,
+                                                 multilabel=B.is_multilabel(t)).to(device).eval()
     size = B.input_size(t)
     return Classifier(run=deploy, classes=classes, input_size=size, input_order=order, device=device,
                       files=[path], kind="int8 checkpoint" if quantized else "checkpoint", runtime="PyTorch",
-                      complexity=lambda: complexity(model, size), template=t, task=B.task_metadata(t))
+                      complexity=lambda: complexity(model, size), template=t, task=B.task_metadata(t),
+                      explain=explain)
 

@@ -1,0 +1,128 @@
+#!/usr/bin/env python3
+"""Saliency maps (where the model saw the class) for one image or a folder, from a checkpoint or an exported IR.
+
+  python explain.py --load-weights outputs/best.pth --input photos/ --save-to saliency [--target-class NAME]
+  python explain.py --load-weights export/model.xml --input photos/ --save-to saliency   # export.py --explain
+
+Writes, per image, a PNG of the image with the Recipro-CAM map of the predicted class (multi-label: the
+top-scoring label), or of --target-class, blended over it as a heat map (red: salient), mirroring the input
+folder's tree (photo.jpg -> photo.jpg.png), plus summary.csv (image, class explained, its score, overlay).
+The maps have the resolution of the network's last feature map (input / 32, or / 16 with model.small_input)
+and are upsampled to the image. An exported IR or ONNX file must carry the saliency output that
+export.py --explain adds; one without it is refused (explain its checkpoint instead). Int8 checkpoints are
+refused too: the maps are computed on the float model.
+"""
+from __future__ import annotations
+
+import argparse
+import csv
+import io
+import sys
+from pathlib import Path
+
+import cv2
+import numpy as np
+import torch
+from tqdm import tqdm
+
+from clsengine import data as D
+from clsengine import predictions as P
+from clsengine.data.image import UnreadableImageError
+from clsengine.errors import UserError
+from clsengine.fileio import write_bytes, write_text
+from clsengine.saliency import overlay
+from workbench import builders as B
+from workbench import cli
+from workbench.classifier import Classifier, load_classifier
+
+FLAG_KEYS = {"batch_size": "hyper_parameters.basic.batch_size", "gpu_num": "gpu_num", "workers": "training.workers"}
+MAX_BATCH = 16   # images decoded at full size at once (for the overlays)
+
+
+def parse_args() -> argparse.Namespace:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--load-weights", required=True,
+                   help="model: training checkpoint (best.pth), or an OpenVINO IR (.xml) / ONNX file written by "
+                        "export.py --explain")
+    p.add_argument("--input", required=True, help="an image file or a folder of images (searched recursively)")
+    p.add_argument("--save-to", default=str(cli.WORK_DIR / "saliency"), help="output folder")
+    p.add_argument("--target-class", default=None, metavar="NAME",
+                   help="explain this class in every image (default: each image's predicted class)")
+    p.add_argument("--alpha", type=float, default=0.5, help="opacity of the heat map over the image (0..1)")
+    p.add_argument("--class-id-path", default=None, help="class names of bare weights: JSON list or {\"0\": name}")
+    p.add_argument("--device", default="CPU", help="OpenVINO device for .xml/.onnx models (CPU, GPU, NPU...)")
+    cli.add_runtime_args(p)
+    cli.add_template_args(p)
+    return p.parse_intermixed_args()
+
+
+def why_no_saliency(model: Classifier, path: str) -> str:
+    if model.kind == "int8 checkpoint":
+        return (f"{path} is an int8 checkpoint; saliency maps are computed on the float model: explain the "
+                f"checkpoint it was compressed from")
+    return (f"{path} has no saliency output: export the checkpoint with export.py --explain, or explain the "
+            f"checkpoint itself")
+
+
+def target_index(model: Classifier, name: str | None, path: str) -> int | None:
+    if name is None:
+        return None
+    if name not in model.classes:
+        raise UserError(f"--target-class '{name}' is not a class of {path}; its classes: {', '.join(model.classes)}")
+    return model.classes.index(name)
+
+
+def png_bytes(rgb: np.ndarray) -> bytes:
+    return cv2.imencode(".png", np.ascontiguousarray(rgb[..., ::-1]))[1].tobytes()   # OpenCV writes BGR
+
+
+def main() -> int:
+    args = parse_args()
+    if not 0.0 <= args.alpha <= 1.0:
+        raise UserError(f"--alpha must be between 0 and 1, got {args.alpha}")
+    names = P.read_class_names(args.class_id_path) if args.class_id_path else None
+    model = load_classifier(args.load_weights, template_path=args.template,
+                            overrides=cli.collect_overrides(args, FLAG_KEYS), classes=names,
+                            classes_source=f"class-id file {args.class_id_path}", ov_device=args.device)
+    if model.explain is None:
+        raise UserError(why_no_saliency(model, args.load_weights))
+    target = target_index(model, args.target_class, args.load_weights)
+    files, skipped = D.list_images(args.input)
+    out, base = Path(args.save_to), P.mirror_base(files, args.input)
+    out.mkdir(parents=True, exist_ok=True)
+    transform, batch = model.transform(), min(MAX_BATCH, B.eval_batch_size(model.template))
+    rows = []
+    bar = tqdm(total=len(files), desc=f"explain ({model.kind})", unit="image", leave=False, dynamic_ncols=True,
+               mininterval=0.5 if sys.stderr.isatty() else 30.0)
+    for start in range(0, len(files), batch):
+        images = {}
+        for path in files[start:start + batch]:
+            try:
+                images[path] = D.read_image(path)
+            except UnreadableImageError as exc:   # passed the scan, failed to decode
+                skipped.append((path, exc.reason))
+        if images:
+            with torch.no_grad():
+                logits, maps = model.explain(torch.stack([transform(i) for i in images.values()]).to(model.device))
+            probs = model.probabilities(logits.float().cpu()).numpy()
+            for (path, image), p, m in zip(images.items(), probs, maps.float().cpu().numpy()):
+                c = int(p.argmax()) if target is None else target
+                dest = P.prediction_file(out, path, base, ".png")
+                dest.parent.mkdir(parents=True, exist_ok=True)
+                write_bytes(dest, png_bytes(overlay(image, m[c], args.alpha)))
+                rows.append([path, model.classes[c], f"{p[c]:.6f}", str(dest)])
+        bar.update(len(files[start:start + batch]))
+    bar.close()
+    text = io.StringIO()
+    csv.writer(text).writerows([["img_path", "class", "score", "overlay"], *rows])
+    summary = write_text(out / "summary.csv", text.getvalue())
+    for path, reason in skipped:
+        print(f"warning: skipped {path}: {reason}")
+    what = f"class '{args.target_class}'" if target is not None else "the predicted class"
+    print(f"Explained {len(rows)} image(s) with the {model.kind} {args.load_weights} (Recipro-CAM of {what}); "
+          f"overlays in {out}, summary in {summary}")
+    return 0
+
+
+if __name__ == "__main__":
+    cli.run(main)
