@@ -143,15 +143,6 @@ def test_predict_one_image_from_checkpoint_and_bare_weights(trained, tmp_path):
     out = json.loads((tmp_path / "one" / "1.png.json").read_text())
     assert len(out["0_0"]) == 3 and sum(score for score, _ in out["0_0"]) == pytest.approx(1.0, abs=1e-4)
 
-    dynamic = run_script(wd, "export.py", "--load-weights", "outputs/best.pth", "--onnx", "--exporter", "torchscript",
-                         "--save-model-to", str(tmp_path / "dyn"), "inference_target=[CPU,NPU]")
-    assert dynamic.returncode == 0, dynamic.stderr
-    assert "warning: inference_target lists NPU, whose compilers need a static input shape" in dynamic.stdout
-    assert "TorchScript exporter chosen explicitly" in dynamic.stdout
-    if not any(d.startswith("NPU") for d in _ov_devices()):
-        assert "note: inference_target NPU not present here" in dynamic.stdout
-    assert read_metadata(tmp_path / "dyn" / "model.onnx")["exporter"] == "torchscript"
-
     bare = tmp_path / "bare.pth"
     torch.save(torch.load(wd / "outputs" / "best.pth", weights_only=True)["model"], bare)
     assert_clean_error(run_script(wd, "predict.py", "--load-weights", str(bare), "--input", str(image),
@@ -186,15 +177,6 @@ def test_bad_inputs_give_one_clear_error(trained, tmp_path, monkeypatch, capsys)
     assert result.returncode == 0 and "knows 3 of the 4 test classes" in result.stdout, result.stderr
     assert yaml.safe_load((tmp_path / "four.yaml").read_text())["dataset"]["num_images"] == 3
     # Bare weights of a 3-class model against a 2-class test folder: the class count is named.
-    dynamic = run_script(wd, "export.py", "--load-weights", "outputs/best.pth", "--onnx", "--exporter", "torchscript",
-                         "--save-model-to", str(tmp_path / "dyn"), "inference_target=[CPU,NPU]")
-    assert dynamic.returncode == 0, dynamic.stderr
-    assert "warning: inference_target lists NPU, whose compilers need a static input shape" in dynamic.stdout
-    assert "TorchScript exporter chosen explicitly" in dynamic.stdout
-    if not any(d.startswith("NPU") for d in _ov_devices()):
-        assert "note: inference_target NPU not present here" in dynamic.stdout
-    assert read_metadata(tmp_path / "dyn" / "model.onnx")["exporter"] == "torchscript"
-
     bare = tmp_path / "bare.pth"
     torch.save(torch.load(wd / "outputs" / "best.pth", weights_only=True)["model"], bare)
     assert_clean_error(run("--load-weights", str(bare), "--test-data-roots", str(two), "input.size=[32,32]"),

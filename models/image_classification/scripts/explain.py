@@ -50,7 +50,7 @@ def parse_args() -> argparse.Namespace:
                    help="explain this class in every image (default: each image's predicted class)")
     p.add_argument("--alpha", type=float, default=0.5, help="opacity of the heat map over the image (0..1)")
     p.add_argument("--class-id-path", default=None, help="class names of bare weights: JSON list or {\"0\": name}")
-    p.add_argument("--device", default="CPU", help="OpenVINO device for .xml/.onnx models (CPU, GPU, NPU...)")
+    cli.add_exported_model_args(p)
     cli.add_runtime_args(p)
     cli.add_template_args(p)
     return p.parse_intermixed_args()
@@ -83,7 +83,8 @@ def main() -> int:
     names = P.read_class_names(args.class_id_path) if args.class_id_path else None
     model = load_classifier(args.load_weights, template_path=args.template,
                             overrides=cli.collect_overrides(args, FLAG_KEYS), classes=names,
-                            classes_source=f"class-id file {args.class_id_path}", ov_device=args.device)
+                            classes_source=f"class-id file {args.class_id_path}", device=args.device,
+                            runtime=args.runtime)
     if model.explain is None:
         raise UserError(why_no_saliency(model, args.load_weights))
     target = target_index(model, args.target_class, args.load_weights)
