@@ -296,3 +296,18 @@ def test_data_section_values(tmp_path):
     assert f"{path}:{line_of(text, 'class_weights')}:" in message and "none, auto or a list" in message
     assert "a list without repeated names" in error(write(tmp_path, GOOD + "data:\n  classes: [a, a]\n"))
     assert "one of auto, folders, list, coco" in error(write(tmp_path, GOOD + "data:\n  format: csv\n"))
+
+
+def test_compression_mode_values(tmp_path):
+    assert load_template(write(tmp_path, GOOD)).compression.mode == "auto"
+    assert load_template(write(tmp_path, GOOD + "compression:\n  mode: qat\n")).compression.mode == "qat"
+    text = GOOD + "compression:\n  mode: always\n"
+    path = write(tmp_path, text)
+    message = error(path)
+    assert f"{path}:{line_of(text, 'mode: always')}:" in message
+    assert "'compression.mode' must be one of auto, ptq, qat, got 'always'" in message
+    text = GOOD + "compression:\n  mode: qat\n  qat_epochs: 0\n"
+    path = write(tmp_path, text)
+    message = error(path)  # quantization-aware training requested with no epoch to run it
+    assert f"{path}:{line_of(text, 'qat_epochs')}:" in message and "at least 1 when compression.mode is qat" in message
+    assert "command-line override compression.mode" in error(write(tmp_path, GOOD), {"compression.mode": "int8"})
