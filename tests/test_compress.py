@@ -1,5 +1,6 @@
 """compress.py: NNCF post-training quantization of a small trained model, quantization-aware fine-tuning
-inside an accuracy budget (met and not met), resume, and the int8 outputs used by eval/export/predict."""
+inside an accuracy budget (met and not met; a real PTQ loss and its real recovery), compression.mode, resume,
+and the int8 outputs used by eval/export/predict."""
 from __future__ import annotations
 
 import importlib.util
@@ -11,12 +12,12 @@ import pytest
 import yaml
 
 from clsengine.checkpoint import load_checkpoint, save_checkpoint
-from clsengine.compression import AccuracyBudget, qat_epochs
+from clsengine.compression import AccuracyBudget, qat_epochs, runs_qat
 from clsengine.errors import UserError
 from clsengine.export import read_metadata
 from clsengine.inference import ExportedClassifier
 from clsengine.rundir import release_all
-from conftest import run_captured
+from conftest import instantiate, run_captured
 from workbench.template import TemplateError
 
 
@@ -97,7 +98,44 @@ def run_compress(monkeypatch, wd: Path, float_top1: float, int8_top1: float, *ar
         release_all()  # what cli.run does after main: the next compress.py in this process takes the folder
 
 
+def test_qat_recovers_a_real_ptq_loss(tmp_path, monkeypatch, capsys):
+    """A real loss and a real recovery, both judged on the int8 OpenVINO IR that compress.py exports, run on
+    the 359 held-out validation digits. MobileNetV3-Small trained 4 epochs on the bundled digits at their
+    native 8x8 (EMA off: fine-tuning runs without one, and the float model it is held to should not carry
+    an average's extra point), then calibrated on a single training image (compression.calibration_subset: 1):
+    the activation ranges of that one image clip the others (up to 2.5x too narrow; 300 images lose
+    nothing on this model). Quantization-aware training in the default mode (auto: PTQ missed the budget)
+    brings the int8 IR back within 3 points in at most 2 epochs at qat_lr_factor 0.2 and batch 16. Measured
+    with training seeds 5 (the template's), 1, 2, 3: PTQ lost 11-42 points, 2 epochs left 1.4-1.7."""
+    from make_digits_dataset import write_dataset
+
+    budget = 3.0
+    write_dataset(tmp_path / "digits", size=8)
+    data = ["--train-data-roots", str(tmp_path / "digits" / "train"), "--val-data-roots",
+            str(tmp_path / "digits" / "val"), "--workers", "0"]
+    wd = tmp_path / "wd"
+    assert instantiate("mobilenet_v3_small", wd, "--do-not-load-snapshot").returncode == 0
+    result = run_captured(wd, "train.py", *data, "--epochs", "4", "--batch-size", "32", "input.size=[8,8]",
+                          "training.ema.enabled=false", monkeypatch=monkeypatch, capsys=capsys)
+    assert result.returncode == 0, result.stderr
+    result = run_captured(wd, "compress.py", "--load-weights", "outputs/best.pth", "--save-checkpoints-to", "int8",
+                          *data, "--calibration-subset", "1", "--max-accuracy-drop", str(budget), "--epochs", "2",
+                          "--batch-size", "16", "compression.qat_lr_factor=0.2", "--benchmark-seconds", "0",
+                          monkeypatch=monkeypatch, capsys=capsys)
+    metrics = yaml.safe_load((wd / "int8" / "metrics.yaml").read_text())
+    float_top1, ptq_top1, qat_top1 = metrics["float"]["top1"], metrics["steps"]["ptq_top1"], metrics["int8"]["top1"]
+    numbers = (f"float IR top-1 {float_top1}, PTQ int8 IR {ptq_top1}, QAT int8 IR {qat_top1} after "
+               f"{metrics['steps']['qat_epochs_run']} epoch(s); budget {budget:g} points")
+    assert float_top1 >= 80, numbers  # a trained model (chance: 10%)
+    assert float_top1 - ptq_top1 > 2 * budget, f"PTQ should lose clearly more than the budget: {numbers}"
+    assert metrics["steps"]["qat_epochs_run"] >= 1, numbers
+    assert float_top1 - qat_top1 <= budget, f"QAT should bring the int8 IR within the budget: {numbers}"
+    assert result.returncode == 0 and metrics["budget"]["met"] is True, (numbers, result.stderr)
+
+
 def test_budget_not_met_runs_fine_tuning_then_reports_and_resumes(trained, monkeypatch, capsys):
+    """The report and resume mechanics of a budget that stays missed (the judge's scores are given: that a
+    real PTQ loss is recovered is test_qat_recovers_a_real_ptq_loss)."""
     wd, common = trained["wd"], ["--load-weights", "outputs/best.pth", "--save-checkpoints-to", "qat",
                                  "--calibration-subset", "6", "--benchmark-seconds", "0", *data_args(trained)]
     code = run_compress(monkeypatch, wd, 90.0, 80.0, *common, "--max-accuracy-drop", "1", "--epochs", "1")
@@ -126,6 +164,42 @@ def test_budget_met_after_ptq_skips_fine_tuning(trained, monkeypatch):
     assert code == 0
     assert not (wd / "met" / "history.csv").exists()
     assert yaml.safe_load((wd / "met" / "metrics.yaml").read_text())["budget"]["met"] is True
+
+
+@pytest.mark.parametrize("mode, int8_top1, code, fine_tuned, logged", [
+    ("ptq", 80.0, 3, 0, "--epochs 2 ignored: no quantization-aware training runs (compression.mode is ptq)"),
+    ("auto", 89.5, 0, 0, "--epochs 2 ignored: no quantization-aware training runs (PTQ met the accuracy budget)"),
+    ("qat", 89.5, 0, 2, "Quantization-aware training: 2 epoch(s) at LR"),
+])
+def test_mode_decides_whether_fine_tuning_runs_and_epochs_are_honoured(trained, monkeypatch, mode, int8_top1, code,
+                                                                       fine_tuned, logged):
+    """ptq never fine-tunes (a missed budget is reported), auto only when PTQ misses it, qat always and for
+    all --epochs (no stop at the met budget); --epochs without fine-tuning is one log line."""
+    wd, out = trained["wd"], trained["wd"] / f"mode_{mode}"
+    assert run_compress(monkeypatch, wd, 90.0, int8_top1, "--load-weights", "outputs/best.pth", "--save-checkpoints-to",
+                        out.name, "--calibration-subset", "6", "--benchmark-seconds", "0", "--max-accuracy-drop", "1",
+                        "--mode", mode, "--epochs", "2", *data_args(trained)) == code
+    metrics = yaml.safe_load((out / "metrics.yaml").read_text())
+    assert metrics["steps"]["mode"] == mode and metrics["steps"]["qat_epochs_run"] == fine_tuned
+    assert metrics["budget"]["met"] is (code == 0)
+    log = (out / "compress.log").read_text()
+    assert logged in log and ("--epochs 2 ignored" in log) is (fine_tuned == 0)
+    if fine_tuned:
+        assert len((out / "history.csv").read_text().splitlines()) == 1 + fine_tuned
+        assert "Fine-tuning did not beat PTQ" in log  # the judge scores every model 89.5: PTQ's model ships
+    else:
+        assert not (out / "history.csv").exists()
+    if mode == "ptq":
+        assert "allow fine-tuning (--mode auto)" in log
+
+
+def test_resuming_fine_tuning_in_mode_ptq_is_refused(trained, monkeypatch, tmp_path):
+    marked = load_checkpoint(trained["wd"] / "outputs" / "best.pth")
+    marked["quantization"] = {"float_weights": str(trained["wd"] / "outputs" / "best.pth")}
+    save_checkpoint(marked, tmp_path / "latest.pth")
+    with pytest.raises(UserError, match="compression.mode ptq never runs"):
+        run_compress(monkeypatch, trained["wd"], 0, 0, "--resume-from", str(tmp_path / "latest.pth"), "--mode", "ptq",
+                     *data_args(trained))
 
 
 def test_compress_into_a_folder_with_a_compression_run_is_refused_unless_overwrite(trained, monkeypatch):
@@ -159,6 +233,9 @@ def test_bad_compress_inputs(trained, monkeypatch, tmp_path):
     with pytest.raises(TemplateError, match="compression.preset"):
         run_compress(monkeypatch, wd, 0, 0, "--load-weights", "outputs/best.pth", "compression.preset=fast",
                      *data_args(trained))
+    with pytest.raises(TemplateError, match="compression.qat_epochs.* at least 1 when compression.mode is qat"):
+        run_compress(monkeypatch, wd, 0, 0, "--load-weights", "outputs/best.pth", "--mode", "qat", "--epochs", "0",
+                     *data_args(trained))
 
 
 @pytest.mark.parametrize("float_top1, int8_top1, drop, met", [
@@ -174,3 +251,10 @@ def test_qat_epochs_rule():
     assert qat_epochs(100_000, 64) == 1        # one epoch is already more than the target steps
     assert qat_epochs(3200, 32) == 3           # 100 steps per epoch -> 3 epochs for 300 steps
     assert qat_epochs(10, 64) == 10 and qat_epochs(5000, 10, max_epochs=2) == 1
+
+
+def test_runs_qat_rule():
+    assert [runs_qat(mode, met) for mode in ("auto", "ptq", "qat") for met in (True, False)] == [
+        False, True, False, False, True, True]
+    with pytest.raises(UserError, match="one of auto, ptq, qat"):
+        runs_qat("always", True)

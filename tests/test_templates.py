@@ -310,3 +310,18 @@ def test_removed_and_invalid_target_keys(tmp_path):
     with pytest.raises(TemplateError, match=r"bad.yaml:\d+: .*inference_target"):
         load_template(bad)
     assert load_template(template_path("efficientnet_b0_npu")).inference_target == ["CPU", "iGPU", "NPU"]
+
+
+def test_compression_mode_values(tmp_path):
+    assert load_template(write(tmp_path, GOOD)).compression.mode == "auto"
+    assert load_template(write(tmp_path, GOOD + "compression:\n  mode: qat\n")).compression.mode == "qat"
+    text = GOOD + "compression:\n  mode: always\n"
+    path = write(tmp_path, text)
+    message = error(path)
+    assert f"{path}:{line_of(text, 'mode: always')}:" in message
+    assert "'compression.mode' must be one of auto, ptq, qat, got 'always'" in message
+    text = GOOD + "compression:\n  mode: qat\n  qat_epochs: 0\n"
+    path = write(tmp_path, text)
+    message = error(path)  # quantization-aware training requested with no epoch to run it
+    assert f"{path}:{line_of(text, 'qat_epochs')}:" in message and "at least 1 when compression.mode is qat" in message
+    assert "command-line override compression.mode" in error(write(tmp_path, GOOD), {"compression.mode": "int8"})

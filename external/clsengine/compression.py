@@ -1,5 +1,5 @@
 """Int8 quantization with NNCF: post-training quantization, the quantized model's state for checkpoints,
-and the two rules compression follows (how long to fine-tune, and the accuracy budget).
+and the rules compression follows (whether and how long to fine-tune, and the accuracy budget).
 
 A quantized model is the original torch module with NNCF's fake-quantizers hooked in: it trains like any
 other module (quantization-aware training), its checkpoint is a plain dict holding its state dict and
@@ -24,6 +24,8 @@ from .errors import UserError
 os.environ.setdefault("NNCF_EXTENSION_LOAD_TIMEOUT", "0")
 
 PRESETS = ("performance", "mixed")
+# When quantization-aware training follows PTQ (see runs_qat).
+MODES = ("auto", "ptq", "qat")
 OVERFLOW_FIX = {"enable": "enable", "first_layer": "first_layer_only", "disable": "disable"}   # symmetric activations | asymmetric activations (better for non-ReLU nets)
 # Quantization-aware training budget: this many optimizer steps, in whole epochs, capped (see qat_epochs).
 QAT_TARGET_STEPS = 300
@@ -113,6 +115,16 @@ def qat_epochs(num_train_images: int, batch_size: int, max_epochs: int = QAT_MAX
     return max(1, min(int(max_epochs), math.ceil(target_steps / steps_per_epoch)))
 
 
+def runs_qat(mode: str, ptq_met_budget: bool) -> bool:
+    """Whether quantization-aware training follows post-training quantization: never for "ptq" (the fast
+    path, even when the budget is missed), always for "qat" (the caller asked for fine-tuning, e.g. to
+    beat PTQ's accuracy), and for "auto" only when the PTQ model misses the budget: fine-tuning costs
+    epochs of training that a met budget does not need."""
+    if mode not in MODES:
+        raise UserError(f"compression mode must be one of {', '.join(MODES)}, got '{mode}'")
+    return mode == "qat" or (mode == "auto" and not ptq_met_budget)
+
+
 @dataclass(frozen=True)
 class AccuracyBudget:
     """The int8 model may lose at most `max_drop` points of top-1 (or `metric`) against the float model."""
@@ -134,5 +146,5 @@ class AccuracyBudget:
                 f"(drop {drop:.2f} points, budget {self.max_drop:.2f})")
 
 
-__all__ = ["quantize", "quantization_state", "restore_quantized", "is_quantized", "qat_epochs", "AccuracyBudget",
-           "PRESETS"]
+__all__ = ["quantize", "quantization_state", "restore_quantized", "is_quantized", "qat_epochs", "runs_qat",
+           "AccuracyBudget", "PRESETS", "MODES"]

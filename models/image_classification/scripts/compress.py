@@ -8,10 +8,12 @@
 1. Measures the float model's top-1 (mAP for multi-label models) on the validation data.
 2. Post-training quantization (nncf.quantize): activation ranges from compression.calibration_subset
    training images, fast bias correction, the template's preset and ignored scope.
-3. If the int8 model loses more than compression.max_accuracy_drop points, quantization-aware
-   fine-tuning with the template's loss and optimizer at base_learning_rate x compression.qat_lr_factor,
-   for compression.qat_epochs epochs (null: computed from the dataset size), stopping as soon as the
-   budget is met. Resumable: --resume-from <dir>/latest.pth.
+3. Quantization-aware fine-tuning from the PTQ model, as compression.mode (--mode) says: auto (default)
+   only if the int8 model loses more than compression.max_accuracy_drop points, stopping as soon as the
+   budget is met; qat always, for all its epochs, keeping the epoch whose int8 IR scores best; ptq never.
+   It uses the template's loss and optimizer at base_learning_rate x compression.qat_lr_factor, for
+   compression.qat_epochs epochs (--epochs; null: computed from the dataset size); --epochs is ignored,
+   and the log says so, when no fine-tuning runs. Resumable: --resume-from <dir>/latest.pth.
 4. Exports the best int8 model as OpenVINO IR (<dir>/export/model.xml) and the float one beside it
    (<dir>/export_fp32/), measures both IRs on the validation data and their throughput on this machine,
    and writes <dir>/metrics.yaml. Exit status 3 when the budget cannot be met (outputs are still written).
@@ -33,7 +35,8 @@ import torch
 import yaml
 
 from clsengine.checkpoint import load_checkpoint, save_checkpoint
-from clsengine.compression import AccuracyBudget, is_quantized, qat_epochs, quantization_state, quantize
+from clsengine.compression import (MODES, AccuracyBudget, is_quantized, qat_epochs, quantization_state, quantize,
+                                   runs_qat)
 from clsengine.errors import UserError
 from clsengine.fileio import write_text
 from clsengine.export import export_openvino
@@ -48,7 +51,8 @@ from workbench import cli
 from workbench.classifier import load_classifier, model_from_checkpoint
 from workbench.template import Template, dump_config
 
-FLAG_KEYS = {"epochs": "compression.qat_epochs", "max_accuracy_drop": "compression.max_accuracy_drop",
+FLAG_KEYS = {"mode": "compression.mode", "epochs": "compression.qat_epochs",
+             "max_accuracy_drop": "compression.max_accuracy_drop",
              "calibration_subset": "compression.calibration_subset",
              "batch_size": "hyper_parameters.basic.batch_size", "gpu_num": "gpu_num", "workers": "training.workers"}
 BUDGET_NOT_MET = 3
@@ -71,8 +75,12 @@ def parse_args() -> argparse.Namespace:
                    help="int8 quantization with NNCF: the compression this script applies (also without the flag)")
     p.add_argument("--resume-from", default=None, help="latest.pth of an interrupted compression to continue")
     cli.add_overwrite_arg(p, "--save-checkpoints-to")
+    p.add_argument("--mode", choices=MODES, default=None,
+                   help="auto: fine-tune (QAT) only when PTQ misses the budget; ptq: never; qat: always "
+                        "(compression.mode)")
     p.add_argument("--epochs", type=int, default=None,
-                   help="quantization-aware fine-tuning epochs (compression.qat_epochs; 0: post-training only)")
+                   help="quantization-aware fine-tuning epochs whenever it runs (compression.qat_epochs; "
+                        "0: post-training only); ignored, with a log line, when it does not")
     p.add_argument("--max-accuracy-drop", type=float, default=None,
                    help="accuracy budget: top-1 points int8 may lose (compression.max_accuracy_drop)")
     p.add_argument("--calibration-subset", type=int, default=None,
@@ -149,6 +157,9 @@ def main() -> int:
         raise UserError(f"{weights} is already compressed; pass the float checkpoint written by train.py")
     t, classes, float_model = model_from_checkpoint(float_ckpt, weights, overrides)
     c = t.compression
+    if resume is not None and c.mode == "ptq":
+        raise UserError("--resume-from continues quantization-aware training, which compression.mode ptq never "
+                        "runs; resume with --mode auto or --mode qat")
 
     out = Path(args.save_checkpoints_to).resolve()
     lock = cli.claim_output(out, "compress.py", RUN_FILES, CLEARED_ON_OVERWRITE, args.resume_from, args.overwrite)
@@ -200,25 +211,37 @@ def main() -> int:
     if resume is None:
         save_checkpoint(ptq_state, out / "ptq.pth")  # kept: fine-tuning may end below it
 
-    # Quantization-aware fine-tuning, only while the budget is missed; epochs are judged by the int8 IR.
+    # Quantization-aware fine-tuning as compression.mode says; epochs are judged by the int8 IR.
     epochs = c.qat_epochs if c.qat_epochs is not None else qat_epochs(len(train_scan.samples), basic.batch_size)
-    if resume is not None or (not budget.met(ptq_top1) and epochs > 0):
+    wanted = runs_qat(c.mode, budget.met(ptq_top1))
+    epochs_run = 0
+    if resume is not None or (wanted and epochs > 0):
         lr = basic.base_learning_rate * c.qat_lr_factor
-        logger.info(f"Quantization-aware training: up to {epochs} epoch(s) at LR {lr:.3g}, stopping once the "
-                    f"int8 IR's {metric} >= {budget.target:.2f}")
+        stop_at_budget = c.mode == "auto"
+        plan = (f"up to {epochs} epoch(s) at LR {lr:.3g}, stopping once the int8 IR's {metric} >= {budget.target:.2f}"
+                if stop_at_budget else f"{epochs} epoch(s) at LR {lr:.3g} (compression.mode qat), keeping the epoch "
+                                       f"whose int8 IR {metric} is best")
+        logger.info(f"Quantization-aware training: {plan}")
         optimizer = B.build_optimizer(t, model, lr=lr)
         scheduler = qat_scheduler(optimizer, epochs, len(train_loader))
         tensorboard_dir = Path(args.tensorboard_dir or out / "tensorboard") if t.tensorboard else None
-        fit_cfg = FitConfig(epochs=epochs, output_dir=out, target_top1=budget.target, score_fn=judge,
-                            tensorboard_dir=tensorboard_dir, max_grad_norm=t.training.optimizer.max_grad_norm,
-                            checkpoint_extra=extra)
+        fit_cfg = FitConfig(epochs=epochs, output_dir=out, target_top1=budget.target if stop_at_budget else None,
+                            score_fn=judge, tensorboard_dir=tensorboard_dir,
+                            max_grad_norm=t.training.optimizer.max_grad_norm, checkpoint_extra=extra)
         result = fit(model, train_loader, val_loader, criterion, optimizer, scheduler, device, fit_cfg, logger,
                      resume=resume)
+        epochs_run = result["epochs_run"]
         if result["best_top1"] <= ptq_top1:  # fine-tuning did not beat PTQ: ship the PTQ model
+            logger.info(f"Fine-tuning did not beat PTQ (int8 IR {metric} {result['best_top1']:.2f} <= "
+                        f"{ptq_top1:.2f}): the PTQ model is the result")
             save_checkpoint(load_checkpoint(out / "ptq.pth"), out / "best.pth")
     else:  # the PTQ model is the result
-        if not budget.met(ptq_top1):
-            logger.info("Quantization-aware training skipped (compression.qat_epochs is 0)")
+        reason = ("compression.qat_epochs is 0" if wanted else "compression.mode is ptq" if c.mode == "ptq"
+                  else "PTQ met the accuracy budget")
+        if args.epochs is not None and not wanted:
+            logger.info(f"--epochs {args.epochs} ignored: no quantization-aware training runs ({reason})")
+        elif not budget.met(ptq_top1):
+            logger.info(f"Quantization-aware training skipped ({reason})")
         for name in ("best.pth", "latest.pth"):
             save_checkpoint(ptq_state, out / name)
 
@@ -237,7 +260,8 @@ def main() -> int:
         "budget": {"metric": key, "max_accuracy_drop": c.max_accuracy_drop, "met": final.met(rows["int8"][key]),
                    "drop": round(rows["float"][key] - rows["int8"][key], 2)},
         "float": rows["float"], "int8": rows["int8"],
-        "steps": {f"ptq_{key}": round(ptq_top1, 2), "best_checkpoint": str(out / "best.pth")},
+        "steps": {"mode": c.mode, f"ptq_{key}": round(ptq_top1, 2), "qat_epochs_run": epochs_run,
+                  "best_checkpoint": str(out / "best.pth")},
         "machine": {"cpu_count": os.cpu_count(), "benchmark_seconds": args.benchmark_seconds},
     }
     write_text(out / "metrics.yaml", yaml.safe_dump(summary, sort_keys=False))
@@ -249,8 +273,9 @@ def main() -> int:
     logger.info(f"{message[0].upper()}{message[1:]}. Int8 IR in {int8_xml}, checkpoint {out / 'best.pth'}, "
                 f"metrics in {out / 'metrics.yaml'}")
     if not final.met(rows["int8"][key]):
-        logger.warning("The int8 model misses the accuracy budget; raise compression.max_accuracy_drop, fine-tune "
-                       "longer (--epochs), or keep sensitive layers in float (compression.ignored_scope)")
+        fine_tune = "allow fine-tuning (--mode auto)" if c.mode == "ptq" else "fine-tune longer (--epochs)"
+        logger.warning(f"The int8 model misses the accuracy budget; raise compression.max_accuracy_drop, {fine_tune}, "
+                       f"or keep sensitive layers in float (compression.ignored_scope)")
         return BUDGET_NOT_MET
     return 0
 

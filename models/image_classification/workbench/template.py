@@ -183,8 +183,9 @@ class OutputFormat:
 
 @dataclass
 class CompressionSection:
-    """Int8 quantization by compress.py: NNCF post-training quantization, then quantization-aware
+    """Int8 quantization by compress.py: NNCF post-training quantization, then (mode auto) quantization-aware
     fine-tuning only while the int8 model misses the accuracy budget."""
+    mode: str = "auto"                      # auto: QAT only when PTQ misses the budget | ptq: never | qat: always
     max_accuracy_drop: float = 1.0          # top-1 points the int8 model may lose against the float one
     calibration_subset: int = 300           # training images used to calibrate activation ranges
     preset: str = "performance"             # performance (symmetric) | mixed (asymmetric activations)
@@ -454,6 +455,9 @@ def _check_semantics(t: Template, v: _Validator) -> None:
          "one of enable, first_layer, disable"),
         ("compression.qat_epochs", t.compression.qat_epochs is None or t.compression.qat_epochs >= 0,
          "0 or more (null: computed)"),
+        ("compression.mode", t.compression.mode in ("auto", "ptq", "qat"), "one of auto, ptq, qat"),
+        ("compression.qat_epochs", t.compression.mode != "qat" or t.compression.qat_epochs != 0,
+         "at least 1 when compression.mode is qat (null: computed)"),
         ("compression.qat_lr_factor", t.compression.qat_lr_factor > 0, "positive"),
         ("training.lr_finder.mode", t.training.lr_finder.mode in ("fast_ai", "tpe", "grid"),
          "one of fast_ai, tpe, grid"),
