@@ -94,7 +94,8 @@ def test_lr_finder_costs_at_most_its_budget():
     assert tpe[0].value is False                                                 # 90 epochs of trials
 
 
-DEVICE_AUTO = ["data.format", "training.channels_last", "training.workers"]
+# compression.mode "auto" is compress.py's mode (QAT only when PTQ misses the budget), decided at compression.
+DEVICE_AUTO = ["data.format", "training.channels_last", "training.workers", "compression.mode"]
 
 
 def _auto_keys(tree: dict, prefix: str = "") -> list[str]:
