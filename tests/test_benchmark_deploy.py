@@ -64,9 +64,9 @@ def test_table_rows_and_saved_results(tmp_path):
     rows = parse_table(result.stdout)
     assert_positive(rows, IR32, IR16, ONNX, ORT, ("OpenVINO IR (CPU)", "INT8"), ("PyTorch eager (CPU)", "FP32"))
     assert "ONNX exporter: dynamo" in first and "onnxruntime" in first, first
-    import openvino as ov
+    from clsengine.ov_core import openvino_core
 
-    if not any(d.startswith("GPU") for d in ov.Core().available_devices):  # resnet18's targets: CPU, iGPU
+    if not any(d.startswith("GPU") for d in openvino_core().available_devices):  # resnet18's targets: CPU, iGPU
         assert "inference_target not present here: iGPU" in first, first
     assert any(fmt.startswith("PyTorch eager (CUDA)") for fmt, _ in rows) == torch.cuda.is_available()
     assert {p.name for p in out.iterdir()} >= {"model_fp32.xml", "model_fp16.xml", "model.onnx", "benchmark.yaml"}
@@ -97,11 +97,11 @@ def test_unavailable_device_is_a_user_error(capsys):
 def test_devices_follow_the_inference_target():
     """Without --device, each OpenVINO device of the template's inference_target that is present is timed."""
     import benchmark_deploy
-    import openvino as ov
 
     from clsengine.errors import UserError
+    from clsengine.ov_core import openvino_core
 
-    core = ov.Core()
+    core = openvino_core()
     available = list(core.available_devices)
     devices, missing = benchmark_deploy.choose_devices(core, None, ["CPU", "iGPU", "NPU"])
     assert devices[0] == "CPU" and ("GPU" in devices) == any(d.startswith("GPU") for d in available)

@@ -48,9 +48,9 @@ def test_ptq_within_budget_then_int8_files_work_everywhere(trained, monkeypatch,
         assert (out / name).is_file(), name
 
     # The int8 IR holds quantization (FakeQuantize ops), loads and predicts.
-    import openvino as ov
+    from clsengine.ov_core import openvino_core
 
-    ops = {op.get_type_name() for op in ov.Core().read_model(str(out / "export" / "model.xml")).get_ordered_ops()}
+    ops = {op.get_type_name() for op in openvino_core().read_model(str(out / "export" / "model.xml")).get_ordered_ops()}
     assert "FakeQuantize" in ops
     assert read_metadata(out / "export" / "model.xml")["labels"] == ["class_0", "class_1", "class_2"]
     assert ExportedClassifier(out / "export" / "model.xml").complexity()["complexity_gflops"] > 0

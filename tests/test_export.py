@@ -13,6 +13,7 @@ import torch.nn as nn
 from clsengine.errors import UserError
 from clsengine.export import DeployModel, export_onnx, export_openvino, parity_check, read_metadata
 from clsengine.models.factory import IMAGENET_MEAN, IMAGENET_STD, create_model
+from clsengine.ov_core import openvino_core
 
 # One per architecture family the templates use.
 ARCHS = ["mobilenet_v3_small", "mobilenet_v2", "resnet18", "regnet_x_800mf", "efficientnet_b0", "efficientnet_b0_npu"]
@@ -60,7 +61,7 @@ def exported(tmp_path_factory) -> dict:
 
 
 def _run(path: Path, batch: torch.Tensor) -> np.ndarray:
-    core = ov.Core()
+    core = openvino_core()
     compiled = core.compile_model(core.read_model(str(path)), "CPU", {"INFERENCE_PRECISION_HINT": "f32"})
     return np.asarray(compiled(batch.numpy())[0])
 
@@ -152,7 +153,7 @@ def test_onnx_io_names_and_dynamic_batch(exported):
     assert [i.name for i in graph.input] == ["image"]
     assert [o.name for o in graph.output] == ["logits"]
     assert graph.input[0].type.tensor_type.shape.dim[0].dim_param  # symbolic batch
-    ir = ov.Core().read_model(str(xml_path))
+    ir = openvino_core().read_model(str(xml_path))
     assert ir.input(0).get_partial_shape()[0].is_dynamic
     for path in (onnx_path, xml_path):
         assert _run(path, images(1)).shape == (1, 3)
@@ -162,7 +163,7 @@ def test_onnx_io_names_and_dynamic_batch(exported):
 def test_static_batch_ir(exported, tmp_path):
     model = exported["mobilenet_v3_small"][0]
     xml_path = export_openvino(model, tmp_path / "static.xml", static_batch=True, **KW)
-    shape = ov.Core().read_model(str(xml_path)).input(0).get_partial_shape()
+    shape = openvino_core().read_model(str(xml_path)).input(0).get_partial_shape()
     assert shape.is_static
     assert shape.to_shape() == ov.Shape([1, 3, *SIZE])
     onnx_path = export_onnx(model, tmp_path / "static.onnx", static_batch=True, **KW)

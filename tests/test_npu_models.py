@@ -2,7 +2,6 @@
 person-vs-background 56x32 template, and its static-shape OpenVINO export."""
 from __future__ import annotations
 
-import openvino as ov
 import pytest
 import torch
 import torch.nn as nn
@@ -11,6 +10,7 @@ from torchvision.ops import SqueezeExcitation
 
 from clsengine.export import export_openvino, parity_check, read_metadata
 from clsengine.models import CosineLinear, create_model, default_cfg, list_models, load_pretrained
+from clsengine.ov_core import openvino_core
 from conftest import TEMPLATES_DIR
 from workbench.builders import build_model
 from workbench.template import TemplateError, load_template
@@ -149,7 +149,7 @@ def test_person_static_openvino_export(tmp_path):
     xml = export_openvino(model, tmp_path / "person.xml", input_size=size, labels=["background", "person"],
                           static_batch=True, **pre)
 
-    ov_model = ov.Core().read_model(str(xml))
+    ov_model = openvino_core().read_model(str(xml))
     shape = ov_model.input(0).get_partial_shape()
     assert shape.is_static and [d.get_length() for d in shape] == [1, 3, 56, 32]
     assert read_metadata(xml)["input_size"] == (56, 32)

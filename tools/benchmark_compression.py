@@ -39,13 +39,13 @@ SHORT_RECIPE = ["--lr-finder", "off", "training.scheduler.name=cosine", "trainin
 
 def throughput_at(checkpoint: Path, size: int, out: Path, seconds: float) -> float:
     """Images/s of a checkpoint's model exported at size x size (weights and quantizers as trained)."""
-    import openvino as ov
+    from clsengine.ov_core import openvino_core
 
     t, classes, model = model_from_checkpoint(load_checkpoint(checkpoint), checkpoint)
     xml = export_openvino(model, out / "model.xml", input_size=(size, size), mean=t.input.mean, std=t.input.std,
                           input_order=t.output_format.openvino_input_format, train_order=t.input.channel_order,
                           labels=classes)
-    return ov_throughput(ov.Core(), xml, "CPU", (size, size), seconds)[0]
+    return ov_throughput(openvino_core(), xml, "CPU", (size, size), seconds)[0]
 
 
 def main() -> int:

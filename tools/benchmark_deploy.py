@@ -48,6 +48,7 @@ sys.path.insert(0, str(DOMAIN_DIR))  # the domain's `workbench` package, as work
 from clsengine.errors import UserError  # noqa: E402
 from clsengine.export import DeployModel, export_onnx, export_openvino, read_metadata  # noqa: E402
 from clsengine.inference import ExportedClassifier, device_available, runtime_versions, target_devices  # noqa: E402
+from clsengine.ov_core import openvino_core  # noqa: E402
 from clsengine.speed import latency_ms, ov_latency, ov_throughput, random_images, timed_calls  # noqa: E402
 from workbench import builders as B  # noqa: E402
 from workbench import cli  # noqa: E402
@@ -290,7 +291,7 @@ def run_benchmarks(args: argparse.Namespace, subject: Subject, core: ov.Core, de
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     check_args(args)
-    core = ov.Core()
+    core = openvino_core()
     subject = load_subject(args)
     devices, missing = choose_devices(core, args.device, subject.template.inference_target)
     load = os.getloadavg()[0] if hasattr(os, "getloadavg") else float("nan")

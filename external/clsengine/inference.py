@@ -17,6 +17,7 @@ import torch
 
 from .errors import UserError
 from .metadata import OUTPUT_NAME, SALIENCY_NAME, read_metadata
+from .ov_core import openvino_core
 
 EXPORTED_SUFFIXES = (".xml", ".onnx")
 RUNTIMES = ("onnxruntime", "openvino")
@@ -90,9 +91,7 @@ class _OpenVINOSession:
     exported file's, not a bf16 rounding's."""
 
     def __init__(self, path: Path, device: str) -> None:
-        import openvino as ov
-
-        core = ov.Core()
+        core = openvino_core()
         if not device_available(device, core.available_devices):
             raise UserError(f"OpenVINO device '{device}' is not available here; available: "
                             f"{', '.join(core.available_devices)}")
@@ -218,9 +217,7 @@ class ExportedClassifier:
         """Counted on the graph OpenVINO reads from the file, whichever runtime runs it."""
         ov_model = getattr(self._session, "ov_model", None)
         if ov_model is None:
-            import openvino as ov
-
-            ov_model = ov.Core().read_model(str(self.path))
+            ov_model = openvino_core().read_model(str(self.path))
         return ir_complexity(ov_model, self.input_size)
 
 

@@ -11,6 +11,7 @@ from pathlib import Path
 from typing import Any, Mapping
 
 from .errors import UserError
+from .ov_core import openvino_core
 
 INPUT_NAME = "image"
 OUTPUT_NAME = "logits"
@@ -85,9 +86,7 @@ def read_raw_metadata(path: Path) -> dict[str, str]:
         import onnx
 
         return {p.key: p.value for p in onnx.load(str(path), load_external_data=False).metadata_props}
-    import openvino as ov
-
-    ov_model = ov.Core().read_model(str(path))
+    ov_model = openvino_core().read_model(str(path))
     return {key: ov_model.get_rt_info([RT_SECTION, key]).astype(str)
             for key in _KEYS if ov_model.has_rt_info([RT_SECTION, key])}
 

@@ -30,7 +30,6 @@ import tempfile
 from pathlib import Path
 
 import numpy as np
-import openvino as ov
 import torch
 import yaml
 
@@ -43,6 +42,7 @@ from clsengine.export import export_openvino
 from clsengine.loop import FitConfig, fit
 from clsengine.metrics import primary_score
 from clsengine.optim import create_scheduler
+from clsengine.ov_core import openvino_core
 from clsengine.runlog import get_logger
 from clsengine.speed import ov_throughput
 from clsengine.utils import seed_everything, select_device
@@ -249,7 +249,7 @@ def main() -> int:
     _, _, best_model = model_from_checkpoint(load_checkpoint(out / "best.pth"), out / "best.pth", overrides)
     int8_xml = judge.export(best_model, out / "export" / "model.xml")
     rows = {}
-    core = ov.Core()
+    core = openvino_core()
     for name, xml, top1 in (("float", float_xml, float_top1), ("int8", int8_xml, judge.top1(int8_xml))):
         speed = (ov_throughput(core, xml, "CPU", B.input_size(t), args.benchmark_seconds)[0]
                  if args.benchmark_seconds > 0 else None)

@@ -22,7 +22,6 @@ import argparse
 import os
 from pathlib import Path
 
-import openvino as ov
 import torch
 import yaml
 
@@ -30,6 +29,7 @@ from clsengine import data as D
 from clsengine.errors import UserError
 from clsengine.fileio import write_text
 from clsengine.inference import runtime_versions, target_devices
+from clsengine.ov_core import openvino_core
 from clsengine.compression import is_quantized
 from clsengine.export import (DEFAULT_OPSET, EXPORTERS, INT8_MIN_AGREEMENT, INT8_RTOL, export_onnx, export_openvino,
                               onnx_to_openvino, parity_check)
@@ -110,7 +110,7 @@ def main() -> int:
     images, source = parity_images(args.val_data_roots or os.environ.get("VAL_DATA_ROOT"), size,
                                    args.parity_images, order)
     tolerance = dict(atol=INT8_RTOL, min_top1_agreement=INT8_MIN_AGREEMENT) if is_quantized(checkpoint) else {}
-    devices, missing = target_devices(t.inference_target, ov.Core().available_devices)
+    devices, missing = target_devices(t.inference_target, openvino_core().available_devices)
     if missing:
         print(f"note: inference_target {', '.join(missing)} not present here: the files are not run on it")
     if "NPU" in (d.upper() for d in t.inference_target) and not common["static_batch"]:
