@@ -32,11 +32,12 @@ fi
 echo "Installing torch and torchvision"
 quiet_pip install --quiet "${torch_args[@]}" "torch>=2.4" "torchvision>=0.19"
 
-echo "Installing the engine (editable) and its dependencies"
-quiet_pip install --quiet -e "${ROOT}/external[dev]"
+echo "Installing the engine and the image-classification domain (editable) and their dependencies"
+quiet_pip install --quiet -e "${ROOT}/external[dev]" -e "${ROOT}/models/image_classification"
 
 "${VENV}/bin/python" - <<'PY'
 import torch, torchvision, openvino, nncf, optuna, albumentations, torch_lr_finder, yaml, onnxruntime, onnxscript
+import clsengine, workbench
 print(f"torch {torch.__version__}, torchvision {torchvision.__version__}, openvino {openvino.__version__}, "
       f"nncf {nncf.__version__}, optuna {optuna.__version__}, albumentations {albumentations.__version__}, "
       f"onnxruntime {onnxruntime.__version__}, onnxscript {onnxscript.__version__}; "

@@ -15,8 +15,6 @@ DOMAIN_DIR = REPO_ROOT / "models" / "image_classification"
 TEMPLATES_DIR = DOMAIN_DIR / "model_templates" / "custom-classification"
 TEMPLATE_NAMES = sorted(p.parent.name for p in TEMPLATES_DIR.glob("*/template.yaml"))
 
-sys.path.insert(0, str(DOMAIN_DIR))  # the domain's `workbench` package, as work dirs see it
-sys.path.insert(0, str(REPO_ROOT / "tools"))
 
 COLOURS = [(220, 40, 40), (40, 200, 40), (40, 40, 220), (220, 220, 40), (40, 220, 220)]
 

@@ -25,12 +25,10 @@ from pathlib import Path
 import yaml
 
 from benchmark_recipe import REPO_ROOT, TEMPLATES, digits_dataset, run
-
-sys.path.insert(0, str(REPO_ROOT / "models" / "image_classification"))  # the domain's workbench package
-from clsengine.checkpoint import load_checkpoint  # noqa: E402
-from clsengine.export import export_openvino  # noqa: E402
-from clsengine.speed import ov_throughput  # noqa: E402
-from workbench.classifier import model_from_checkpoint  # noqa: E402
+from clsengine.checkpoint import load_checkpoint
+from clsengine.export import export_openvino
+from clsengine.speed import ov_throughput
+from workbench.classifier import model_from_checkpoint
 
 # The demo's recipe for a short budget from scratch (tools/run_demo.sh).
 SHORT_RECIPE = ["--lr-finder", "off", "training.scheduler.name=cosine", "training.optimizer.sam.enabled=false",

@@ -25,8 +25,7 @@ from pathlib import Path
 
 import yaml
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-from benchmark_recipe import REPO_ROOT, TEMPLATES, run, variants  # noqa: E402
+from benchmark_recipe import REPO_ROOT, TEMPLATES, run, variants
 
 PLAIN = variants(["plain"])["plain"]
 

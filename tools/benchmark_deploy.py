@@ -40,20 +40,19 @@ import torch
 import torch.nn as nn
 import yaml
 
+from clsengine.errors import UserError
+from clsengine.export import DeployModel, export_onnx, export_openvino, read_metadata
+from clsengine.inference import ExportedClassifier, device_available, runtime_versions, target_devices
+from clsengine.ov_core import openvino_core
+from clsengine.speed import latency_ms, ov_latency, ov_throughput, random_images, timed_calls
+from workbench import builders as B
+from workbench import cli
+from workbench.classifier import load_trained_model
+from workbench.template import Template, load_template
+
 REPO_ROOT = Path(__file__).resolve().parent.parent
 DOMAIN_DIR = REPO_ROOT / "models" / "image_classification"
 TEMPLATES = DOMAIN_DIR / "model_templates" / "custom-classification"
-sys.path.insert(0, str(DOMAIN_DIR))  # the domain's `workbench` package, as work dirs see it
-
-from clsengine.errors import UserError  # noqa: E402
-from clsengine.export import DeployModel, export_onnx, export_openvino, read_metadata  # noqa: E402
-from clsengine.inference import ExportedClassifier, device_available, runtime_versions, target_devices  # noqa: E402
-from clsengine.ov_core import openvino_core  # noqa: E402
-from clsengine.speed import latency_ms, ov_latency, ov_throughput, random_images, timed_calls  # noqa: E402
-from workbench import builders as B  # noqa: E402
-from workbench import cli  # noqa: E402
-from workbench.classifier import load_trained_model  # noqa: E402
-from workbench.template import Template, load_template  # noqa: E402
 
 DEFAULT_TEMPLATE = "mobilenet_v3_large_1"
 OV_DEVICES = ("CPU", "GPU", "NPU")

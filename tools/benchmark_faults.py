@@ -33,10 +33,9 @@ import yaml
 
 from benchmark_recipe import REPO_ROOT, TEMPLATES, digits_dataset
 
-sys.path.insert(0, str(REPO_ROOT / "external"))
-from clsengine.checkpoint import load_checkpoint  # noqa: E402
-from clsengine.errors import UserError  # noqa: E402
-from clsengine.fileio import FAULT_ENV  # noqa: E402
+from clsengine.checkpoint import load_checkpoint
+from clsengine.errors import UserError
+from clsengine.fileio import FAULT_ENV
 
 KINDS = ("epoch", "latest.pth", "best.pth", "history.csv", "config.yaml", "training_curves.png")
 BAR_LINE = re.compile(r"^epoch (\d+)/(\d+):")  # the progress bar of an epoch being trained

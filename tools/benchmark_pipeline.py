@@ -29,18 +29,14 @@ from pathlib import Path
 
 import torch
 
-REPO_ROOT = Path(__file__).resolve().parent.parent
-DOMAIN_DIR = REPO_ROOT / "models" / "image_classification"
-sys.path.insert(0, str(DOMAIN_DIR))
-sys.path.insert(0, str(REPO_ROOT / "tools"))
+from benchmark_recipe import TEMPLATES, digits_dataset
+from clsengine import data as D
+from clsengine.loop import Recipe, train_one_epoch
+from clsengine.utils import seed_everything, select_device
+from workbench import auto
+from workbench import builders as B
+from workbench.template import Template, load_template, parse_override
 
-from benchmark_recipe import TEMPLATES, digits_dataset  # noqa: E402
-from clsengine import data as D  # noqa: E402
-from clsengine.loop import Recipe, train_one_epoch  # noqa: E402
-from clsengine.utils import seed_everything, select_device  # noqa: E402
-from workbench import auto  # noqa: E402
-from workbench import builders as B  # noqa: E402
-from workbench.template import Template, load_template, parse_override  # noqa: E402
 
 
 class Repeated:

@@ -30,8 +30,7 @@ from pathlib import Path
 
 import torch
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-from benchmark_pipeline import TEMPLATES, Repeated, build_training  # noqa: E402
+from benchmark_pipeline import TEMPLATES, Repeated, build_training
 
 VARIANTS = {
     "fp32": {"training.channels_last": False, "training.amp": "none"},

@@ -46,8 +46,7 @@ def main() -> int:
     if not template_path.is_file():
         print(f"error: template {args.template} does not exist", file=sys.stderr)
         return 2
-    domain = domain_dir(template_path)
-    sys.path.insert(0, str(domain))
+    domain = domain_dir(template_path)  # its code is the installed `workbench` package (init_venv.sh)
     errors = importlib.import_module("clsengine.errors")
     template_module = importlib.import_module("workbench.template")
     hub = importlib.import_module("clsengine.hub")
