@@ -33,9 +33,8 @@ class FitConfig:
     tensorboard_dir: Path | None = None
     max_grad_norm: float | None = None
     progress: bool = True
-    target_top1: float | None = None             # stop as soon as the score reaches it (an accuracy budget)
-    # What best.pth and target_top1 judge (default: val top-1 of the model or its EMA), e.g. the top-1 of
-    # the model as deployed: compression scores the exported int8 file, not the PyTorch simulation.
+    # What best.pth judges (default: val top-1 of the model or its EMA), e.g. the top-1 of the model as
+    # deployed: compression scores the exported int8 file, not the PyTorch simulation.
     score_fn: Callable[[nn.Module], float] | None = None
     # Stored verbatim in every checkpoint (class names, effective config...): plain Python types only.
     checkpoint_extra: dict[str, Any] = field(default_factory=dict)
@@ -215,6 +214,55 @@ def _metrics_text(stats: dict[str, float]) -> str:
     return f"top-1 {stats['top1']:6.2f}" + (f"  top-5 {stats['top5']:6.2f}" if "top5" in stats else "")
 
 
+CHECKPOINT_FORMAT = "clsengine-checkpoint-v1"
+
+
+@dataclass
+class ResumableState:
+    """What a checkpoint needs beyond the weights for training to continue where it stopped."""
+    optimizer: torch.optim.Optimizer
+    scheduler: WarmupScheduler
+    recipe: Recipe
+    history: list[dict] = field(default_factory=list)
+
+
+def checkpoint_state(model: nn.Module, *, epoch: int, score: float, best_score: float, best_epoch: int,
+                     extra: dict[str, Any], weights_from: str = "model", best_from: str | None = None,
+                     resumable: ResumableState | None = None) -> dict[str, Any]:
+    """The one checkpoint dict (plain types and tensors, loadable with weights_only=True) that every writer
+    builds: the training loop's epochs, and compression's PTQ model. `resumable` adds what --resume-from
+    continues with (optimizer, scheduler, EMA, auxiliary models, grad scaler, history, RNG state).
+    `best_top1` and `val_top1` hold the run's score, mAP for a multi-label model."""
+    state = {"format": CHECKPOINT_FORMAT, "model": model.state_dict(), "weights_from": weights_from,
+             "epoch": epoch, "best_top1": best_score, "best_epoch": best_epoch, "val_top1": score}
+    if resumable is not None:
+        recipe = resumable.recipe
+        state.update(optimizer=resumable.optimizer.state_dict(), scheduler=resumable.scheduler.state_dict(),
+                     best_from=best_from, history=resumable.history, rng=rng_state())
+        if recipe.aux_models:
+            state["aux_models"] = [aux.state_dict() for aux in recipe.aux_models]
+        if recipe.ema is not None:
+            state["ema"] = recipe.ema.state_dict()
+        if recipe.grad_scaler is not None:
+            state["grad_scaler"] = recipe.grad_scaler.state_dict()
+    return {**state, **extra}
+
+
+def restore_training_state(checkpoint: dict[str, Any], model: nn.Module, resumable: ResumableState) -> None:
+    """Load what checkpoint_state(resumable=...) wrote back into the run's objects, RNG state included."""
+    model.load_state_dict(checkpoint["model"])
+    resumable.optimizer.load_state_dict(checkpoint["optimizer"])
+    resumable.scheduler.load_state_dict(checkpoint["scheduler"])
+    recipe = resumable.recipe
+    for aux, state in zip(recipe.aux_models, checkpoint.get("aux_models", [])):
+        aux.load_state_dict(state)
+    if recipe.ema is not None and "ema" in checkpoint:
+        recipe.ema.load_state_dict(checkpoint["ema"])
+    if recipe.grad_scaler is not None and "grad_scaler" in checkpoint:
+        recipe.grad_scaler.load_state_dict(checkpoint["grad_scaler"])
+    set_rng_state(checkpoint["rng"])
+
+
 def best_from_latest(state: dict[str, Any]) -> dict[str, Any]:
     """best.pth's content from the latest.pth of the epoch that was the best: the model's weights or, where
     the EMA scored higher (`best_from`), the average's."""
@@ -250,14 +298,16 @@ def repair_best(latest: dict[str, Any], best_path: Path, logger: logging.Logger)
 
 def fit(model: nn.Module, train_loader, val_loader, criterion: nn.Module, optimizer: torch.optim.Optimizer,
         scheduler: WarmupScheduler, device: torch.device, cfg: FitConfig, logger: logging.Logger,
-        resume: dict[str, Any] | None = None, on_epoch_end: Callable[[int, dict], None] | None = None,
+        resume: dict[str, Any] | None = None, on_epoch_end: Callable[[int, dict], bool | None] | None = None,
         recipe: Recipe | None = None) -> dict[str, Any]:
     """Train for cfg.epochs, validating each epoch; write latest.pth every epoch and best.pth on improvement.
 
     With an EMA, both the model and its average are validated and best.pth carries the better weights
     (`weights_from` says which). `resume` is a checkpoint dict written by this function: training
     continues after its epoch with the optimizer, scheduler, EMA, auxiliary models, RNG state, history
-    and best metric it holds.
+    and best metric it holds. `on_epoch_end(epoch, row)` sees each epoch's history row (with its "score")
+    after the checkpoints are written; returning True stops the run there (compression's accuracy budget
+    reached; a search trial is pruned by raising instead).
     """
     recipe = recipe or Recipe()
     world = dist.info()
@@ -266,19 +316,10 @@ def fit(model: nn.Module, train_loader, val_loader, criterion: nn.Module, optimi
     output_dir.mkdir(parents=True, exist_ok=True)
     start_epoch, best_top1, best_epoch, history = 0, -1.0, 0, []
     if resume is not None:
-        model.load_state_dict(resume["model"])
-        optimizer.load_state_dict(resume["optimizer"])
-        scheduler.load_state_dict(resume["scheduler"])
-        for aux, state in zip(recipe.aux_models, resume.get("aux_models", [])):
-            aux.load_state_dict(state)
-        if recipe.ema is not None and "ema" in resume:
-            recipe.ema.load_state_dict(resume["ema"])
-        if recipe.grad_scaler is not None and "grad_scaler" in resume:
-            recipe.grad_scaler.load_state_dict(resume["grad_scaler"])
+        restore_training_state(resume, model, ResumableState(optimizer, scheduler, recipe))
         start_epoch = int(resume["epoch"])
         best_top1, best_epoch = float(resume["best_top1"]), int(resume["best_epoch"])
         history = list(resume.get("history", []))
-        set_rng_state(resume["rng"])
         logger.info(f"Resuming after epoch {start_epoch} (best top-1 {best_top1:.2f} at epoch {best_epoch})")
         if main and cfg.checkpoints:
             repair_best(resume, output_dir / "best.pth", logger)
@@ -330,27 +371,10 @@ def fit(model: nn.Module, train_loader, val_loader, criterion: nn.Module, optimi
             runlog.add_epoch(row)
             row["score"] = score
             if main and cfg.checkpoints:
-                state = {
-                    "format": "clsengine-checkpoint-v1",
-                    "model": model.state_dict(),
-                    "weights_from": "model",
-                    "optimizer": optimizer.state_dict(),
-                    "scheduler": scheduler.state_dict(),
-                    "epoch": epoch + 1,
-                    "best_top1": best_top1,
-                    "best_epoch": best_epoch,
-                    "val_top1": score,
-                    "best_from": ("ema" if use_ema else "model") if improved else None,
-                    "history": runlog.history,
-                    "rng": rng_state(),
-                    **cfg.checkpoint_extra,
-                }
-                if recipe.aux_models:
-                    state["aux_models"] = [aux.state_dict() for aux in recipe.aux_models]
-                if recipe.ema is not None:
-                    state["ema"] = recipe.ema.state_dict()
-                if recipe.grad_scaler is not None:
-                    state["grad_scaler"] = recipe.grad_scaler.state_dict()
+                state = checkpoint_state(model, epoch=epoch + 1, score=score, best_score=best_top1,
+                                         best_epoch=best_epoch, extra=cfg.checkpoint_extra,
+                                         resumable=ResumableState(optimizer, scheduler, recipe, runlog.history),
+                                         best_from=("ema" if use_ema else "model") if improved else None)
                 # latest.pth first: a kill between the two writes leaves a latest.pth of the best epoch,
                 # from which resuming rebuilds best.pth (repair_best).
                 save_checkpoint(state, output_dir / "latest.pth")
@@ -363,10 +387,7 @@ def fit(model: nn.Module, train_loader, val_loader, criterion: nn.Module, optimi
                         + (f"  score {score:6.2f}" if cfg.score_fn is not None else "")
                         + f"  lr {lr:.3g}  {train_stats['time_s']:.1f}s  "
                         f"{train_stats['images_per_s']:.0f} img/s" + ("  *best*" if improved else ""))
-            if on_epoch_end is not None:
-                on_epoch_end(epoch + 1, row)
-            if cfg.target_top1 is not None and score >= cfg.target_top1:
-                logger.info(f"Target reached: {score:.2f} >= {cfg.target_top1:.2f}")
+            if on_epoch_end is not None and on_epoch_end(epoch + 1, row):
                 stopped_early = True
                 break
             late = cfg.deadline is not None and epoch + 1 < epochs and time.monotonic() + epoch_s > cfg.deadline

@@ -39,7 +39,7 @@ from clsengine.compression import (MODES, AccuracyBudget, is_quantized, qat_epoc
 from clsengine.errors import UserError
 from clsengine.fileio import write_text
 from clsengine.export import export_openvino
-from clsengine.loop import FitConfig, fit
+from clsengine.loop import FitConfig, checkpoint_state, fit
 from clsengine.metrics import primary_score
 from clsengine.optim import create_scheduler
 from clsengine.ov_core import openvino_core
@@ -51,10 +51,10 @@ from workbench import cli
 from workbench.classifier import load_classifier, model_from_checkpoint
 from workbench.template import Template, dump_config
 
+# compress.py's own flags (its --epochs are the QAT epochs); the common ones are cli.FLAG_KEYS.
 FLAG_KEYS = {"mode": "compression.mode", "epochs": "compression.qat_epochs",
              "max_accuracy_drop": "compression.max_accuracy_drop",
-             "calibration_subset": "compression.calibration_subset",
-             "batch_size": "hyper_parameters.basic.batch_size", "gpu_num": "gpu_num", "workers": "training.workers"}
+             "calibration_subset": "compression.calibration_subset"}
 BUDGET_NOT_MET = 3
 # What makes a folder a compression run's (refused to a fresh run without --overwrite), and what --overwrite
 # clears with it.
@@ -143,7 +143,7 @@ class IRJudge:
 
 def main() -> int:
     args = parse_args()
-    overrides = cli.collect_overrides(args, {**FLAG_KEYS, **cli.DATASET_FLAG_KEYS})
+    overrides = cli.collect_overrides(args, FLAG_KEYS)
     resume = load_checkpoint(args.resume_from) if args.resume_from else None
     if resume is not None and not is_quantized(resume):
         raise UserError(f"{args.resume_from} is not a checkpoint written by compress.py")
@@ -206,8 +206,8 @@ def main() -> int:
               "run": {"compressed_from": str(Path(weights).resolve()), "device": str(device)}}
     dump_config(config, out / "config.yaml")
     extra = {"config": config, "classes": classes, "arch": t.model.architecture, "quantization": quant_info}
-    ptq_state = {"format": "clsengine-checkpoint-v1", "model": model.state_dict(), "weights_from": "ptq",
-                 "epoch": 0, "val_top1": ptq_top1, "best_top1": ptq_top1, "best_epoch": 0, **extra}
+    ptq_state = checkpoint_state(model, epoch=0, score=ptq_top1, best_score=ptq_top1, best_epoch=0, extra=extra,
+                                 weights_from="ptq")
     if resume is None:
         save_checkpoint(ptq_state, out / "ptq.pth")  # kept: fine-tuning may end below it
 
@@ -225,11 +225,17 @@ def main() -> int:
         optimizer = B.build_optimizer(t, model, lr=lr)
         scheduler = qat_scheduler(optimizer, epochs, len(train_loader))
         tensorboard_dir = Path(args.tensorboard_dir or out / "tensorboard") if t.tensorboard else None
-        fit_cfg = FitConfig(epochs=epochs, output_dir=out, target_top1=budget.target if stop_at_budget else None,
-                            score_fn=judge, tensorboard_dir=tensorboard_dir,
+        fit_cfg = FitConfig(epochs=epochs, output_dir=out, score_fn=judge, tensorboard_dir=tensorboard_dir,
                             max_grad_norm=t.training.optimizer.max_grad_norm, checkpoint_extra=extra)
+
+        def budget_reached(epoch: int, row: dict) -> bool:
+            reached = stop_at_budget and row["score"] >= budget.target
+            if reached:
+                logger.info(f"Target reached: {row['score']:.2f} >= {budget.target:.2f}")
+            return reached
+
         result = fit(model, train_loader, val_loader, criterion, optimizer, scheduler, device, fit_cfg, logger,
-                     resume=resume)
+                     resume=resume, on_epoch_end=budget_reached)
         epochs_run = result["epochs_run"]
         if result["best_top1"] <= ptq_top1:  # fine-tuning did not beat PTQ: ship the PTQ model
             logger.info(f"Fine-tuning did not beat PTQ (int8 IR {metric} {result['best_top1']:.2f} <= "

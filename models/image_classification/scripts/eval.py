@@ -42,7 +42,6 @@ from workbench import cli
 from workbench.classifier import load_classifier
 from workbench.template import load_template
 
-FLAG_KEYS = {"batch_size": "hyper_parameters.basic.batch_size", "gpu_num": "gpu_num", "workers": "training.workers"}
 
 
 def parse_args() -> argparse.Namespace:
@@ -152,7 +151,7 @@ def main() -> int:
         return evaluate_prediction_files(args)
     if not args.load_weights:
         raise UserError("pass --load-weights MODEL (or --preds and --gts for prediction files)")
-    overrides = cli.collect_overrides(args, {**FLAG_KEYS, **cli.DATASET_FLAG_KEYS})
+    overrides = cli.collect_overrides(args)
     trained_with = checkpoint_data_settings(args.load_weights, args.test_ann_files, overrides)
     if trained_with:
         print("note: reading the test data as the model was trained: "

@@ -35,7 +35,6 @@ from workbench import builders as B
 from workbench import cli
 from workbench.classifier import Classifier, load_classifier
 
-FLAG_KEYS = {"batch_size": "hyper_parameters.basic.batch_size", "gpu_num": "gpu_num", "workers": "training.workers"}
 MAX_BATCH = 16   # images decoded at full size at once (for the overlays)
 
 
@@ -82,7 +81,7 @@ def main() -> int:
         raise UserError(f"--alpha must be between 0 and 1, got {args.alpha}")
     names = P.read_class_names(args.class_id_path) if args.class_id_path else None
     model = load_classifier(args.load_weights, template_path=args.template,
-                            overrides=cli.collect_overrides(args, FLAG_KEYS), classes=names,
+                            overrides=cli.collect_overrides(args), classes=names,
                             classes_source=f"class-id file {args.class_id_path}", device=args.device,
                             runtime=args.runtime)
     if model.explain is None:

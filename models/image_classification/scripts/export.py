@@ -82,7 +82,7 @@ def main() -> int:
     args = parse_args()
     weights = Path(args.load_weights)
     checkpoint = load_training_checkpoint(weights)
-    t, classes, model = model_from_checkpoint(checkpoint, weights, cli.collect_overrides(args, {}))
+    t, classes, model = model_from_checkpoint(checkpoint, weights, cli.collect_overrides(args))
     if args.explain and is_quantized(checkpoint):
         raise UserError(f"--explain: {weights} is an int8 checkpoint; saliency maps are computed on the float "
                         f"model: export the checkpoint it was compressed from with --explain")

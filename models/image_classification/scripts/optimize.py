@@ -33,8 +33,8 @@ from workbench import cli
 from workbench.template import load_template, template_from_dict
 from workbench.training import train
 
-FLAG_KEYS = {"time_budget": "hpo.time_budget", "n_trials": "hpo.n_trials", "epochs_per_trial": "hpo.epochs_per_trial",
-             "gpu_num": "gpu_num", "workers": "training.workers"}
+# optimize.py's own flags (its --time-budget is the search's); the common ones are cli.FLAG_KEYS.
+FLAG_KEYS = {"time_budget": "hpo.time_budget", "n_trials": "hpo.n_trials", "epochs_per_trial": "hpo.epochs_per_trial"}
 # hpo_best.yaml keys: the template keys train.py overrides with the search's result.
 PARAM_KEYS = {"learning_rate": "hyper_parameters.basic.base_learning_rate",
               "weight_decay": "training.optimizer.weight_decay", "batch_size": "hyper_parameters.basic.batch_size"}
@@ -64,8 +64,7 @@ def parse_args() -> argparse.Namespace:
 
 def main() -> int:
     args = parse_args()
-    overrides = cli.collect_overrides(args, {**FLAG_KEYS, **cli.DATASET_FLAG_KEYS,
-                                             "batch_size": "hyper_parameters.basic.batch_size"})
+    overrides = cli.collect_overrides(args, FLAG_KEYS)
     t = load_template(args.template, overrides)
     out = cli.WORK_DIR / "hpo"
     notes = []

@@ -22,7 +22,6 @@ from clsengine.errors import UserError
 from workbench import cli
 from workbench.classifier import load_classifier
 
-FLAG_KEYS = {"batch_size": "hyper_parameters.basic.batch_size", "gpu_num": "gpu_num", "workers": "training.workers"}
 
 
 def parse_args() -> argparse.Namespace:
@@ -45,7 +44,7 @@ def main() -> int:
     args = parse_args()
     if args.topk < 1:
         raise UserError(f"--topk must be 1 or more, got {args.topk}")
-    overrides = cli.collect_overrides(args, FLAG_KEYS)
+    overrides = cli.collect_overrides(args)
     names = P.read_class_names(args.class_id_path) if args.class_id_path else None
     model = load_classifier(args.load_weights, template_path=args.template, overrides=overrides, classes=names,
                             classes_source=f"class-id file {args.class_id_path}", device=args.device,

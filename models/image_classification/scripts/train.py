@@ -40,10 +40,6 @@ from workbench import cli
 from workbench.template import dump_config, load_template, template_from_dict
 from workbench.training import train
 
-FLAG_KEYS = {"epochs": "hyper_parameters.basic.epochs", "time_budget": "hyper_parameters.basic.time_budget",
-             "batch_size": "hyper_parameters.basic.batch_size",
-             "base_learning_rate": "hyper_parameters.basic.base_learning_rate", "gpu_num": "gpu_num",
-             "workers": "training.workers"}
 # What makes a folder a run's (refused to a fresh run without --overwrite), and what --overwrite clears with it.
 RUN_FILES = ("latest.pth", "best.pth")
 CLEARED_ON_OVERWRITE = ("history.csv", "config.yaml", "train.log", "training_curves.png", "tensorboard",
@@ -98,7 +94,7 @@ def launch_processes(n: int) -> int:
 def main() -> int:
     started = time.monotonic()
     args = parse_args()
-    overrides = cli.collect_overrides(args, {**FLAG_KEYS, **cli.DATASET_FLAG_KEYS})
+    overrides = cli.collect_overrides(args)
     if args.lr_finder is not None:
         overrides["training.lr_finder.enabled"] = args.lr_finder != "off"
         if args.lr_finder != "off":

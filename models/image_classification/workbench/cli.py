@@ -57,8 +57,15 @@ def add_data_args(parser: argparse.ArgumentParser, split: str, env: str) -> None
                              f"file, its own folder)")
 
 
-DATASET_FLAG_KEYS = {"data_format": "data.format", "category_map": "data.category_map", "classes": "data.classes",
-                     "class_weights": "data.class_weights", "balanced_sampler": "data.balanced_sampler"}
+# The flags that stand for a template key, by argparse dest: one table for every work-dir script (a script maps
+# the ones it has). A script whose flag of the same name means another key (compress.py's --epochs are QAT
+# epochs) gives its own table to collect_overrides, which wins.
+FLAG_KEYS = {"epochs": "hyper_parameters.basic.epochs", "time_budget": "hyper_parameters.basic.time_budget",
+             "batch_size": "hyper_parameters.basic.batch_size",
+             "base_learning_rate": "hyper_parameters.basic.base_learning_rate",
+             "gpu_num": "gpu_num", "workers": "training.workers",
+             "data_format": "data.format", "category_map": "data.category_map", "classes": "data.classes",
+             "class_weights": "data.class_weights", "balanced_sampler": "data.balanced_sampler"}
 
 
 def _name_list(text: str) -> list[str]:
@@ -171,13 +178,14 @@ def hpo_overrides(path: Path) -> dict[str, Any]:
     return dict(params)
 
 
-def collect_overrides(args: argparse.Namespace, flag_keys: dict[str, str]) -> dict[str, Any]:
-    """Dotted overrides from KEY=VALUE arguments plus the dedicated flags (the flags win)."""
+def collect_overrides(args: argparse.Namespace, own_flag_keys: dict[str, str] | None = None) -> dict[str, Any]:
+    """Dotted overrides from KEY=VALUE arguments plus the dedicated flags (the flags win): FLAG_KEYS, with the
+    script's own table over it."""
     overrides: dict[str, Any] = {}
     for text in args.overrides:
         key, value = parse_override(text)
         overrides[key] = value
-    for attr, key in flag_keys.items():
+    for attr, key in {**FLAG_KEYS, **(own_flag_keys or {})}.items():
         value = getattr(args, attr, None)
         if value is not None:
             overrides[key] = value

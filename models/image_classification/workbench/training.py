@@ -33,7 +33,7 @@ def train(t: Template, train_scan: D.FolderScan, val_scan: D.FolderScan, out: Pa
           logger: logging.Logger, *, weights: str | None = None, resume: dict[str, Any] | None = None,
           aux_weights: list[str] | None = None, run_info: dict[str, Any] | None = None,
           tensorboard_dir: Path | None = None, checkpoints: bool = True, progress: bool = True,
-          on_epoch_end: Callable[[int, dict], None] | None = None, started: float | None = None
+          on_epoch_end: Callable[[int, dict], bool | None] | None = None, started: float | None = None
           ) -> dict[str, Any] | None:
     """Build the model, loaders, loss and recipe of `t` and fit; returns fit's result, or None when the LR
     finder was asked to stop after finding the rate. The template's `auto` values are decided first
