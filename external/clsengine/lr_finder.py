@@ -21,6 +21,8 @@ from torch.utils.data import DataLoader
 
 from .checkpoint import rng_state, set_rng_state
 from .errors import UserError
+from .loop import score_key, train_one_epoch, validate
+from .optim import create_scheduler
 
 MAX_SKIP_START, MAX_SKIP_END = 10, 5   # torch-lr-finder's plot() defaults, scaled down for short runs
 MIN_POINTS = 5                         # fewer points left after skipping: no meaningful slope
@@ -256,3 +258,44 @@ def search_lr(train_and_score: Callable[[float, Callable[[int, float], None]], f
         saved = _plot_search(trials, best, f"LR search ({mode}, {len(trials)} trials): {summary}", plot_path)
     return LRFinderResult(lr=best["lr"], mode=mode, lrs=[], losses=[], plot_path=saved,
                           note=f"{summary}; best score {best['score']:.4g}", trials=trials)
+
+
+def find_lr(model: nn.Module, make_optimizer: Callable[[nn.Module, float], torch.optim.Optimizer],
+            criterion: nn.Module, train_loader, val_loader, device: torch.device, *, mode: str, min_lr: float,
+            max_lr: float, num_iter: int = 100, smooth_f: float = 0.01, warmup_epochs: int = 0,
+            n_trials: int = 15, trial_epochs: int = 6, seed: int = 0,
+            plot_path: str | Path | None = None) -> LRFinderResult:
+    """A training run's LR finder; `model` comes back unchanged. fast_ai: the range test over [min_lr, max_lr]
+    after `warmup_epochs` epochs at min_lr (then restored). tpe / grid: trials that each train a fresh copy of
+    the model for `trial_epochs` epochs at one rate (cosine), scored by val top-1 (mAP for multi-label).
+    `make_optimizer(model, lr)` builds the run's optimizer without SAM (the range test steps plainly)."""
+    if mode == "fast_ai":
+        optimizer = make_optimizer(model, min_lr)
+        warmup_scheduler = create_scheduler(optimizer, "constant", 1, len(train_loader))
+
+        def warmup() -> None:
+            for epoch in range(warmup_epochs):
+                train_one_epoch(model, train_loader, criterion, optimizer, warmup_scheduler, device,
+                                desc=f"LR finder warm-up {epoch + 1}/{warmup_epochs}")
+
+        return range_test(model, optimizer, criterion, train_loader, device, min_lr=min_lr, max_lr=max_lr,
+                          num_iter=num_iter, smooth_f=smooth_f, warmup_epochs=warmup_epochs,
+                          warmup_fn=warmup if warmup_epochs else None, plot_path=plot_path)
+    initial = copy.deepcopy(model.state_dict())
+
+    def train_and_score(lr: float, report: Callable[[int, float], None]) -> float:
+        trial_model = copy.deepcopy(model)
+        trial_model.load_state_dict(initial)
+        optimizer = make_optimizer(trial_model, lr)
+        scheduler = create_scheduler(optimizer, "cosine", trial_epochs, len(train_loader))
+        score = 0.0
+        for epoch in range(trial_epochs):
+            train_one_epoch(trial_model, train_loader, criterion, optimizer, scheduler, device,
+                            desc=f"LR trial {lr:.3g} epoch {epoch + 1}/{trial_epochs}")
+            stats = validate(trial_model, val_loader, criterion, device)
+            score = stats[score_key(stats)]
+            report(epoch + 1, score)
+        return score
+
+    return search_lr(train_and_score, min_lr=min_lr, max_lr=max_lr, mode=mode, n_trials=n_trials, seed=seed,
+                     plot_path=plot_path)

@@ -289,53 +289,18 @@ def describe_recipe(t: Template, recipe: Recipe) -> str:
 
 def find_learning_rate(t: Template, model: nn.Module, criterion: nn.Module, train_loader, val_loader,
                        device: torch.device, out_dir: Path, logger: logging.Logger) -> float:
-    """Run the template's LR finder on the main model; the model comes back unchanged.
-
-    fast_ai: the range test over [min_lr, max_lr] (after optional warm-up epochs, then restored).
-    tpe / grid: optuna trials of `trial_epochs` epochs each on fresh copies of the model, scored by val top-1 (mAP for multi-label).
-    The result goes to lr_finder.yaml and a PNG in `out_dir`.
-    """
-    import copy
-
+    """Run the template's LR finder (clsengine.lr_finder.find_lr) on the main model, which comes back
+    unchanged; the result goes to lr_finder.yaml and a PNG in `out_dir`."""
     import yaml
 
-    from clsengine.loop import score_key, train_one_epoch, validate
-    from clsengine.lr_finder import range_test, search_lr
+    from clsengine.lr_finder import find_lr
 
     f = t.training.lr_finder
     plot_path = out_dir / "lr_finder.png"
-
-    if f.mode == "fast_ai":
-        optimizer = build_optimizer(t, model, f.min_lr, sam=False)
-        warmup_scheduler = create_scheduler(optimizer, "constant", 1, len(train_loader))
-
-        def warmup() -> None:
-            for epoch in range(f.warmup_epochs):
-                train_one_epoch(model, train_loader, criterion, optimizer, warmup_scheduler, device,
-                                desc=f"LR finder warm-up {epoch + 1}/{f.warmup_epochs}")
-
-        result = range_test(model, optimizer, criterion, train_loader, device, min_lr=f.min_lr, max_lr=f.max_lr,
-                            num_iter=f.num_iter, smooth_f=f.smooth_f, warmup_epochs=f.warmup_epochs,
-                            warmup_fn=warmup if f.warmup_epochs else None, plot_path=plot_path)
-    else:
-        initial = copy.deepcopy(model.state_dict())
-
-        def train_and_score(lr: float, report) -> float:
-            trial_model = copy.deepcopy(model)
-            trial_model.load_state_dict(initial)
-            optimizer = build_optimizer(t, trial_model, lr, sam=False)
-            scheduler = create_scheduler(optimizer, "cosine", f.trial_epochs, len(train_loader))
-            score = 0.0
-            for epoch in range(f.trial_epochs):
-                train_one_epoch(trial_model, train_loader, criterion, optimizer, scheduler, device,
-                                desc=f"LR trial {lr:.3g} epoch {epoch + 1}/{f.trial_epochs}")
-                stats = validate(trial_model, val_loader, criterion, device)
-                score = stats[score_key(stats)]
-                report(epoch + 1, score)
-            return score
-
-        result = search_lr(train_and_score, min_lr=f.min_lr, max_lr=f.max_lr, mode=f.mode, n_trials=f.n_trials,
-                           seed=t.training.seed, plot_path=plot_path)
+    result = find_lr(model, lambda m, lr: build_optimizer(t, m, lr, sam=False), criterion, train_loader, val_loader,
+                     device, mode=f.mode, min_lr=f.min_lr, max_lr=f.max_lr, num_iter=f.num_iter,
+                     smooth_f=f.smooth_f, warmup_epochs=f.warmup_epochs, n_trials=f.n_trials,
+                     trial_epochs=f.trial_epochs, seed=t.training.seed, plot_path=plot_path)
     summary = {"lr": float(result.lr), "mode": f.mode, "min_lr": f.min_lr, "max_lr": f.max_lr,
                "note": result.note, "plot": str(result.plot_path) if result.plot_path else None,
                "trials": result.trials}
