@@ -382,3 +382,23 @@ def test_scan_dataset_detects_the_three_layouts(images: Path, tmp_path: Path):
     assert "missing_list.txt" in str(info.value) and "does not exist" in str(info.value)
     with pytest.raises(DataError, match="COCO"):
         scan_dataset(images, write(tmp_path / "l.txt", "a.png 0\n"), category_map={1: 0})
+
+
+def test_dataset_format_is_decided_once_and_contradictions_are_errors(images: Path, tmp_path: Path):
+    """The engine decides the layout (train.py, eval.py and optimize.py ask it): an annotation file's suffix
+    under auto, a pinned format otherwise, and a format that contradicts the files given is one error."""
+    from clsengine.data import dataset_format
+
+    assert dataset_format("") == dataset_format(None) == "folders"
+    assert dataset_format("train.json") == "coco" and dataset_format("TRAIN.JSON") == "coco"
+    assert dataset_format("train.txt") == "list"
+    assert dataset_format("labels.json", "list") == "list"  # pinned: a list file may end in .json
+    with pytest.raises(DataError, match="annotation file a.txt given, but the dataset format is class folders"):
+        dataset_format("a.txt", "folders")
+    with pytest.raises(DataError, match="the dataset format is coco, which needs an annotation file"):
+        dataset_format("", "coco")
+    with pytest.raises(DataError, match="unknown dataset format 'csv'"):
+        dataset_format("a.csv", "csv")
+    listed = write(tmp_path / "as_list.json", "a.png 0\nb.png 1\n")
+    scan = scan_dataset(images, listed, fmt="list")  # read as a label list although it ends in .json
+    assert scan.classes == ["0", "1"] and len(scan.samples) == 2

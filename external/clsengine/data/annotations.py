@@ -419,17 +419,40 @@ def scan_coco(ann_file: PathLike, root: PathLike | None, category_map: Mapping |
 # --------------------------------------------------------------------------- auto-detection
 
 
-def scan_dataset(root: PathLike | None, ann_file: PathLike | None = "", *, classes: list[str] | None = None,
-                 category_map: Mapping | PathLike | None = None, verify: bool = True) -> FolderScan:
-    """Scan a dataset in whichever layout it comes: class folders (no `ann_file`), COCO JSON (`ann_file`
-    ending in .json) or a label list (any other `ann_file`).
+FORMATS = ("auto", "folders", "list", "coco")
+
+
+def dataset_format(ann_file: PathLike | None, fmt: str = "auto") -> str:
+    """The layout a dataset is read as: `fmt` when given, else class folders without an annotation file, COCO
+    for a .json one and a label list for any other. An annotation file with `folders`, or none with `list`
+    or `coco`, is a DataError."""
+    has_file = ann_file is not None and str(ann_file) != ""
+    if fmt not in FORMATS:
+        raise DataError(f"unknown dataset format '{fmt}'; known: {', '.join(FORMATS)}")
+    if fmt == "folders" and has_file:
+        raise DataError(f"annotation file {ann_file} given, but the dataset format is class folders")
+    if fmt in ("list", "coco") and not has_file:
+        raise DataError(f"the dataset format is {fmt}, which needs an annotation file")
+    if fmt != "auto":
+        return fmt
+    if not has_file:
+        return "folders"
+    return "coco" if str(ann_file).lower().endswith(".json") else "list"
+
+
+def scan_dataset(root: PathLike | None, ann_file: PathLike | None = "", *, fmt: str = "auto",
+                 classes: list[str] | None = None, category_map: Mapping | PathLike | None = None,
+                 verify: bool = True) -> FolderScan:
+    """Scan a dataset in whichever layout it comes (dataset_format: class folders, a COCO JSON or a label
+    list; `fmt` pins it).
 
     `classes` fixes the class order: for a list file see `scan_annotation_list`; for class folders, labels
     are renumbered to follow it (every folder must be one of them; a class without a folder has zero
     images). `category_map` applies to COCO only; `classes` cannot be combined with COCO (its classes
     come from the categories and the map). A missing `ann_file` is a DataError naming it.
     """
-    if ann_file is None or str(ann_file) == "":
+    fmt = dataset_format(ann_file, fmt)
+    if fmt == "folders":
         if category_map is not None:
             raise DataError(f"a category map applies to COCO annotation files only, not to class folders under "
                             f"{root}")
@@ -447,7 +470,7 @@ def scan_dataset(root: PathLike | None, ann_file: PathLike | None = "", *, class
     ann_file = Path(ann_file).expanduser()
     if not ann_file.is_file():
         raise DataError(f"annotation file {ann_file} " + ("is not a file" if ann_file.exists() else "does not exist"))
-    if ann_file.suffix.lower() == ".json":
+    if fmt == "coco":
         if classes is not None:
             raise DataError(f"COCO file {ann_file}: classes come from its categories (and a category map), "
                             f"not from a class list")
@@ -457,4 +480,5 @@ def scan_dataset(root: PathLike | None, ann_file: PathLike | None = "", *, class
     return scan_annotation_list(ann_file, root, classes=classes, verify=verify)
 
 
-__all__ = ["read_class_names", "scan_annotation_list", "read_category_map", "scan_coco", "scan_dataset"]
+__all__ = ["FORMATS", "dataset_format", "read_class_names", "scan_annotation_list", "read_category_map", "scan_coco",
+           "scan_dataset"]

@@ -117,27 +117,19 @@ def scan_split(args: argparse.Namespace, split: str, env: str, t: Template,
     root = getattr(args, f"{split}_data_roots", None) or os.environ.get(env, "")
     if not ann and not root:
         raise UserError(f"no {split} data: pass --{split}-data-roots (and --{split}-ann-files) or set {env}")
-    fmt = t.data.format
-    if fmt == "folders" and ann:
-        raise UserError(f"--{split}-ann-files {ann}: data.format is folders; pass '' or set --data-format")
-    if fmt in ("list", "coco") and not ann:
-        raise UserError(f"data.format is {fmt}: pass the {split} annotation file with --{split}-ann-files")
-    coco = fmt == "coco" or (fmt == "auto" and str(ann).lower().endswith(".json"))
+    try:
+        fmt = D.dataset_format(ann, t.data.format)
+    except UserError as exc:
+        raise UserError(f"{split} data (--{split}-ann-files, data.format / --data-format): {exc}") from None
     class_id_path = getattr(args, "class_id_path", None)
-    if not ann:  # class folders name their classes; a reference list would only renumber them
-        classes = None
-    if classes is None and class_id_path and not coco:
+    if fmt != "list":  # class folders name their classes (a reference list would only renumber them), COCO
+        classes = None  # files take theirs from the categories
+    if classes is None and class_id_path and fmt != "coco":
         classes = D.read_class_names(class_id_path)
     category_map = t.data.category_map and WORK_DIR / Path(t.data.category_map).expanduser()  # relative: work dir
-    if category_map and not coco:
+    if category_map and fmt != "coco":
         raise UserError(f"data.category_map {t.data.category_map} applies to COCO annotation files only")
-    root = root or None
-    if not ann:
-        scan = D.scan_dataset(root, "", classes=classes)
-    elif coco:
-        scan = D.scan_coco(ann, root, category_map=category_map)
-    else:
-        scan = D.scan_annotation_list(ann, root, classes=classes)
+    scan = D.scan_dataset(root or None, ann, fmt=fmt, classes=classes, category_map=category_map or None)
     if t.data.classes:
         scan = D.select_classes(scan, t.data.classes, what="data.classes (--classes)")
     if scan.multilabel and t.task.type != "multilabel":
