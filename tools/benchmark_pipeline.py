@@ -30,11 +30,11 @@ from pathlib import Path
 import torch
 
 from benchmark_recipe import TEMPLATES, digits_dataset
-from clsengine import data as D
+from clsengine import data as datasets
 from clsengine.loop import Recipe, train_one_epoch
 from clsengine.utils import seed_everything, select_device
 from workbench import auto
-from workbench import builders as B
+from workbench import builders
 from workbench.template import Template, load_template, parse_override
 
 
@@ -56,12 +56,12 @@ class Repeated:
 class Training:
     """Everything one training step of a template needs, built as train.py builds it."""
     t: Template
-    scan: D.FolderScan
+    scan: datasets.FolderScan
     device: torch.device
     model: torch.nn.Module
     recipe: Recipe
     optimizer: torch.optim.Optimizer
-    loader: D.EpochLoader
+    loader: datasets.EpochLoader
     scheduler: object
     criterion: torch.nn.Module
 
@@ -82,18 +82,18 @@ def build_training(template: str, size: int, overrides: dict, out: Path, max_ima
     seed_everything(t.training.seed)
     device = select_device(gpu_num)
     data = digits_dataset(out / f"size{size}", size)
-    scan = D.scan_folder(data / "train")
+    scan = datasets.scan_folder(data / "train")
     if max_images and len(scan.samples) > max_images:  # every class kept, in proportion
         step = len(scan.samples) / max_images
         scan.samples = [scan.samples[int(i * step)] for i in range(max_images)]
     n = len(scan.classes)
     t, _ = auto.resolve(t, auto.run_facts(t, len(scan.samples), n, device.type, samples=scan.samples))  # as train.py
-    model = B.build_model(t, n).to(device)
-    recipe = B.build_recipe(t, model, n, device)
-    optimizer = B.build_optimizer(t, [model, *recipe.aux_models])
-    loader = B.train_loader(t, scan, device)
-    return Training(t, scan, device, model, recipe, optimizer, loader, B.build_scheduler(t, optimizer, len(loader)),
-                    B.build_loss(t, n).to(device))
+    model = builders.build_model(t, n).to(device)
+    recipe = builders.build_recipe(t, model, n, device)
+    optimizer = builders.build_optimizer(t, [model, *recipe.aux_models])
+    loader = builders.train_loader(t, scan, device)
+    return Training(t, scan, device, model, recipe, optimizer, loader, builders.build_scheduler(t, optimizer, len(loader)),
+                    builders.build_loss(t, n).to(device))
 
 
 def measure(template: str, size: int, args: argparse.Namespace) -> dict:
@@ -118,7 +118,7 @@ def measure(template: str, size: int, args: argparse.Namespace) -> dict:
         for images, _ in loader:
             count += images.shape[0] if epoch else 0
     loader_only = count / (time.perf_counter() - start)
-    workers = B.loader_workers(t, run.device)
+    workers = builders.loader_workers(t, run.device)
     return {"template": template, "size": size, "images": len(scan.samples),
             "workers": f"{t.training.workers} ({workers})" if t.training.workers == "auto" else workers,
             "batch": t.hyper_parameters.basic.batch_size, "pipeline": pipeline, "limit": limit,

@@ -46,7 +46,7 @@ from clsengine.ov_core import openvino_core
 from clsengine.runlog import get_logger
 from clsengine.speed import ov_throughput
 from clsengine.utils import seed_everything, select_device
-from workbench import builders as B
+from workbench import builders
 from workbench import cli
 from workbench.classifier import load_classifier, model_from_checkpoint
 from workbench.template import Template, dump_config
@@ -124,10 +124,10 @@ class IRJudge:
 
     def export(self, model: torch.nn.Module, xml: Path) -> Path:
         t = self.t
-        return export_openvino(model, xml, input_size=B.input_size(t), mean=t.input.mean, std=t.input.std,
+        return export_openvino(model, xml, input_size=builders.input_size(t), mean=t.input.mean, std=t.input.std,
                                input_order=t.output_format.openvino_input_format, train_order=t.input.channel_order,
                                labels=self.classes, static_batch=t.output_format.static_shape,
-                               task=B.task_metadata(t))
+                               task=builders.task_metadata(t))
 
     def top1(self, xml: Path) -> float:
         ir = load_classifier(xml, template_path=self.template_path, overrides=self.overrides, classes=self.classes,
@@ -171,18 +171,18 @@ def main() -> int:
     train_scan, val_scan = cli.scan_train_val(args, t, logger, out, classes)
 
     basic = t.hyper_parameters.basic
-    train_loader = B.train_loader(t, train_scan, device)
-    val_loader = B.val_loader(t, val_scan, device)
-    calibration = B.make_loader(B.dataset(t, calibration_samples(train_scan.samples, c.calibration_subset,
-                                                                 t.training.seed), classes, B.eval_transform(t)),
+    train_loader = builders.train_loader(t, train_scan, device)
+    val_loader = builders.val_loader(t, val_scan, device)
+    calibration = builders.make_loader(builders.dataset(t, calibration_samples(train_scan.samples, c.calibration_subset,
+                                                                 t.training.seed), classes, builders.eval_transform(t)),
                                 t, 1, train=False, device=device)
-    criterion = B.build_loss(t, len(classes), train_scan.counts()).to(device)
+    criterion = builders.build_loss(t, len(classes), train_scan.counts()).to(device)
     float_model.to(device)
     judge = IRJudge(t, classes, val_scan.samples, args.template, overrides)
 
     float_xml = judge.export(float_model, out / "export_fp32" / "model.xml")
     float_top1 = judge.top1(float_xml)
-    key, metric = ("mAP", "mAP") if B.is_multilabel(t) else ("top1", "top-1")  # metrics.yaml key, log name
+    key, metric = ("mAP", "mAP") if builders.is_multilabel(t) else ("top1", "top-1")  # metrics.yaml key, log name
     budget = AccuracyBudget(float_top1, c.max_accuracy_drop, metric)
     logger.info(f"{t.name}: float IR {metric} {float_top1:.2f} on {len(val_scan.samples)} val images; budget: at "
                 f"most {c.max_accuracy_drop:g} points lost (int8 IR {metric} >= {budget.target:.2f}); device {device}")
@@ -222,7 +222,7 @@ def main() -> int:
                 if stop_at_budget else f"{epochs} epoch(s) at LR {lr:.3g} (compression.mode qat), keeping the epoch "
                                        f"whose int8 IR {metric} is best")
         logger.info(f"Quantization-aware training: {plan}")
-        optimizer = B.build_optimizer(t, model, lr=lr)
+        optimizer = builders.build_optimizer(t, model, lr=lr)
         scheduler = qat_scheduler(optimizer, epochs, len(train_loader))
         tensorboard_dir = Path(args.tensorboard_dir or out / "tensorboard") if t.tensorboard else None
         fit_cfg = FitConfig(epochs=epochs, output_dir=out, score_fn=judge, tensorboard_dir=tensorboard_dir,
@@ -257,7 +257,7 @@ def main() -> int:
     rows = {}
     core = openvino_core()
     for name, xml, top1 in (("float", float_xml, float_top1), ("int8", int8_xml, judge.top1(int8_xml))):
-        speed = (ov_throughput(core, xml, "CPU", B.input_size(t), args.benchmark_seconds)[0]
+        speed = (ov_throughput(core, xml, "CPU", builders.input_size(t), args.benchmark_seconds)[0]
                  if args.benchmark_seconds > 0 else None)
         rows[name] = {key: round(top1, 2), "ir": str(xml), "size_bytes": files_size(xml),
                       "throughput_img_s": round(speed, 1) if speed else None}

@@ -30,8 +30,8 @@ from pathlib import Path
 
 import yaml
 
-from clsengine import data as D
-from clsengine import predictions as P
+from clsengine import data as datasets
+from clsengine import predictions
 from clsengine.checkpoint import load_checkpoint
 from clsengine.errors import UserError
 from clsengine.fileio import atomic_output, write_text
@@ -67,10 +67,10 @@ def evaluate_prediction_files(args: argparse.Namespace) -> int:
     if not (args.preds and args.gts):
         raise UserError("end-to-end evaluation needs both --preds PRED_DIR and --gts GT_JSON")
     pred_dir = Path(args.preds)
-    preds = P.read_predictions(pred_dir)
-    names_file = Path(args.class_id_path) if args.class_id_path else pred_dir / P.CLASSES_FILE
-    classes = P.read_class_names(names_file) if names_file.is_file() or args.class_id_path else None
-    report = P.evaluate_predictions(preds, P.read_ground_truth(args.gts, classes), model_classes=classes)
+    preds = predictions.read_predictions(pred_dir)
+    names_file = Path(args.class_id_path) if args.class_id_path else pred_dir / predictions.CLASSES_FILE
+    classes = predictions.read_class_names(names_file) if names_file.is_file() or args.class_id_path else None
+    report = predictions.evaluate_predictions(preds, predictions.read_ground_truth(args.gts, classes), model_classes=classes)
     for warning in report.warnings:
         print(f"warning: {warning}")
     out = Path(args.save_output_to) if args.save_output_to else pred_dir
@@ -164,7 +164,7 @@ def main() -> int:
     classes = model.classes
     if classes != scan.classes:  # a model trained on some of the classes: evaluated on those
         print(f"note: the model knows {len(classes)} of the {len(scan.classes)} test classes; evaluating on those")
-        scan = D.select_classes(scan, classes, what=f"classes of {args.load_weights}")
+        scan = datasets.select_classes(scan, classes, what=f"classes of {args.load_weights}")
     logits, labels = model.predict(scan.samples, "test")
 
     metrics_path = Path(args.save_metrics_to)
@@ -201,7 +201,7 @@ def write_per_image(out_dir: Path, model, samples: list, probs) -> None:
             writer.writerow(["path", "labels", "predictions", "scores"])
             for (path, label), p in zip(samples, probs):
                 truth = label if isinstance(label, (tuple, list)) else (label,)
-                found = P.above_threshold(p.numpy(), classes, model.threshold)
+                found = predictions.above_threshold(p.numpy(), classes, model.threshold)
                 writer.writerow([path, ";".join(classes[i] for i in truth), ";".join(n for _, n in found),
                                  ";".join(f"{s:.4f}" for s, _ in found)])
         else:

@@ -25,13 +25,13 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
-from clsengine import data as D
-from clsengine import predictions as P
+from clsengine import data as datasets
+from clsengine import predictions
 from clsengine.data.image import UnreadableImageError
 from clsengine.errors import UserError
 from clsengine.fileio import write_bytes, write_text
 from clsengine.saliency import overlay
-from workbench import builders as B
+from workbench import builders
 from workbench import cli
 from workbench.classifier import Classifier, load_classifier
 
@@ -79,7 +79,7 @@ def main() -> int:
     args = parse_args()
     if not 0.0 <= args.alpha <= 1.0:
         raise UserError(f"--alpha must be between 0 and 1, got {args.alpha}")
-    names = P.read_class_names(args.class_id_path) if args.class_id_path else None
+    names = predictions.read_class_names(args.class_id_path) if args.class_id_path else None
     model = load_classifier(args.load_weights, template_path=args.template,
                             overrides=cli.collect_overrides(args), classes=names,
                             classes_source=f"class-id file {args.class_id_path}", device=args.device,
@@ -87,10 +87,10 @@ def main() -> int:
     if model.explain is None:
         raise UserError(why_no_saliency(model, args.load_weights))
     target = target_index(model, args.target_class, args.load_weights)
-    files, skipped = D.list_images(args.input)
-    out, base = Path(args.save_to), P.mirror_base(files, args.input)
+    files, skipped = datasets.list_images(args.input)
+    out, base = Path(args.save_to), predictions.mirror_base(files, args.input)
     out.mkdir(parents=True, exist_ok=True)
-    transform, batch = model.transform(), min(MAX_BATCH, B.eval_batch_size(model.template))
+    transform, batch = model.transform(), min(MAX_BATCH, builders.eval_batch_size(model.template))
     rows = []
     bar = tqdm(total=len(files), desc=f"explain ({model.kind})", unit="image", leave=False, dynamic_ncols=True,
                mininterval=0.5 if sys.stderr.isatty() else 30.0)
@@ -98,7 +98,7 @@ def main() -> int:
         images = {}
         for path in files[start:start + batch]:
             try:
-                images[path] = D.read_image(path)
+                images[path] = datasets.read_image(path)
             except UnreadableImageError as exc:   # passed the scan, failed to decode
                 skipped.append((path, exc.reason))
         if images:
@@ -107,7 +107,7 @@ def main() -> int:
             probs = model.probabilities(logits.float().cpu()).numpy()
             for (path, image), p, m in zip(images.items(), probs, maps.float().cpu().numpy()):
                 c = int(p.argmax()) if target is None else target
-                dest = P.prediction_file(out, path, base, ".png")
+                dest = predictions.prediction_file(out, path, base, ".png")
                 dest.parent.mkdir(parents=True, exist_ok=True)
                 write_bytes(dest, png_bytes(overlay(image, m[c], args.alpha)))
                 rows.append([path, model.classes[c], f"{p[c]:.6f}", str(dest)])

@@ -25,7 +25,7 @@ from pathlib import Path
 import torch
 import yaml
 
-from clsengine import data as D
+from clsengine import data as datasets
 from clsengine.errors import UserError
 from clsengine.fileio import write_text
 from clsengine.inference import runtime_versions, target_devices
@@ -33,7 +33,7 @@ from clsengine.ov_core import openvino_core
 from clsengine.compression import is_quantized
 from clsengine.export import (DEFAULT_OPSET, EXPORTERS, INT8_MIN_AGREEMENT, INT8_RTOL, export_onnx, export_openvino,
                               onnx_to_openvino, parity_check)
-from workbench import builders as B
+from workbench import builders
 from workbench import cli
 from workbench.classifier import load_training_checkpoint, model_from_checkpoint
 
@@ -69,10 +69,10 @@ def parse_args() -> argparse.Namespace:
 def parity_images(root: str | None, size: tuple[int, int], count: int, order: str) -> tuple[torch.Tensor, str]:
     """Images as deployment feeds them: (N, 3, H, W) float 0..255 in `order`; real ones when a root is given."""
     if root:
-        files, _ = D.list_images(root)  # any images under the root: class folders or an annotated image folder
+        files, _ = datasets.list_images(root)  # any images under the root: class folders or an annotated image folder
         step = max(1, len(files) // count)
-        transform = D.build_deploy_transform(size, bgr=order == "BGR")
-        batch = torch.stack([transform(D.read_image(path)) for path in files[::step][:count]])
+        transform = datasets.build_deploy_transform(size, bgr=order == "BGR")
+        batch = torch.stack([transform(datasets.read_image(path)) for path in files[::step][:count]])
         return batch, f"{len(batch)} images from {root}"
     batch = torch.rand(count, 3, *size, generator=torch.Generator().manual_seed(0)) * 255.0
     return batch, f"{count} random images"
@@ -87,12 +87,12 @@ def main() -> int:
         raise UserError(f"--explain: {weights} is an int8 checkpoint; saliency maps are computed on the float "
                         f"model: export the checkpoint it was compressed from with --explain")
 
-    size = tuple(args.input_shape) if args.input_shape else B.input_size(t)
+    size = tuple(args.input_shape) if args.input_shape else builders.input_size(t)
     order = t.output_format.openvino_input_format
     common = dict(input_size=size, mean=t.input.mean, std=t.input.std, input_order=order,
                   train_order=t.input.channel_order, labels=classes, opset=args.opset,
                   static_batch=t.output_format.static_shape if args.static is None else args.static,
-                  task=B.task_metadata(t), exporter=args.exporter, explain=args.explain)
+                  task=builders.task_metadata(t), exporter=args.exporter, explain=args.explain)
     want_onnx, want_ir = args.onnx, args.openvino
     if not (want_onnx or want_ir):
         want_onnx, want_ir = t.output_format.onnx, t.output_format.openvino

@@ -28,7 +28,7 @@ from clsengine.rundir import claim_run_folder
 from clsengine.runlog import get_logger
 from clsengine.utils import seed_everything, select_device
 from workbench import auto
-from workbench import builders as B
+from workbench import builders
 from workbench import cli
 from workbench.template import load_template, template_from_dict
 from workbench.training import train
@@ -91,7 +91,7 @@ def main() -> int:
     epochs = h.epochs_per_trial or max(1, basic.epochs // 5)
     storage = args.storage or f"sqlite:///{out / 'study.db'}"
     name = args.study_name or t.name
-    metric = "mAP" if B.is_multilabel(t) else "top-1"
+    metric = "mAP" if builders.is_multilabel(t) else "top-1"
     logger.info(f"{t.name}: optuna study '{name}' in {storage}; up to {h.n_trials} trials of {epochs} epoch(s), "
                 f"time budget {h.time_budget:g} x a {basic.epochs}-epoch run; score: val {metric}; "
                 f"learning rate {lr_range[0]:.3g}..{lr_range[1]:.3g}, weight decay {h.weight_decay[0]:.3g}.."

@@ -16,8 +16,8 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
-from clsengine import data as D
-from clsengine import predictions as P
+from clsengine import data as datasets
+from clsengine import predictions
 from clsengine.errors import UserError
 from workbench import cli
 from workbench.classifier import load_classifier
@@ -45,17 +45,17 @@ def main() -> int:
     if args.topk < 1:
         raise UserError(f"--topk must be 1 or more, got {args.topk}")
     overrides = cli.collect_overrides(args)
-    names = P.read_class_names(args.class_id_path) if args.class_id_path else None
+    names = predictions.read_class_names(args.class_id_path) if args.class_id_path else None
     model = load_classifier(args.load_weights, template_path=args.template, overrides=overrides, classes=names,
                             classes_source=f"class-id file {args.class_id_path}", device=args.device,
                             runtime=args.runtime)
-    files, skipped = D.list_images(args.input)
+    files, skipped = datasets.list_images(args.input)
     # The sample's "label" is its index in `files`, so each result stays tied to its image.
     logits, index = model.predict([(f, i) for i, f in enumerate(files)], "predict", multihot=False)
     probs = model.probabilities(logits).numpy()
     images = [files[int(i)] for i in index]
     threshold = (args.threshold if args.threshold is not None else model.threshold) if model.multilabel else None
-    summary = P.write_predictions(args.save_to, images, probs, model.classes, args.topk, root=args.input,
+    summary = predictions.write_predictions(args.save_to, images, probs, model.classes, args.topk, root=args.input,
                                   threshold=threshold)
     for path, reason in skipped:
         print(f"warning: skipped {path}: {reason}")

@@ -28,14 +28,14 @@ from pathlib import Path
 
 import torch
 
-from clsengine import data as D
+from clsengine import data as datasets
 from clsengine import distributed as dist
 from clsengine.checkpoint import load_checkpoint
 from clsengine.errors import UserError
 from clsengine.fileio import write_text
 from clsengine.runlog import get_logger
 from clsengine.utils import seed_everything, select_device
-from workbench import builders as B
+from workbench import builders
 from workbench import cli
 from workbench.template import dump_config, load_template, template_from_dict
 from workbench.training import train
@@ -128,9 +128,9 @@ def main() -> int:
     classes = train_scan.classes
     if t.task.background_label is not None and t.task.background_label not in classes:
         raise UserError(f"task.background_label '{t.task.background_label}' is not one of the classes "
-                        f"({D.format_names(classes)})")
-    report = D.dataset_report(train_scan, val_scan)
-    text = D.format_dataset_report(report)
+                        f"({datasets.format_names(classes)})")
+    report = datasets.dataset_report(train_scan, val_scan)
+    text = datasets.format_dataset_report(report)
     logger.info(text)
     if world.is_main:
         dump_config(report, out / "dataset_report.yaml")
@@ -153,7 +153,7 @@ def main() -> int:
                    aux_weights=args.load_aux_weights, run_info={"resumed_from": args.resume_from},
                    tensorboard_dir=tensorboard_dir, started=started)
     if result is not None:
-        score = "mAP" if B.is_multilabel(t) else "top-1"
+        score = "mAP" if builders.is_multilabel(t) else "top-1"
         written = [n for n in ("latest.pth", "best.pth", "config.yaml", "train.log", "history.csv",
                                "training_curves.png") if (out / n).is_file()]
         logger.info(f"Done: best val {score} {result['best_top1']:.2f} at epoch {result['best_epoch']}. "

@@ -10,7 +10,7 @@ from __future__ import annotations
 import dataclasses
 from typing import Any, Callable, Sequence
 
-from clsengine import auto as A
+from clsengine import auto as rules
 from clsengine.auto import Choice, RunFacts
 from clsengine.budget import per_image_cost
 from clsengine.data import mirror_asymmetry
@@ -21,13 +21,13 @@ from .template import AUTO, ModelSection, Template, set_dotted, template_from_di
 
 def small_input(m: ModelSection, t: Template) -> bool:
     """model.small_input with `auto` decided by the input size (needs no data: eval and export use it too)."""
-    return A.small_input(t.input.size).value if m.small_input == AUTO else bool(m.small_input)
+    return rules.small_input(t.input.size).value if m.small_input == AUTO else bool(m.small_input)
 
 
 def mixed_precision(t: Template, device_type: str) -> Choice:
     """training.amp's `auto`, from the device and the architectures (one with depthwise convolutions decides)."""
     archs = [t.model.architecture] + [aux.model.architecture for aux in t.training.mutual_learning.aux_models]
-    return A.mixed_precision(device_type, A.native_bf16(device_type), any(uses_depthwise(a) for a in archs))
+    return rules.mixed_precision(device_type, rules.native_bf16(device_type), any(uses_depthwise(a) for a in archs))
 
 
 def _passes_per_step(sam: bool, mutual: bool, aux_models: int) -> int:
@@ -63,45 +63,45 @@ def resolve(t: Template, facts: RunFacts) -> tuple[Template, list[Choice]]:
                                                          tr.mutual_learning.aux_models)]
     for model_data, m, main in models:
         if m.small_input == AUTO:
-            choice = A.small_input(t.input.size)
+            choice = rules.small_input(t.input.size)
             model_data["small_input"] = decide(choice) if main else choice.value
-    batch = decide(A.batch_size(facts)) if basic.batch_size == AUTO else basic.batch_size
-    optimizer = decide(A.optimizer(facts, batch)) if tr.optimizer.name == AUTO else tr.optimizer.name
+    batch = decide(rules.batch_size(facts)) if basic.batch_size == AUTO else basic.batch_size
+    optimizer = decide(rules.optimizer(facts, batch)) if tr.optimizer.name == AUTO else tr.optimizer.name
     if tr.optimizer.weight_decay == AUTO:
-        decide(A.weight_decay(optimizer))
+        decide(rules.weight_decay(optimizer))
     if tr.scheduler.name == AUTO:
-        decide(A.scheduler(facts, batch))
+        decide(rules.scheduler(facts, batch))
     if tr.scheduler.warmup_epochs == AUTO:
-        decide(A.warmup_epochs(facts))
-    level = decide(A.augmentation_level(facts, batch)) if tr.augmentation_level == AUTO else tr.augmentation_level
+        decide(rules.warmup_epochs(facts))
+    level = decide(rules.augmentation_level(facts, batch)) if tr.augmentation_level == AUTO else tr.augmentation_level
     if level == "light":  # written out, so config.yaml shows the augmentation trained with
-        data["training"]["augmentation"].update(A.LIGHT_AUGMENTATION)
+        data["training"]["augmentation"].update(rules.LIGHT_AUGMENTATION)
     if tr.augmentation.hflip == AUTO:
-        decide(A.hflip(facts))
+        decide(rules.hflip(facts))
     lr_pinned = basic.base_learning_rate != AUTO
     if not lr_pinned:
-        decide(A.learning_rate(facts, optimizer, batch))
+        decide(rules.learning_rate(facts, optimizer, batch))
     for model_data, m, main in models:
         if m.drop_path_rate != AUTO:
             continue
         rate = default_drop_path_rate(m.architecture)  # 0.0 for architectures without stochastic depth
         if rate:
-            choice = A.drop_path_rate(facts, batch, rate)
+            choice = rules.drop_path_rate(facts, batch, rate)
             rate = decide(choice) if main else choice.value
         model_data["drop_path_rate"] = rate
     if tr.amp == AUTO:  # the slowest layers decide: any model with depthwise convolutions
         decide(mixed_precision(t, facts.device_type))
     sam = tr.optimizer.sam.enabled
     if sam == AUTO:
-        sam = decide(A.costly_technique("training.optimizer.sam.enabled", "SAM", facts, batch))
+        sam = decide(rules.costly_technique("training.optimizer.sam.enabled", "SAM", facts, batch))
     mutual = tr.mutual_learning.enabled
     if mutual == AUTO:
-        mutual = decide(A.costly_technique("training.mutual_learning.enabled", "mutual learning", facts, batch))
+        mutual = decide(rules.costly_technique("training.mutual_learning.enabled", "mutual learning", facts, batch))
     f = tr.lr_finder
     found: list[Choice] = []
     if f.enabled is not False and AUTO in (f.enabled, f.num_iter):  # nothing to decide for a finder pinned off
         passes = _passes_per_step(sam, mutual, len(tr.mutual_learning.aux_models))
-        found = A.lr_finder(facts, batch, passes, f.warmup_epochs, lr_pinned and f.enabled == AUTO, f.mode,
+        found = rules.lr_finder(facts, batch, passes, f.warmup_epochs, lr_pinned and f.enabled == AUTO, f.mode,
                             trial_cost_epochs=f.n_trials * f.trial_epochs, pinned_on=f.enabled is True)
     for choice in found:  # a pinned value is kept: only the `auto` ones are decided
         leaf = choice.key.rsplit(".", 1)[1]
@@ -109,7 +109,7 @@ def resolve(t: Template, facts: RunFacts) -> tuple[Template, list[Choice]]:
             decide(choice)
     if f.num_iter == AUTO and not any(c.key.endswith(".num_iter") for c in found):
         # The finder does not run (or its budget is too small for a curve): the fewest usable iterations.
-        set_dotted(data, "training.lr_finder.num_iter", A.LR_FINDER_MIN_ITERS)
+        set_dotted(data, "training.lr_finder.num_iter", rules.LR_FINDER_MIN_ITERS)
     return template_from_dict(data, f"{t.name} (auto values decided)"), choices
 
 
@@ -125,8 +125,8 @@ def plan_time_budget(t: Template, facts: RunFacts, budget_s: float, spent_s: Cal
     if basic.batch_size != AUTO:
         batches = [basic.batch_size]
     else:
-        floor = A.MIN_BATCH.get(facts.device_type, A.MIN_BATCH["cpu"])
-        batches = [floor, min(A.MAX_BATCH, 4 * floor)]
+        floor = rules.MIN_BATCH.get(facts.device_type, rules.MIN_BATCH["cpu"])
+        batches = [floor, min(rules.MAX_BATCH, 4 * floor)]
     cost = per_image_cost({b: seconds_per_image(resolve(_with(t, facts.epochs, batch=b), facts)[0]) for b in batches})
     spent = spent_s()
     epochs, fit = _fixed_point(t, facts, cost, val_images, budget_s, spent)
@@ -154,13 +154,13 @@ def _larger_batch(t: Template, facts: RunFacts, cost: Callable[[int], float], va
     epoch, the doubled batch is taken (repeatedly). Returns the epochs, their fit and the batch choice (none:
     the step rule's batch stays)."""
     start, start_epochs = batch, epochs
-    while 2 * batch <= A.MAX_BATCH:
+    while 2 * batch <= rules.MAX_BATCH:
         b = 2 * batch
         f = dataclasses.replace(facts, epochs=epochs)
-        if (A.steps_per_epoch(f, b) < A.MIN_STEPS_PER_EPOCH or cost(batch) < LARGER_BATCH_SAVING * cost(b)):
+        if (rules.steps_per_epoch(f, b) < rules.MIN_STEPS_PER_EPOCH or cost(batch) < LARGER_BATCH_SAVING * cost(b)):
             break
         e, e_fit = _fixed_point(_with(t, facts.epochs, batch=b), facts, cost, val_images, budget_s, spent_s)
-        if e <= epochs or e * A.steps_per_epoch(f, b) < A.TARGET_STEPS // 2:
+        if e <= epochs or e * rules.steps_per_epoch(f, b) < rules.TARGET_STEPS // 2:
             break
         batch, epochs, fit = b, e, e_fit
     if batch == start:
@@ -169,8 +169,8 @@ def _larger_batch(t: Template, facts: RunFacts, cost: Callable[[int], float], va
     return epochs, fit, [Choice(
         "hyper_parameters.basic.batch_size", batch,
         f"time budget: batch {batch} ({cost(batch) * 1000:.1f} ms per image) fits {epochs} epochs of "
-        f"{A.steps_per_epoch(f, batch)} steps where the step rule's {start} ({cost(start) * 1000:.1f} ms) fits "
-        f"{start_epochs}: more passes over the data at >= {A.TARGET_STEPS // 2} steps, the step aim halved")]
+        f"{rules.steps_per_epoch(f, batch)} steps where the step rule's {start} ({cost(start) * 1000:.1f} ms) fits "
+        f"{start_epochs}: more passes over the data at >= {rules.TARGET_STEPS // 2} steps, the step aim halved")]
 
 
 def _fixed_point(t: Template, facts: RunFacts, cost: Callable[[int], float], val_images: int, budget_s: float,
@@ -187,7 +187,7 @@ def _fixed_point(t: Template, facts: RunFacts, cost: Callable[[int], float], val
             basic, tr = resolved.hyper_parameters.basic, resolved.training
             passes = _passes_per_step(tr.optimizer.sam.enabled, tr.mutual_learning.enabled,
                                       len(tr.mutual_learning.aux_models))
-            fits[epochs] = A.epochs_for_budget(facts, basic.batch_size, passes, cost(basic.batch_size), val_images,
+            fits[epochs] = rules.epochs_for_budget(facts, basic.batch_size, passes, cost(basic.batch_size), val_images,
                                                2 if tr.ema.enabled else 1, budget_s, spent_s)
         return fits[epochs]
 

@@ -10,8 +10,8 @@ from pathlib import Path
 import torch
 import torch.nn as nn
 
-from clsengine import auto as A
-from clsengine import data as D
+from clsengine import auto as rules
+from clsengine import data as datasets
 from clsengine import distributed as dist
 from clsengine.fileio import write_text
 from clsengine.checkpoint import load_checkpoint, load_model_weights, load_state_dict_file
@@ -73,7 +73,7 @@ def class_weights(t: Template, class_counts: list[int] | None) -> torch.Tensor |
     if class_counts is None:
         return None
     try:
-        return D.class_weights(class_counts, t.data.class_weights)
+        return datasets.class_weights(class_counts, t.data.class_weights)
     except UserError as exc:
         raise UserError(f"data.class_weights: {exc}") from None
 
@@ -127,7 +127,7 @@ def memory_format(t: Template, device: torch.device) -> torch.memory_format:
     on = t.training.channels_last
     if on == AUTO:
         on = (device.type == "cuda" or min(input_size(t)) >= CHANNELS_LAST_MIN_SIDE_CPU
-              or (device.type == "cpu" and A.cpu_has_avx512()))
+              or (device.type == "cpu" and rules.cpu_has_avx512()))
     return torch.channels_last if on else torch.contiguous_format
 
 
@@ -151,21 +151,21 @@ def build_recipe(t: Template, model: nn.Module, num_classes: int, device: torch.
                   ema=create_ema(model, ema.decay, ema.warmup) if ema.enabled else None, amp_dtype=dtype,
                   grad_scaler=torch.amp.GradScaler("cuda") if dtype == torch.float16 else None,
                   memory_format=layout, compile=t.training.compile,
-                  mix=D.build_batch_mix(t.training.augmentation, num_classes))
+                  mix=datasets.build_batch_mix(t.training.augmentation, num_classes))
 
 
-def eval_transform(t: Template) -> D.transforms.Pipeline:
-    return D.build_eval_transform(input_size(t), t.input.mean, t.input.std, bgr=t.input.channel_order == "BGR")
+def eval_transform(t: Template) -> datasets.transforms.Pipeline:
+    return datasets.build_eval_transform(input_size(t), t.input.mean, t.input.std, bgr=t.input.channel_order == "BGR")
 
 
-def train_transform(t: Template) -> D.transforms.Pipeline:
+def train_transform(t: Template) -> datasets.transforms.Pipeline:
     aug = t.training.augmentation
     if aug.hflip == AUTO:  # a template not resolved against its data: the photo default
-        aug = dataclasses.replace(aug, hflip=A.HFLIP_P)
-    return D.build_train_transform(input_size(t), t.input.mean, t.input.std, aug, bgr=t.input.channel_order == "BGR")
+        aug = dataclasses.replace(aug, hflip=rules.HFLIP_P)
+    return datasets.build_train_transform(input_size(t), t.input.mean, t.input.std, aug, bgr=t.input.channel_order == "BGR")
 
 
-def report_skipped(scan: D.FolderScan, logger: logging.Logger, out_file: Path | None = None) -> None:
+def report_skipped(scan: datasets.FolderScan, logger: logging.Logger, out_file: Path | None = None) -> None:
     """Log unreadable files (skipped, never fatal) and list them all in out_file."""
     if not scan.skipped:
         return
@@ -181,31 +181,31 @@ def loader_workers(t: Template, device: torch.device) -> int:
     """training.workers, with auto resolved for this device and the processes sharing the machine."""
     if t.training.workers != "auto":
         return int(t.training.workers)
-    return D.auto_workers(device.type, dist.info().world_size)
+    return datasets.auto_workers(device.type, dist.info().world_size)
 
 
-def make_loader(dataset: D.ImageDataset, t: Template, batch_size: int, train: bool, device: torch.device,
-                sample_weights: list[float] | None = None) -> D.EpochLoader:
-    return D.EpochLoader(dataset, batch_size=batch_size, shuffle=train, workers=loader_workers(t, device),
+def make_loader(dataset: datasets.ImageDataset, t: Template, batch_size: int, train: bool, device: torch.device,
+                sample_weights: list[float] | None = None) -> datasets.EpochLoader:
+    return datasets.EpochLoader(dataset, batch_size=batch_size, shuffle=train, workers=loader_workers(t, device),
                          seed=t.training.seed, drop_last=train, pin_memory=device.type == "cuda",
                          sample_weights=sample_weights)
 
 
-def dataset(t: Template, samples: list, classes: list[str], transform, cache: bool = False) -> D.ImageDataset:
+def dataset(t: Template, samples: list, classes: list[str], transform, cache: bool = False) -> datasets.ImageDataset:
     """Images with labels as the task wants them: class indices, or multi-hot vectors for multi-label;
     `cache`: decoded once and kept in memory when they fit in data.cache_mb (datasets read every epoch)."""
-    return D.ImageDataset(samples, classes, transform, multilabel=is_multilabel(t),
+    return datasets.ImageDataset(samples, classes, transform, multilabel=is_multilabel(t),
                           cache_bytes=t.data.cache_mb * 2 ** 20 if cache else 0)
 
 
-def train_loader(t: Template, scan: D.FolderScan, device: torch.device) -> D.EpochLoader:
+def train_loader(t: Template, scan: datasets.FolderScan, device: torch.device) -> datasets.EpochLoader:
     """Augmented, shuffled training batches; class-balanced draws with data.balanced_sampler."""
-    weights = D.sample_weights(scan.samples, scan.counts()) if t.data.balanced_sampler else None
+    weights = datasets.sample_weights(scan.samples, scan.counts()) if t.data.balanced_sampler else None
     return make_loader(dataset(t, scan.samples, scan.classes, train_transform(t), cache=True), t,
                        t.hyper_parameters.basic.batch_size, train=True, device=device, sample_weights=weights)
 
 
-def val_loader(t: Template, scan: D.FolderScan, device: torch.device) -> D.EpochLoader:
+def val_loader(t: Template, scan: datasets.FolderScan, device: torch.device) -> datasets.EpochLoader:
     return make_loader(dataset(t, scan.samples, scan.classes, eval_transform(t), cache=True), t,
                        eval_batch_size(t), train=False, device=device)
 

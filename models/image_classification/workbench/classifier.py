@@ -10,7 +10,7 @@ from typing import Any, Callable
 
 import torch
 
-from clsengine import data as D
+from clsengine import data as datasets
 from clsengine.checkpoint import load_checkpoint, load_model_weights, load_state_dict_file
 from clsengine.complexity import complexity
 from clsengine.compression import is_quantized, restore_quantized
@@ -21,7 +21,7 @@ from clsengine.loop import predict
 from clsengine.metrics import multilabel_probs
 from clsengine.utils import select_device
 
-from . import builders as B
+from . import builders
 from .template import Template, load_template, template_from_dict
 
 
@@ -61,17 +61,17 @@ class Classifier:
             return multilabel_probs(logits, self.background_index, self.threshold)
         return logits.softmax(dim=1)
 
-    def transform(self) -> D.transforms.Pipeline:
-        return D.build_deploy_transform(self.input_size, bgr=self.input_order == "BGR")
+    def transform(self) -> datasets.transforms.Pipeline:
+        return datasets.build_deploy_transform(self.input_size, bgr=self.input_order == "BGR")
 
     def predict(self, samples: list[tuple[str, int]], desc: str, multihot: bool | None = None
                 ) -> tuple[torch.Tensor, torch.Tensor]:
         """Logits of (path, label) samples, and the labels of the samples decoded: multi-hot for a
         multi-label model unless `multihot` is False (labels that are not classes, e.g. image indices)."""
         t = self.template
-        dataset = D.ImageDataset(samples, self.classes, self.transform(),
+        dataset = datasets.ImageDataset(samples, self.classes, self.transform(),
                                  multilabel=self.multilabel if multihot is None else multihot)
-        loader = B.make_loader(dataset, t, B.eval_batch_size(t), train=False, device=self.device)
+        loader = builders.make_loader(dataset, t, builders.eval_batch_size(t), train=False, device=self.device)
         return predict(self.run, loader, self.device, desc=f"{desc} ({self.kind}, {self.runtime})")
 
 
@@ -89,7 +89,7 @@ def model_from_checkpoint(checkpoint: dict[str, Any], source: str | Path, overri
     come back with their int8 quantizers in place)."""
     t = template_from_dict(checkpoint["config"]["template"], f"checkpoint {source}", overrides)
     classes = [str(c) for c in checkpoint["classes"]]
-    model = B.build_model(t, len(classes))
+    model = builders.build_model(t, len(classes))
     if is_quantized(checkpoint):
         model = restore_quantized(model, checkpoint["quantization"]["nncf"])
     load_model_weights(model, checkpoint["model"], str(source))
@@ -116,7 +116,7 @@ def _check_classes(own: list[str], classes: list[str] | None, own_source: str, c
                    allow_subset: bool) -> None:
     if classes is None or (allow_subset and set(own) < set(classes)):
         return
-    D.check_same_classes(own, classes, own_source, classes_source)
+    datasets.check_same_classes(own, classes, own_source, classes_source)
 
 
 def load_classifier(path: str | Path, *, template_path: str, overrides: dict[str, Any], classes: list[str] | None,
@@ -152,7 +152,7 @@ def load_classifier(path: str | Path, *, template_path: str, overrides: dict[str
         t = load_template(template_path, overrides)
         if classes is None:
             raise UserError(f"{path} holds bare weights without class names; pass them (--class-id-path)")
-        model = B.build_model(t, len(classes))
+        model = builders.build_model(t, len(classes))
         state = load_state_dict_file(path)  # the tensors of `checkpoint`, whatever its layout
         n_out = _head_outputs(model, state)
         if n_out is not None and n_out != len(classes):
@@ -164,10 +164,10 @@ def load_classifier(path: str | Path, *, template_path: str, overrides: dict[str
                          train_order=t.input.channel_order).to(device).eval()
     explain = None if quantized else DeployModel(model, t.input.mean, t.input.std, input_order=order,
                                                  train_order=t.input.channel_order, explain=True,
-                                                 multilabel=B.is_multilabel(t)).to(device).eval()
-    size = B.input_size(t)
+                                                 multilabel=builders.is_multilabel(t)).to(device).eval()
+    size = builders.input_size(t)
     return Classifier(run=deploy, classes=classes, input_size=size, input_order=order, device=device,
                       files=[path], kind="int8 checkpoint" if quantized else "checkpoint", runtime="PyTorch",
-                      complexity=lambda: complexity(model, size), template=t, task=B.task_metadata(t),
+                      complexity=lambda: complexity(model, size), template=t, task=builders.task_metadata(t),
                       explain=explain)
 

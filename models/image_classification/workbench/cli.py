@@ -11,7 +11,7 @@ from typing import Any, Callable
 
 import yaml
 
-from clsengine import data as D
+from clsengine import data as datasets
 from clsengine import distributed as dist
 from clsengine.errors import UserError
 from clsengine.fileio import NO_PERMISSION, NO_SPACE, write_error
@@ -106,7 +106,7 @@ def add_dataset_args(parser: argparse.ArgumentParser, training: bool = False) ->
 
 
 def scan_split(args: argparse.Namespace, split: str, env: str, t: Template,
-               classes: list[str] | None = None) -> D.FolderScan:
+               classes: list[str] | None = None) -> datasets.FolderScan:
     """The images and labels of one split, read as the template's data section (and the flags) say.
 
     `classes` fixes class order and the names of integer labels (e.g. the training classes for the
@@ -118,20 +118,20 @@ def scan_split(args: argparse.Namespace, split: str, env: str, t: Template,
     if not ann and not root:
         raise UserError(f"no {split} data: pass --{split}-data-roots (and --{split}-ann-files) or set {env}")
     try:
-        fmt = D.dataset_format(ann, t.data.format)
+        fmt = datasets.dataset_format(ann, t.data.format)
     except UserError as exc:
         raise UserError(f"{split} data (--{split}-ann-files, data.format / --data-format): {exc}") from None
     class_id_path = getattr(args, "class_id_path", None)
     if fmt != "list":  # class folders name their classes (a reference list would only renumber them), COCO
         classes = None  # files take theirs from the categories
     if classes is None and class_id_path and fmt != "coco":
-        classes = D.read_class_names(class_id_path)
+        classes = datasets.read_class_names(class_id_path)
     category_map = t.data.category_map and WORK_DIR / Path(t.data.category_map).expanduser()  # relative: work dir
     if category_map and fmt != "coco":
         raise UserError(f"data.category_map {t.data.category_map} applies to COCO annotation files only")
-    scan = D.scan_dataset(root or None, ann, fmt=fmt, classes=classes, category_map=category_map or None)
+    scan = datasets.scan_dataset(root or None, ann, fmt=fmt, classes=classes, category_map=category_map or None)
     if t.data.classes:
-        scan = D.select_classes(scan, t.data.classes, what="data.classes (--classes)")
+        scan = datasets.select_classes(scan, t.data.classes, what="data.classes (--classes)")
     if scan.multilabel and t.task.type != "multilabel":
         raise UserError(f"{split} data ({scan.source}) has images with several labels, but task.type is "
                         f"multiclass; use a multi-label template or task.type=multilabel")
@@ -139,7 +139,7 @@ def scan_split(args: argparse.Namespace, split: str, env: str, t: Template,
 
 
 def scan_train_val(args: argparse.Namespace, t: Template, logger: logging.Logger, out: Path,
-                   classes: list[str] | None = None) -> tuple[D.FolderScan, D.FolderScan]:
+                   classes: list[str] | None = None) -> tuple[datasets.FolderScan, datasets.FolderScan]:
     """Training and validation splits with the same classes (`classes`: a checkpoint's, else the training
     data's); unreadable files are logged and listed in out/skipped_images.txt."""
     train = scan_split(args, "train", "TRAIN_DATA_ROOT", t, None if t.data.classes else classes)
@@ -147,9 +147,9 @@ def scan_train_val(args: argparse.Namespace, t: Template, logger: logging.Logger
     val = scan_split(args, "val", "VAL_DATA_ROOT", t, None if t.data.classes else reference)
     for name, scan in (("train", train), ("val", val)):
         if classes is not None:
-            D.check_same_classes(classes, scan.classes, "the checkpoint", f"{name} data ({scan.source})")
+            datasets.check_same_classes(classes, scan.classes, "the checkpoint", f"{name} data ({scan.source})")
         report_skipped(scan, logger, out / "skipped_images.txt" if dist.info().is_main else None)  # rank 0 writes
-    D.check_same_classes(train.classes, val.classes, f"train data ({train.source})", f"val data ({val.source})")
+    datasets.check_same_classes(train.classes, val.classes, f"train data ({train.source})", f"val data ({val.source})")
     return train, val
 
 

@@ -10,14 +10,14 @@ from typing import Any, Callable
 
 import torch
 
-from clsengine import data as D
+from clsengine import data as datasets
 from clsengine import distributed as dist
 from clsengine.budget import parse_duration, probe_steps, seconds_per_image
 from clsengine.loop import FitConfig, fit
 from clsengine.models import freeze_backbone, load_pretrained
 
 from . import auto
-from . import builders as B
+from . import builders
 from .template import Template, dump_config
 
 
@@ -29,7 +29,7 @@ def scale_learning_rate(t: Template, world_size: int) -> float:
     return lr * factor
 
 
-def train(t: Template, train_scan: D.FolderScan, val_scan: D.FolderScan, out: Path, device: torch.device,
+def train(t: Template, train_scan: datasets.FolderScan, val_scan: datasets.FolderScan, out: Path, device: torch.device,
           logger: logging.Logger, *, weights: str | None = None, resume: dict[str, Any] | None = None,
           aux_weights: list[str] | None = None, run_info: dict[str, Any] | None = None,
           tensorboard_dir: Path | None = None, checkpoints: bool = True, progress: bool = True,
@@ -50,12 +50,12 @@ def train(t: Template, train_scan: D.FolderScan, val_scan: D.FolderScan, out: Pa
     budget_s = parse_duration(budget) if budget is not None and resume is None else None
     if budget_s is not None:
         def measure(resolved: Template) -> float:
-            probe_model = B.build_model(resolved, len(classes)).to(device)
-            probe_loss = B.build_loss(resolved, len(classes), train_scan.counts()).to(device)
+            probe_model = builders.build_model(resolved, len(classes)).to(device)
+            probe_loss = builders.build_loss(resolved, len(classes), train_scan.counts()).to(device)
             warmup, steps = probe_steps(resolved.hyper_parameters.basic.batch_size)
-            return seconds_per_image(probe_model, B.train_loader(resolved, train_scan, device), probe_loss, device,
-                                     steps=steps, warmup=warmup, memory_format=B.memory_format(resolved, device),
-                                     amp_dtype=B.amp_dtype(resolved, device))
+            return seconds_per_image(probe_model, builders.train_loader(resolved, train_scan, device), probe_loss, device,
+                                     steps=steps, warmup=warmup, memory_format=builders.memory_format(resolved, device),
+                                     amp_dtype=builders.amp_dtype(resolved, device))
 
         t, choices = auto.plan_time_budget(t, facts, budget_s, lambda: time.monotonic() - started, measure,
                                            len(val_scan.samples))
@@ -63,21 +63,21 @@ def train(t: Template, train_scan: D.FolderScan, val_scan: D.FolderScan, out: Pa
         t, choices = auto.resolve(t, facts)
     for choice in choices:
         logger.info(str(choice))
-    model = B.build_model(t, len(classes))
+    model = builders.build_model(t, len(classes))
     if weights:
         logger.info(f"Initial weights {load_pretrained(model, weights).describe()}")
     if t.training.freeze_backbone:
         freeze_backbone(model)
     model.to(device)
 
-    train_loader = B.train_loader(t, train_scan, device)
-    val_loader = B.val_loader(t, val_scan, device)
+    train_loader = builders.train_loader(t, train_scan, device)
+    val_loader = builders.val_loader(t, val_scan, device)
     counts = train_scan.counts()
-    criterion = B.build_loss(t, len(classes), counts).to(device)
+    criterion = builders.build_loss(t, len(classes), counts).to(device)
     basic = t.hyper_parameters.basic
     if t.training.lr_finder.enabled and resume is None:
         # Every rank runs the finder on its shard; all then take rank 0's rate.
-        lr = dist.broadcast_object(B.find_learning_rate(t, model, criterion, train_loader, val_loader, device,
+        lr = dist.broadcast_object(builders.find_learning_rate(t, model, criterion, train_loader, val_loader, device,
                                                         out, logger))
         basic.base_learning_rate = lr
         if t.training.lr_finder.stop_after:
@@ -92,12 +92,12 @@ def train(t: Template, train_scan: D.FolderScan, val_scan: D.FolderScan, out: Pa
             logger.info(f"{world.world_size} processes x batch {basic.batch_size}: learning rate "
                         f"{basic.base_learning_rate:.4g} -> {scaled:.4g} (training.scale_lr {t.training.scale_lr})")
             basic.base_learning_rate = scaled
-    recipe = B.build_recipe(t, model, len(classes), device, counts)
+    recipe = builders.build_recipe(t, model, len(classes), device, counts)
     if aux_weights and resume is None:
-        B.load_aux_weights(recipe.aux_models, aux_weights)
-    optimizer = B.build_optimizer(t, [model, *recipe.aux_models])
-    scheduler = B.build_scheduler(t, optimizer, len(train_loader))
-    logger.info(B.describe_recipe(t, recipe))
+        builders.load_aux_weights(recipe.aux_models, aux_weights)
+    optimizer = builders.build_optimizer(t, [model, *recipe.aux_models])
+    scheduler = builders.build_scheduler(t, optimizer, len(train_loader))
+    logger.info(builders.describe_recipe(t, recipe))
 
     config = {
         "template": t.to_dict(),
