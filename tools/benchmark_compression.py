@@ -28,6 +28,7 @@ from benchmark_recipe import REPO_ROOT, TEMPLATES, digits_dataset, run
 from clsengine.checkpoint import load_checkpoint
 from clsengine.export import export_openvino
 from clsengine.speed import ov_throughput
+from workbench import builders
 from workbench.classifier import model_from_checkpoint
 
 # The demo's recipe for a short budget from scratch (tools/run_demo.sh).
@@ -40,9 +41,8 @@ def throughput_at(checkpoint: Path, size: int, out: Path, seconds: float) -> flo
     from clsengine.ov_core import openvino_core
 
     t, classes, model = model_from_checkpoint(load_checkpoint(checkpoint), checkpoint)
-    xml = export_openvino(model, out / "model.xml", input_size=(size, size), mean=t.input.mean, std=t.input.std,
-                          input_order=t.output_format.openvino_input_format, train_order=t.input.channel_order,
-                          labels=classes)
+    xml = export_openvino(model, out / "model.xml",
+                          **builders.export_kwargs(t, classes, (size, size), static_batch=False))
     return ov_throughput(openvino_core(), xml, "CPU", (size, size), seconds)[0]
 
 

@@ -174,10 +174,8 @@ def load_subject(args: argparse.Namespace) -> Subject:
 # ------------------------------------------------------------------------------------------- export
 def export_all(subject: Subject, out: Path) -> list[tuple[str, str, Path]]:
     """(format, precision, path) of the FP32 IR, FP16 IR and ONNX file, exported as export.py does it."""
-    t = subject.template
-    common = dict(input_size=subject.size, mean=t.input.mean, std=t.input.std,
-                  input_order=t.output_format.openvino_input_format, train_order=t.input.channel_order,
-                  labels=subject.labels)
+    # a dynamic batch: PyTorch and onnxruntime are timed at --batch-size
+    common = builders.export_kwargs(subject.template, subject.labels, subject.size, static_batch=False)
     progress("exporting FP32 IR, FP16 IR and ONNX")
     return [
         ("OpenVINO IR", "FP32", export_openvino(subject.model, out / "model_fp32.xml", precision="FP32", **common)),

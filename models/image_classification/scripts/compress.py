@@ -123,11 +123,7 @@ class IRJudge:
         self.template_path, self.overrides = template_path, overrides
 
     def export(self, model: torch.nn.Module, xml: Path) -> Path:
-        t = self.t
-        return export_openvino(model, xml, input_size=builders.input_size(t), mean=t.input.mean, std=t.input.std,
-                               input_order=t.output_format.openvino_input_format, train_order=t.input.channel_order,
-                               labels=self.classes, static_batch=t.output_format.static_shape,
-                               task=builders.task_metadata(t))
+        return export_openvino(model, xml, **builders.export_kwargs(self.t, self.classes))
 
     def top1(self, xml: Path) -> float:
         ir = load_classifier(xml, template_path=self.template_path, overrides=self.overrides, classes=self.classes,

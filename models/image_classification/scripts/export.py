@@ -87,12 +87,10 @@ def main() -> int:
         raise UserError(f"--explain: {weights} is an int8 checkpoint; saliency maps are computed on the float "
                         f"model: export the checkpoint it was compressed from with --explain")
 
-    size = tuple(args.input_shape) if args.input_shape else builders.input_size(t)
-    order = t.output_format.openvino_input_format
-    common = dict(input_size=size, mean=t.input.mean, std=t.input.std, input_order=order,
-                  train_order=t.input.channel_order, labels=classes, opset=args.opset,
-                  static_batch=t.output_format.static_shape if args.static is None else args.static,
-                  task=builders.task_metadata(t), exporter=args.exporter, explain=args.explain)
+    shape = tuple(args.input_shape) if args.input_shape else None
+    common = dict(builders.export_kwargs(t, classes, shape, args.static), opset=args.opset, exporter=args.exporter,
+                  explain=args.explain)
+    size, order = common["input_size"], common["input_order"]
     want_onnx, want_ir = args.onnx, args.openvino
     if not (want_onnx or want_ir):
         want_onnx, want_ir = t.output_format.onnx, t.output_format.openvino

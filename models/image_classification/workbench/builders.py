@@ -5,6 +5,7 @@ import dataclasses
 import logging
 import os
 import shutil
+from typing import Any
 from pathlib import Path
 
 import torch
@@ -66,6 +67,18 @@ def task_metadata(t: Template) -> dict:
     if not is_multilabel(t):
         return {"type": "multiclass"}
     return {"type": "multilabel", "threshold": t.task.threshold, "background_label": t.task.background_label}
+
+
+def export_kwargs(t: Template, labels: list[str], size: tuple[int, int] | None = None,
+                  static_batch: bool | None = None) -> dict[str, Any]:
+    """clsengine.export's arguments from the template (input, preprocessing, channel order, output_format,
+    task) and the model's labels: every exporter of the domain (export.py, compress.py, the benchmarks) reads
+    the template here. `size` (height, width) and `static_batch` override the template's (a benchmark timing several
+    batch sizes needs a dynamic batch)."""
+    return dict(input_size=size or input_size(t), mean=t.input.mean, std=t.input.std,
+                input_order=t.output_format.openvino_input_format, train_order=t.input.channel_order,
+                labels=labels, task=task_metadata(t),
+                static_batch=t.output_format.static_shape if static_batch is None else static_batch)
 
 
 def class_weights(t: Template, class_counts: list[int] | None) -> torch.Tensor | None:
