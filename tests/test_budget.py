@@ -163,9 +163,19 @@ def test_measuring_changes_neither_the_model_nor_the_random_state():
     assert torch.equal(conv[0].weight, weight) and conv[0].weight.is_contiguous()
 
 
+class SlowLinear(nn.Linear):
+    """A training step of at least 0.1 s, so that an epoch's length (which the loop measures itself, without
+    what on_epoch_end does) does not depend on how fast the machine is."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.training:
+            time.sleep(0.1)
+        return super().forward(x)
+
+
 def _fit(tmp_path: Path, deadline: float | None, epochs: int = 3, replan=None) -> dict:
     seed_everything(0)
-    model = nn.Sequential(nn.Linear(8, 3))
+    model = nn.Sequential(SlowLinear(8, 3))
     data = [(torch.randn(8), int(i % 3)) for i in range(24)]
     train = EpochLoader(data, batch_size=8, shuffle=True, workers=0, seed=0)
     val = EpochLoader(data, batch_size=8, shuffle=False, workers=0, seed=0)
@@ -174,12 +184,12 @@ def _fit(tmp_path: Path, deadline: float | None, epochs: int = 3, replan=None) -
     cfg = FitConfig(epochs=epochs, output_dir=tmp_path, progress=False, checkpoints=False, deadline=deadline,
                     replan=replan)
     result = fit(model, train, val, nn.CrossEntropyLoss(), optimizer, scheduler, torch.device("cpu"), cfg,
-                 get_logger(name="clsengine.test_budget"), on_epoch_end=lambda epoch, row: time.sleep(0.3))
+                 get_logger(name="clsengine.test_budget"))
     return {**result, "schedule_epochs": scheduler.epochs, "last_lr": scheduler.lr}
 
 
 def test_fit_stops_when_another_epoch_would_end_after_the_deadline(tmp_path: Path, caplog):
-    result = _fit(tmp_path, deadline=time.monotonic() + 0.5)      # each epoch takes >= 0.3 s
+    result = _fit(tmp_path, deadline=time.monotonic() + 0.5)      # each epoch trains >= 0.3 s (3 slow steps)
     assert result["epochs_run"] == 1 and result["stopped_early"]
     assert _fit(tmp_path, deadline=None)["epochs_run"] == 3
 
