@@ -92,8 +92,8 @@ def build_training(template: str, size: int, overrides: dict, out: Path, max_ima
     recipe = builders.build_recipe(t, model, n, device)
     optimizer = builders.build_optimizer(t, [model, *recipe.aux_models])
     loader = builders.train_loader(t, scan, device)
-    return Training(t, scan, device, model, recipe, optimizer, loader, builders.build_scheduler(t, optimizer, len(loader)),
-                    builders.build_loss(t, n).to(device))
+    scheduler = builders.build_scheduler(t, optimizer, len(loader))
+    return Training(t, scan, device, model, recipe, optimizer, loader, scheduler, builders.build_loss(t, n).to(device))
 
 
 def measure(template: str, size: int, args: argparse.Namespace) -> dict:

@@ -1,5 +1,5 @@
 """Datasets, image decoding, transforms and loaders."""
-from .annotations import (dataset_format, read_category_map, read_class_names, scan_annotation_list, scan_coco,
+from .annotations import (FORMATS, dataset_format, read_category_map, read_class_names, scan_annotation_list, scan_coco,
                           scan_dataset)
 from .balance import class_weights, sample_weights
 from .folder import (FolderScan, ImageDataset, check_same_classes, format_names, list_images, scan_folder,
@@ -13,5 +13,6 @@ from .transforms import AugmentationConfig, build_batch_mix, build_deploy_transf
 __all__ = ["FolderScan", "ImageDataset", "check_same_classes", "format_names", "list_images", "scan_folder", "select_classes",
            "UnreadableImageError", "read_image", "EpochLoader", "auto_workers", "AugmentationConfig", "build_batch_mix", "build_deploy_transform",
            "build_eval_transform", "build_train_transform", "read_category_map", "read_class_names",
-           "scan_annotation_list", "scan_coco", "scan_dataset", "dataset_format", "class_weights", "sample_weights",
+           "scan_annotation_list", "scan_coco", "scan_dataset", "FORMATS", "dataset_format", "class_weights",
+           "sample_weights",
            "dataset_report", "format_dataset_report", "MirrorAsymmetry", "mirror_asymmetry"]

@@ -70,7 +70,8 @@ def evaluate_prediction_files(args: argparse.Namespace) -> int:
     preds = predictions.read_predictions(pred_dir)
     names_file = Path(args.class_id_path) if args.class_id_path else pred_dir / predictions.CLASSES_FILE
     classes = predictions.read_class_names(names_file) if names_file.is_file() or args.class_id_path else None
-    report = predictions.evaluate_predictions(preds, predictions.read_ground_truth(args.gts, classes), model_classes=classes)
+    truth = predictions.read_ground_truth(args.gts, classes)
+    report = predictions.evaluate_predictions(preds, truth, model_classes=classes)
     for warning in report.warnings:
         print(f"warning: {warning}")
     out = Path(args.save_output_to) if args.save_output_to else pred_dir

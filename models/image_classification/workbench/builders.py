@@ -73,8 +73,8 @@ def export_kwargs(t: Template, labels: list[str], size: tuple[int, int] | None =
                   static_batch: bool | None = None) -> dict[str, Any]:
     """clsengine.export's arguments from the template (input, preprocessing, channel order, output_format,
     task) and the model's labels: every exporter of the domain (export.py, compress.py, the benchmarks) reads
-    the template here. `size` (height, width) and `static_batch` override the template's (a benchmark timing several
-    batch sizes needs a dynamic batch)."""
+    the template here. `size` (height, width) and `static_batch` override the template's (a benchmark timing
+    several batch sizes needs a dynamic batch)."""
     return dict(input_size=size or input_size(t), mean=t.input.mean, std=t.input.std,
                 input_order=t.output_format.openvino_input_format, train_order=t.input.channel_order,
                 labels=labels, task=task_metadata(t),
@@ -175,7 +175,8 @@ def train_transform(t: Template) -> datasets.transforms.Pipeline:
     aug = t.training.augmentation
     if aug.hflip == AUTO:  # a template not resolved against its data: the photo default
         aug = dataclasses.replace(aug, hflip=rules.HFLIP_P)
-    return datasets.build_train_transform(input_size(t), t.input.mean, t.input.std, aug, bgr=t.input.channel_order == "BGR")
+    return datasets.build_train_transform(input_size(t), t.input.mean, t.input.std, aug,
+                                          bgr=t.input.channel_order == "BGR")
 
 
 def report_skipped(scan: datasets.FolderScan, logger: logging.Logger, out_file: Path | None = None) -> None:

@@ -87,7 +87,7 @@ def _weights(text: str) -> str | list[float]:
 def add_dataset_args(parser: argparse.ArgumentParser, training: bool = False) -> None:
     """How annotation files are read (template section `data`); `training` adds the balancing flags."""
     g = parser.add_argument_group("dataset format (template section data)")
-    g.add_argument("--data-format", choices=("auto", "folders", "list", "coco"), default=None,
+    g.add_argument("--data-format", choices=datasets.FORMATS, default=None,
                    help="dataset layout (data.format; auto: class folders without an annotation file, COCO for "
                         "a .json one, a label list otherwise)")
     g.add_argument("--class-id-path", default=None,

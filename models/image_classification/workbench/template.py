@@ -17,7 +17,7 @@ from typing import Any, Union
 import yaml
 
 from clsengine.budget import parse_duration
-from clsengine.data import AugmentationConfig
+from clsengine.data import FORMATS, AugmentationConfig
 from clsengine.errors import UserError
 from clsengine.fileio import write_text
 from clsengine.inference import TARGET_DEVICES
@@ -487,7 +487,7 @@ def _check_semantics(t: Template, v: _Validator) -> None:
         ("task.threshold", 0 < t.task.threshold < 1, "between 0 and 1"),
         ("task.background_label", t.task.background_label is None or t.task.type == "multilabel",
          "null unless task.type is multilabel (background suppression is a multi-label feature)"),
-        ("data.format", t.data.format in ("auto", "folders", "list", "coco"), "one of auto, folders, list, coco"),
+        ("data.format", t.data.format in FORMATS, f"one of {', '.join(FORMATS)}"),
         ("data.class_weights", not isinstance(t.data.class_weights, str) or t.data.class_weights in ("none", "auto"),
          "none, auto or a list of numbers (one per class)"),
         ("data.classes", len(set(t.data.classes)) == len(t.data.classes), "a list without repeated names"),

@@ -53,8 +53,9 @@ def train(t: Template, train_scan: datasets.FolderScan, val_scan: datasets.Folde
             probe_model = builders.build_model(resolved, len(classes)).to(device)
             probe_loss = builders.build_loss(resolved, len(classes), train_scan.counts()).to(device)
             warmup, steps = probe_steps(resolved.hyper_parameters.basic.batch_size)
-            return seconds_per_image(probe_model, builders.train_loader(resolved, train_scan, device), probe_loss, device,
-                                     steps=steps, warmup=warmup, memory_format=builders.memory_format(resolved, device),
+            loader = builders.train_loader(resolved, train_scan, device)
+            return seconds_per_image(probe_model, loader, probe_loss, device, steps=steps, warmup=warmup,
+                                     memory_format=builders.memory_format(resolved, device),
                                      amp_dtype=builders.amp_dtype(resolved, device))
 
         t, choices = auto.plan_time_budget(t, facts, budget_s, lambda: time.monotonic() - started, measure,
