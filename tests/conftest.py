@@ -81,7 +81,6 @@ def run_in_process(wd: Path, script: str, *args: str, monkeypatch) -> int:
         handler.close()
 
     monkeypatch.chdir(wd)
-    monkeypatch.setattr(cli, "WORK_DIR", wd)
     monkeypatch.setattr(sys, "argv", [str(wd / script), *args])
     for env in ("TRAIN_DATA_ROOT", "VAL_DATA_ROOT", "TEST_DATA_ROOT"):
         monkeypatch.delenv(env, raising=False)

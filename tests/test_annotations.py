@@ -9,7 +9,7 @@ import pytest
 from PIL import Image
 
 from clsengine import predictions as P
-from clsengine.data import (FolderScan, read_category_map, read_class_names, scan_annotation_list, scan_coco,
+from clsengine.data import (DatasetScan, read_category_map, read_class_names, scan_annotation_list, scan_coco,
                             scan_dataset)
 from clsengine.errors import DataError, UserError
 from conftest import make_image_folder
@@ -85,7 +85,7 @@ def test_class_names_missing_file_and_bad_json(tmp_path: Path):
 def test_list_with_indices(images: Path, tmp_path: Path):
     ann = write(tmp_path / "train_list.txt", "# comment\na.png 0\n\nb.png 3\nmy pics/d e.png 0\n")
     scan = scan_annotation_list(ann, images)
-    assert isinstance(scan, FolderScan)
+    assert isinstance(scan, DatasetScan)
     assert scan.classes == ["0", "1", "2", "3"]  # up to the largest index; 1 and 2 have no image
     assert scan.samples == [(str(images / "a.png"), 0), (str(images / "b.png"), 3),
                             (str(images / "my pics" / "d e.png"), 0)]

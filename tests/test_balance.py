@@ -9,7 +9,7 @@ import torch
 import torch.nn.functional as F
 from torch.utils.data import Dataset
 
-from clsengine.data import (EpochLoader, FolderScan, class_weights, dataset_report, format_dataset_report,
+from clsengine.data import (EpochLoader, DatasetScan, class_weights, dataset_report, format_dataset_report,
                             sample_weights, select_classes)
 from clsengine.errors import DataError, UserError
 from clsengine.losses import create_loss
@@ -130,13 +130,13 @@ def test_epoch_loader_sample_weight_errors():
 # --------------------------------------------------------------------------- dataset report
 
 
-def single_label_scans() -> tuple[FolderScan, FolderScan]:
+def single_label_scans() -> tuple[DatasetScan, DatasetScan]:
     classes = ["cat", "dog", "bird"]
-    train = FolderScan(root=Path("/data/train"), classes=classes,
+    train = DatasetScan(root=Path("/data/train"), classes=classes,
                        samples=[(f"t{i}.png", label) for i, label in enumerate([0] * 6 + [1] * 3 + [2])],
                        skipped=[("broken.png", "cannot decode")], unlabeled=["u1.png", "u2.png"],
                        source="list train.txt under /data")
-    val = FolderScan(root=Path("/data/val"), classes=classes,
+    val = DatasetScan(root=Path("/data/val"), classes=classes,
                      samples=[("v0.png", 0), ("v1.png", 1), ("v2.png", 1)])
     return train, val
 
@@ -160,7 +160,7 @@ def test_dataset_report_single_label():
 
 
 def test_dataset_report_multilabel_and_ties():
-    scan = FolderScan(root=Path("/coco"), classes=["a", "b", "c"], multilabel=True,
+    scan = DatasetScan(root=Path("/coco"), classes=["a", "b", "c"], multilabel=True,
                       samples=[("0.png", (0,)), ("1.png", (0, 1)), ("2.png", (0,)), ("3.png", (1,))])
     report = dataset_report(scan)
     assert report["multilabel"] is True
@@ -168,7 +168,7 @@ def test_dataset_report_multilabel_and_ties():
     assert report["train"]["imbalance_ratio"] is None and report["train"]["empty_classes"] == ["c"]
     assert report["majority_class"] == "a"
     assert report["majority_baseline"]["accuracy"] == pytest.approx(50.0)  # exactly {a}: images 0 and 2
-    tie = FolderScan(root=Path("/d"), classes=["x", "y"], samples=[("0.png", 1), ("1.png", 0)])
+    tie = DatasetScan(root=Path("/d"), classes=["x", "y"], samples=[("0.png", 1), ("1.png", 0)])
     assert dataset_report(tie)["majority_class"] == "x"
 
 
@@ -181,13 +181,13 @@ def test_format_dataset_report():
                      "Failed to load (skipped): train 1, val 0", "always 'cat' gives 33.3% accuracy on val"):
         assert expected in text, (expected, text)
     long_name = "a_very_long_class_name_" * 4
-    scan = FolderScan(root=Path("/d"), classes=[long_name, "short"],
+    scan = DatasetScan(root=Path("/d"), classes=[long_name, "short"],
                       samples=[("0.png", 0), ("1.png", 1), ("2.png", 1)])
     text = format_dataset_report(dataset_report(scan))
     assert long_name not in text and long_name[:20] in text and "..." in text
     assert max(len(line) for line in text.splitlines()[:5]) < 80
     assert "Imbalance ratio (train, most / least common class): 2.0" in text
-    many = FolderScan(root=Path("/d"), classes=[f"c{i:02d}" for i in range(50)],
+    many = DatasetScan(root=Path("/d"), classes=[f"c{i:02d}" for i in range(50)],
                       samples=[(f"{i}.png", i) for i in range(50)] + [("x.png", 7)])
     text = format_dataset_report(dataset_report(many))
     assert "... 10 more classes ..." in text and "c07" in text.splitlines()[3]
@@ -208,7 +208,7 @@ def test_select_classes_single_label():
 
 
 def test_select_classes_multilabel():
-    scan = FolderScan(root=Path("/coco"), classes=["a", "b", "c"], multilabel=True,
+    scan = DatasetScan(root=Path("/coco"), classes=["a", "b", "c"], multilabel=True,
                       samples=[("0.png", (0, 1)), ("1.png", (1,)), ("2.png", (2,)), ("3.png", (0, 2))])
     picked = select_classes(scan, ["c", "b"])
     assert picked.multilabel is True and picked.classes == ["c", "b"]
@@ -230,7 +230,7 @@ def test_select_classes_errors():
         select_classes(train, ["cat", "cow"])
     with pytest.raises(DataError, match=r"^--val-classes: unknown classes 'x', 'y'"):
         select_classes(train, ["x", "y"], what="--val-classes")
-    many = FolderScan(root=Path("/d"), classes=[f"c{i}" for i in range(15)], samples=[("0.png", 0)])
+    many = DatasetScan(root=Path("/d"), classes=[f"c{i}" for i in range(15)], samples=[("0.png", 0)])
     with pytest.raises(DataError, match=r"c9, \.\.\. \(15 in all\)"):
         select_classes(many, ["nope"])
     with pytest.raises(DataError, match="^--classes: no image of c3, c4 in class folders under /d"):

@@ -41,7 +41,7 @@ def test_multilabel_coco_train_eval_export_predict_compress(tmp_path: Path, monk
     history = (out / "history.csv").read_text().splitlines()
     assert "val_map" in history[0] and len(history) == 3
     best = load_checkpoint(out / "best.pth")
-    assert best["classes"] == MULTILABEL_CLASSES and 0 <= best["best_top1"] <= 100
+    assert best["classes"] == MULTILABEL_CLASSES and 0 <= best["best_score"] <= 100
     report = yaml.safe_load((out / "dataset_report.yaml").read_text())
     assert report["multilabel"] is True and report["train"]["images"] == 18
     assert sum(report["train"]["per_class"].values()) == 27  # 9 images with one label, 9 with two

@@ -718,7 +718,7 @@ def test_fit_writes_outputs_and_resumes_identically(tmp_path: Path):
     assert latest["epoch"] == 3 and latest["classes"] == ["a", "b", "c"]
     assert len(latest["history"]) == 3
     assert best["epoch"] == result["best_epoch"] == latest["best_epoch"]
-    assert best["val_top1"] == result["best_top1"] == max(float(r["val_top1"]) for r in rows)
+    assert best["score"] == result["best_score"] == max(float(r["val_top1"]) for r in rows)
 
     resumed_epochs: list[int] = []
     resumed_model, resumed = _run(run_dir, epochs=5, resume=latest, record=resumed_epochs)
@@ -733,6 +733,6 @@ def test_fit_writes_outputs_and_resumes_identically(tmp_path: Path):
     for key, value in straight_model.state_dict().items():
         assert torch.equal(resumed_model.state_dict()[key], value), key
     assert [_comparable(r) for r in rows] == [_comparable(r) for r in _csv_rows(straight_dir / "history.csv")]
-    assert resumed["best_top1"] == straight["best_top1"] and resumed["best_epoch"] == straight["best_epoch"]
+    assert resumed["best_score"] == straight["best_score"] and resumed["best_epoch"] == straight["best_epoch"]
     # The weights actually changed during the resumed epochs (the comparison is not vacuous).
     assert not torch.equal(latest["model"]["0.weight"], resumed_model.state_dict()["0.weight"])

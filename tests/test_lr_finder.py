@@ -15,6 +15,7 @@ from clsengine.data.loader import EpochLoader
 from clsengine.errors import UserError
 from clsengine.loop import train_one_epoch
 from clsengine.lr_finder import LRFinderResult, range_test, search_lr
+from clsengine.optim import SAM
 from clsengine.optim.scheduler import WarmupScheduler
 
 
@@ -226,11 +227,8 @@ def test_range_test_rejects_bad_arguments():
         range_test(model, optimizer, nn.CrossEntropyLoss(), loader, "cpu", min_lr=1e-3, max_lr=1.0,
                    warmup_epochs=1)
 
-    class TwoStepSGD(torch.optim.SGD):   # SAM's interface: step() needs a closure
-        first_step = second_step = None
-
-    with pytest.raises(UserError, match="SAM"):
-        range_test(model, TwoStepSGD(model.parameters(), lr=0.1), nn.CrossEntropyLoss(), loader, "cpu",
+    with pytest.raises(UserError, match="SAM"):   # SAM's step() needs a closure
+        range_test(model, SAM(model.parameters(), torch.optim.SGD, lr=0.1), nn.CrossEntropyLoss(), loader, "cpu",
                    min_lr=1e-3, max_lr=1.0)
 
 

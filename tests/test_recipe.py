@@ -338,16 +338,16 @@ def test_fit_with_ema_best_holds_ema_weights(tmp_path: Path, monkeypatch, no_plo
     assert [r["ema_val_top1"] for r in rows] == [15.0, 25.0, 35.0]
     assert all(isinstance(r["ema_val_top1"], float) for r in rows)
     best = load_checkpoint(out / "best.pth")
-    assert best["weights_from"] == "ema" and best["epoch"] == 3 and best["val_top1"] == 35.0
+    assert best["weights_from"] == "ema" and best["epoch"] == 3 and best["score"] == 35.0
     assert_same_state(best["model"], ema.module.state_dict())
     assert not torch.equal(ema.module[0].weight, model[0].weight)  # so the comparison is not vacuous
-    assert result["best_top1"] == 35.0
+    assert result["best_score"] == 35.0
 
 
 def test_fit_with_ema_best_holds_model_weights_when_model_wins(tmp_path: Path, monkeypatch, no_plots):
     model, ema, result, _, out = _ema_fit(tmp_path, monkeypatch, "model")
     best = load_checkpoint(out / "best.pth")
-    assert best["weights_from"] == "model" and best["val_top1"] == 35.0
+    assert best["weights_from"] == "model" and best["score"] == 35.0
     assert_same_state(best["model"], model.state_dict())
     assert not torch.equal(ema.module[0].weight, model[0].weight)
     assert [r["ema_val_top1"] for r in result["history"]] == [10.0, 20.0, 30.0]

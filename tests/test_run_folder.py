@@ -69,7 +69,7 @@ def test_kill_between_latest_and_best_is_repaired_on_resume(killed_run, tmp_path
 
 
 def test_repair_rebuilds_best_from_the_ema_when_the_ema_was_best(tmp_path: Path):
-    from clsengine.loop import repair_best
+    from clsengine.checkpoint_saver import repair_best
     from clsengine.runlog import get_logger
 
     model = torch.nn.Linear(2, 2)

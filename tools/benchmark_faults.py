@@ -196,8 +196,8 @@ def main() -> int:
     print(f"| resumes that continued | {resumes} of {resumes + failed_starts} |")
     print(f"| epochs lost per kill | max {max(lost, default=0)}, total {sum(lost)} |")
     print(f"| unreadable files after a kill | {len(unreadable)} |")
-    print(f"| best.pth epoch / top-1, interrupted vs reference | {best['epoch']} / {best['val_top1']:.2f} vs "
-          f"{ref_best['epoch']} / {ref_best['val_top1']:.2f} |")
+    print(f"| best.pth epoch / top-1, interrupted vs reference | {best['epoch']} / {best['score']:.2f} vs "
+          f"{ref_best['epoch']} / {ref_best['score']:.2f} |")
     print(f"| history equal to the reference, epoch for epoch | {'yes' if same else f'no (val top-1 up to {diff:.2f} apart)'} |")
     for line in unreadable:
         print(f"unreadable: {line}")

@@ -56,7 +56,7 @@ class Repeated:
 class Training:
     """Everything one training step of a template needs, built as train.py builds it."""
     t: Template
-    scan: datasets.FolderScan
+    scan: datasets.DatasetScan
     device: torch.device
     model: torch.nn.Module
     recipe: Recipe

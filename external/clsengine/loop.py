@@ -16,11 +16,12 @@ import torch.nn as nn
 from tqdm import tqdm
 
 from . import distributed as dist
-from .checkpoint import load_checkpoint, rng_state, save_checkpoint, set_rng_state
+from .checkpoint_saver import CheckpointSaver, ResumableState
 from .errors import UserError
 from .losses.mutual import mutual_losses
 from .metrics import primary_score, topk_accuracy
 from .models.batchnorm import batchnorms, update_momentum as update_bn_momentum
+from .optim.sam import SAM
 from .optim.scheduler import WarmupScheduler
 from .runlog import RunLog
 
@@ -56,7 +57,7 @@ def _progress(iterable: Iterable, total: int, desc: str, enabled: bool) -> tqdm:
 class Recipe:
     """The optional parts of the recipe that live inside the loop; the defaults give a plain loop.
 
-    SAM needs nothing here: it is recognised by its optimizer (an object with first_step/second_step).
+    SAM needs nothing here: it is the optimizer (optim.SAM), whose steps take two passes.
     """
     aux_models: list[nn.Module] = field(default_factory=list)       # mutual learning partners
     aux_criteria: list[nn.Module] = field(default_factory=list)
@@ -120,7 +121,7 @@ def train_one_epoch(model: nn.Module, loader, criterion: nn.Module, optimizer: t
     criteria = [criterion, *recipe.aux_criteria]
     params = [p for m in models for p in m.parameters() if p.requires_grad]
     mutual_weight = recipe.mutual_weight_at(epoch)
-    sam = hasattr(optimizer, "first_step")
+    sam = isinstance(optimizer, SAM)
     scaler = recipe.grad_scaler
     for m in models:
         m.train()
@@ -214,86 +215,57 @@ def _metrics_text(stats: dict[str, float]) -> str:
     return f"top-1 {stats['top1']:6.2f}" + (f"  top-5 {stats['top5']:6.2f}" if "top5" in stats else "")
 
 
-CHECKPOINT_FORMAT = "clsengine-checkpoint-v1"
-
-
 @dataclass
-class ResumableState:
-    """What a checkpoint needs beyond the weights for training to continue where it stopped."""
-    optimizer: torch.optim.Optimizer
-    scheduler: WarmupScheduler
-    recipe: Recipe
-    history: list[dict] = field(default_factory=list)
+class EpochScore:
+    """An epoch's validation: the model's stats, its EMA's (if any), and the score that ranks the epoch,
+    taken from whichever of the two is better (`scored_by`)."""
+    val: dict[str, float]
+    ema: dict[str, float] | None
+    score: float
+    scored_by: str  # "model" or "ema"
 
 
-def checkpoint_state(model: nn.Module, *, epoch: int, score: float, best_score: float, best_epoch: int,
-                     extra: dict[str, Any], weights_from: str = "model", best_from: str | None = None,
-                     resumable: ResumableState | None = None) -> dict[str, Any]:
-    """The one checkpoint dict (plain types and tensors, loadable with weights_only=True) that every writer
-    builds: the training loop's epochs, and compression's PTQ model. `resumable` adds what --resume-from
-    continues with (optimizer, scheduler, EMA, auxiliary models, grad scaler, history, RNG state).
-    `best_top1` and `val_top1` hold the run's score, mAP for a multi-label model."""
-    state = {"format": CHECKPOINT_FORMAT, "model": model.state_dict(), "weights_from": weights_from,
-             "epoch": epoch, "best_top1": best_score, "best_epoch": best_epoch, "val_top1": score}
-    if resumable is not None:
-        recipe = resumable.recipe
-        state.update(optimizer=resumable.optimizer.state_dict(), scheduler=resumable.scheduler.state_dict(),
-                     best_from=best_from, history=resumable.history, rng=rng_state())
-        if recipe.aux_models:
-            state["aux_models"] = [aux.state_dict() for aux in recipe.aux_models]
-        if recipe.ema is not None:
-            state["ema"] = recipe.ema.state_dict()
-        if recipe.grad_scaler is not None:
-            state["grad_scaler"] = recipe.grad_scaler.state_dict()
-    return {**state, **extra}
+def evaluate(model: nn.Module, ema: nn.Module | None, loader, criterion: nn.Module, device: torch.device,
+             progress: bool = True) -> EpochScore:
+    """Validate the model and its EMA (torch AveragedModel), and score the epoch by the better of them."""
+    val_stats = validate(model, loader, criterion, device, progress=progress)
+    ema_stats = validate(ema.module, loader, criterion, device, progress=progress) if ema is not None else None
+    key = score_key(val_stats)
+    if ema_stats is not None and ema_stats[key] > val_stats[key]:
+        return EpochScore(val_stats, ema_stats, ema_stats[key], "ema")
+    return EpochScore(val_stats, ema_stats, val_stats[key], "model")
 
 
-def restore_training_state(checkpoint: dict[str, Any], model: nn.Module, resumable: ResumableState) -> None:
-    """Load what checkpoint_state(resumable=...) wrote back into the run's objects, RNG state included."""
-    model.load_state_dict(checkpoint["model"])
-    resumable.optimizer.load_state_dict(checkpoint["optimizer"])
-    resumable.scheduler.load_state_dict(checkpoint["scheduler"])
-    recipe = resumable.recipe
-    for aux, state in zip(recipe.aux_models, checkpoint.get("aux_models", [])):
-        aux.load_state_dict(state)
-    if recipe.ema is not None and "ema" in checkpoint:
-        recipe.ema.load_state_dict(checkpoint["ema"])
-    if recipe.grad_scaler is not None and "grad_scaler" in checkpoint:
-        recipe.grad_scaler.load_state_dict(checkpoint["grad_scaler"])
-    set_rng_state(checkpoint["rng"])
+def _history_row(epoch: int, train_stats: dict[str, float], result: EpochScore, lr: float) -> dict[str, Any]:
+    val, ema = result.val, result.ema
+    key = score_key(val)
+    return {"epoch": epoch, "train_loss": train_stats["loss"], "val_loss": val["loss"],
+            "val_top1": val.get("top1", ""), "val_top5": val.get("top5", ""), "val_map": val.get("mAP", ""),
+            f"ema_val_{key.lower()}": ema[key] if ema else "", "lr": lr,
+            "epoch_time_s": train_stats["time_s"], "images_per_s": train_stats["images_per_s"]}
 
 
-def best_from_latest(state: dict[str, Any]) -> dict[str, Any]:
-    """best.pth's content from the latest.pth of the epoch that was the best: the model's weights or, where
-    the EMA scored higher (`best_from`), the average's."""
-    best = dict(state)
-    if state.get("best_from") == "ema":
-        best["model"] = {k.removeprefix("module."): v for k, v in state["ema"].items() if k.startswith("module.")}
-        best["weights_from"] = "ema"
-    return best
+def _epoch_line(epoch: int, epochs: int, train_stats: dict[str, float], result: EpochScore, lr: float,
+                custom_score: bool, improved: bool) -> str:
+    """The one-line summary of an epoch."""
+    val, ema = result.val, result.ema
+    key = score_key(val)
+    ema_text = f"  EMA {'top-1' if key == 'top1' else key} {ema[key]:6.2f}" if ema else ""
+    return (f"epoch {epoch:3d}/{epochs}  loss {train_stats['loss']:.4f}  val loss {val['loss']:.4f}  "
+            f"{_metrics_text(val)}{ema_text}" + (f"  score {result.score:6.2f}" if custom_score else "")
+            + f"  lr {lr:.3g}  {train_stats['time_s']:.1f}s  {train_stats['images_per_s']:.0f} img/s"
+            + ("  *best*" if improved else ""))
 
 
-def repair_best(latest: dict[str, Any], best_path: Path, logger: logging.Logger) -> None:
-    """Make best.pth agree with the latest.pth a run resumes from. A kill after latest.pth of an improving
-    epoch was written and before best.pth was leaves best.pth missing or one best epoch behind: it is
-    rebuilt from latest.pth. A best.pth of a later epoch (the epoch being redone) is left for it to replace."""
-    epoch, best_epoch = int(latest["epoch"]), int(latest["best_epoch"])
-    found = None
-    if best_path.is_file():
-        try:
-            found = int(load_checkpoint(best_path).get("epoch", -1))
-        except UserError:
-            found = None  # unreadable: rebuilt below if it can be
-    if found is not None and found >= best_epoch:
-        return
-    if best_epoch == epoch and latest.get("best_from") is not None:
-        save_checkpoint(best_from_latest(latest), best_path)
-        logger.warning(f"{best_path} was {'of epoch ' + str(found) if found is not None else 'missing'}; "
-                       f"rebuilt from latest.pth (epoch {epoch}, the best so far)")
-    else:
-        logger.warning(f"{best_path} of the best epoch {best_epoch} is "
-                       f"{'missing' if found is None else 'replaced by epoch ' + str(found)} and cannot be "
-                       f"rebuilt from latest.pth (epoch {epoch}); it is written again at the next best epoch")
+def _training_forwards(model: nn.Module, recipe: Recipe) -> list[nn.Module] | None:
+    """The modules the training steps call: wrapped in DistributedDataParallel in a distributed run (so that
+    gradients are averaged over the ranks) and compiled with recipe.compile (on the first step); None: the
+    plain models. Validation and the weights stay with the plain modules."""
+    models = [model, *recipe.aux_models]
+    forwards = [dist.wrap(m) for m in models] if dist.info().enabled else None
+    if recipe.compile:
+        forwards = [torch.compile(m) for m in forwards or models]
+    return forwards
 
 
 def fit(model: nn.Module, train_loader, val_loader, criterion: nn.Module, optimizer: torch.optim.Optimizer,
@@ -305,105 +277,76 @@ def fit(model: nn.Module, train_loader, val_loader, criterion: nn.Module, optimi
     With an EMA, both the model and its average are validated and best.pth carries the better weights
     (`weights_from` says which). `resume` is a checkpoint dict written by this function: training
     continues after its epoch with the optimizer, scheduler, EMA, auxiliary models, RNG state, history
-    and best metric it holds. `on_epoch_end(epoch, row)` sees each epoch's history row (with its "score")
+    and best score it holds. `on_epoch_end(epoch, row)` sees each epoch's history row (with its "score")
     after the checkpoints are written; returning True stops the run there (compression's accuracy budget
     reached; a search trial is pruned by raising instead).
     """
     recipe = recipe or Recipe()
-    world = dist.info()
-    main = world.is_main  # only rank 0 writes checkpoints, logs and curves
+    main = dist.info().is_main  # only rank 0 writes checkpoints, logs and curves
     output_dir = Path(cfg.output_dir)
     output_dir.mkdir(parents=True, exist_ok=True)
-    start_epoch, best_top1, best_epoch, history = 0, -1.0, 0, []
-    if resume is not None:
-        restore_training_state(resume, model, ResumableState(optimizer, scheduler, recipe))
-        start_epoch = int(resume["epoch"])
-        best_top1, best_epoch = float(resume["best_top1"]), int(resume["best_epoch"])
-        history = list(resume.get("history", []))
-        logger.info(f"Resuming after epoch {start_epoch} (best top-1 {best_top1:.2f} at epoch {best_epoch})")
-        if main and cfg.checkpoints:
-            repair_best(resume, output_dir / "best.pth", logger)
-    runlog = RunLog(output_dir, cfg.tensorboard_dir if main else None, history, write=main)
-    forward_models = [dist.wrap(m) for m in (model, *recipe.aux_models)] if world.enabled else None
-    if recipe.compile:  # compiled on the first step; validation and the weights stay with the plain modules
-        forward_models = [torch.compile(m) for m in forward_models or (model, *recipe.aux_models)]
+    saver = CheckpointSaver(output_dir, cfg.checkpoint_extra, write=main and cfg.checkpoints, logger=logger)
+    state = ResumableState(optimizer, scheduler, recipe)
+    start_epoch = saver.resume(resume, model, state) if resume is not None else 0
+    runlog = RunLog(output_dir, cfg.tensorboard_dir if main else None, state.history, write=main)
+    state.history = runlog.history  # the rows the checkpoints carry
+    forward_models = _training_forwards(model, recipe)
     progress = cfg.progress and main
 
-    stopped_early = False
-    epochs, epoch = cfg.epochs, start_epoch - 1
+    stop = None  # why the run ended before its last epoch
+    epochs, epoch = cfg.epochs, start_epoch
     try:
-        while epoch + 1 < epochs:
-            epoch += 1
+        while epoch < epochs and stop is None:
+            epoch += 1  # 1-based from here on
             epoch_started = time.monotonic()
             for loader in (train_loader, val_loader):
                 if hasattr(loader, "set_epoch"):
-                    loader.set_epoch(epoch)
+                    loader.set_epoch(epoch - 1)
             train_stats = train_one_epoch(model, train_loader, criterion, optimizer, scheduler, device,
-                                          desc=f"epoch {epoch + 1}/{epochs}", max_grad_norm=cfg.max_grad_norm,
-                                          progress=progress, recipe=recipe, epoch=epoch, forward_models=forward_models)
+                                          desc=f"epoch {epoch}/{epochs}", max_grad_norm=cfg.max_grad_norm,
+                                          progress=progress, recipe=recipe, epoch=epoch - 1,
+                                          forward_models=forward_models)
             for m in (model, *recipe.aux_models, *([recipe.ema] if recipe.ema is not None else [])):
                 dist.broadcast_buffers(m)  # BatchNorm statistics: rank 0's everywhere, as in the checkpoint
-            val_stats = validate(model, val_loader, criterion, device, progress=progress)
-            ema_stats = (validate(recipe.ema.module, val_loader, criterion, device, progress=progress)
-                         if recipe.ema is not None else None)
-            key = score_key(val_stats)
-            use_ema = ema_stats is not None and ema_stats[key] > val_stats[key]
-            score = ema_stats[key] if use_ema else val_stats[key]
+            result = evaluate(model, recipe.ema, val_loader, criterion, device, progress=progress)
             if cfg.score_fn is not None:
-                score, use_ema = float(cfg.score_fn(model)), False
+                result.score, result.scored_by = float(cfg.score_fn(model)), "model"
             lr = scheduler.lr
-            scheduler.step_epoch(score)
+            scheduler.step_epoch(result.score)
             epoch_s = time.monotonic() - epoch_started
-            if cfg.replan is not None and epoch + 1 < epochs:
-                planned = int(dist.broadcast_object(cfg.replan(epoch + 1, epoch_s)))  # rank 0's clock decides
+            if cfg.replan is not None and epoch < epochs:
+                planned = int(dist.broadcast_object(cfg.replan(epoch, epoch_s)))  # rank 0's clock decides
                 if planned != epochs:
-                    logger.info(f"Time budget: epoch {epoch + 1} took {epoch_s:.1f} s; {planned} epochs fit in all "
+                    logger.info(f"Time budget: epoch {epoch} took {epoch_s:.1f} s; {planned} epochs fit in all "
                                 f"(planned {epochs}): the schedule now ends there")
                     epochs = scheduler.epochs = planned
-            improved = score > best_top1
-            if improved:
-                best_top1, best_epoch = score, epoch + 1
-            row = {"epoch": epoch + 1, "train_loss": train_stats["loss"], "val_loss": val_stats["loss"],
-                   "val_top1": val_stats.get("top1", ""), "val_top5": val_stats.get("top5", ""),
-                   "val_map": val_stats.get("mAP", ""),
-                   f"ema_val_{key.lower()}": ema_stats[key] if ema_stats else "", "lr": lr,
-                   "epoch_time_s": train_stats["time_s"], "images_per_s": train_stats["images_per_s"]}
+            row = _history_row(epoch, train_stats, result, lr)
             runlog.add_epoch(row)
-            row["score"] = score
-            if main and cfg.checkpoints:
-                state = checkpoint_state(model, epoch=epoch + 1, score=score, best_score=best_top1,
-                                         best_epoch=best_epoch, extra=cfg.checkpoint_extra,
-                                         resumable=ResumableState(optimizer, scheduler, recipe, runlog.history),
-                                         best_from=("ema" if use_ema else "model") if improved else None)
-                # latest.pth first: a kill between the two writes leaves a latest.pth of the best epoch,
-                # from which resuming rebuilds best.pth (repair_best).
-                save_checkpoint(state, output_dir / "latest.pth")
-                if improved:
-                    save_checkpoint(best_from_latest(state), output_dir / "best.pth")
+            improved = saver.save(model, epoch, result.score, result.scored_by, state)
             runlog.flush()
-            ema_text = f"  EMA {'top-1' if key == 'top1' else key} {ema_stats[key]:6.2f}" if ema_stats else ""
-            logger.info(f"epoch {epoch + 1:3d}/{epochs}  loss {train_stats['loss']:.4f}  "
-                        f"val loss {val_stats['loss']:.4f}  {_metrics_text(val_stats)}{ema_text}"
-                        + (f"  score {score:6.2f}" if cfg.score_fn is not None else "")
-                        + f"  lr {lr:.3g}  {train_stats['time_s']:.1f}s  "
-                        f"{train_stats['images_per_s']:.0f} img/s" + ("  *best*" if improved else ""))
-            if on_epoch_end is not None and on_epoch_end(epoch + 1, row):
-                stopped_early = True
-                break
-            late = cfg.deadline is not None and epoch + 1 < epochs and time.monotonic() + epoch_s > cfg.deadline
-            if dist.broadcast_object(late):
-                logger.info(f"Time budget: another epoch ({epoch_s:.0f} s) would end after the deadline; stopping "
-                            f"after epoch {epoch + 1} of {epochs}")
-                stopped_early = True
-                break
-            # With reduce-on-plateau, early stopping waits until the LR has been reduced at least once.
-            lr_reduced = scheduler.name != "plateau" or scheduler.num_reductions > 0
-            if (cfg.early_stopping_patience and lr_reduced
-                    and epoch + 1 - best_epoch >= cfg.early_stopping_patience):
-                logger.info(f"Early stopping: no better top-1 for {cfg.early_stopping_patience} epochs")
-                stopped_early = True
-                break
+            logger.info(_epoch_line(epoch, epochs, train_stats, result, lr, cfg.score_fn is not None, improved))
+            if on_epoch_end is not None and on_epoch_end(epoch, {**row, "score": result.score}):
+                stop = "on_epoch_end"
+            else:
+                stop = _stop_reason(cfg, scheduler, epoch, epochs, epoch_s, saver.best_epoch)
+                if stop is not None:
+                    logger.info(stop)
     finally:
         runlog.close()
-    return {"best_top1": best_top1, "best_epoch": best_epoch, "epochs_run": len(runlog.history),
-            "stopped_early": stopped_early, "history": runlog.history}
+    return {"best_score": saver.best_score, "best_epoch": saver.best_epoch, "epochs_run": len(runlog.history),
+            "stopped_early": stop is not None, "history": runlog.history}
+
+
+def _stop_reason(cfg: FitConfig, scheduler: WarmupScheduler, epoch: int, epochs: int, epoch_s: float,
+                 best_epoch: int) -> str | None:
+    """Why the run should end after `epoch` (of `epochs`), or None: the time budget's deadline would pass
+    during another epoch, or early stopping's patience is spent (also said at the last epoch). Every rank takes rank 0's answer."""
+    reason = None
+    if cfg.deadline is not None and epoch < epochs and time.monotonic() + epoch_s > cfg.deadline:
+        reason = (f"Time budget: another epoch ({epoch_s:.0f} s) would end after the deadline; stopping "
+                  f"after epoch {epoch} of {epochs}")
+    # With reduce-on-plateau, early stopping waits until the LR has been reduced at least once.
+    elif (cfg.early_stopping_patience and (scheduler.name != "plateau" or scheduler.num_reductions > 0)
+          and epoch - best_epoch >= cfg.early_stopping_patience):
+        reason = f"Early stopping: no better score for {cfg.early_stopping_patience} epochs"
+    return dist.broadcast_object(reason)

@@ -22,7 +22,7 @@ from torch.utils.data import DataLoader
 from .checkpoint import rng_state, set_rng_state
 from .errors import UserError
 from .loop import score_key, train_one_epoch, validate
-from .optim import create_scheduler
+from .optim import SAM, create_scheduler
 
 MAX_SKIP_START, MAX_SKIP_END = 10, 5   # torch-lr-finder's plot() defaults, scaled down for short runs
 MIN_POINTS = 5                         # fewer points left after skipping: no meaningful slope
@@ -118,7 +118,7 @@ def range_test(model: nn.Module, optimizer: torch.optim.Optimizer, criterion: nn
         raise UserError(f"the range test needs num_iter >= 2, got {num_iter}")
     if not 0 <= smooth_f < 1:
         raise UserError(f"smooth_f must be in [0, 1), got {smooth_f}")
-    if hasattr(optimizer, "first_step") and hasattr(optimizer, "second_step"):
+    if isinstance(optimizer, SAM):
         raise UserError("the LR range test takes plain optimizer.step() calls, which SAM-style optimizers refuse; "
                         "run it with a plain optimizer (the one SAM wraps), then train with SAM at the suggested LR")
     if warmup_epochs < 0 or (warmup_epochs > 0 and warmup_fn is None):

@@ -1,4 +1,4 @@
-"""Datasets described by annotation files, scanned into the same `FolderScan` as class folders.
+"""Datasets described by annotation files, scanned into the same `DatasetScan` as class folders.
 
 Formats:
 - class-id map: text lines `id name` (ids 0..N-1 each once, any order; the name is everything after the
@@ -20,7 +20,7 @@ from typing import Any, Union
 
 from ..errors import DataError
 from ..fileio import load_json
-from .folder import FolderScan, format_names, scan_folder
+from .folder import DatasetScan, format_names, scan_folder
 from .image import check_image, is_image_file
 
 PathLike = Union[str, os.PathLike]
@@ -32,6 +32,16 @@ _INT = re.compile(r"^[+-]?\d+$")
 
 
 # --------------------------------------------------------------------------- file reading
+
+
+def _keep_if_readable(path: Path, indices: list[int], multilabel: bool, verify: bool,
+                      samples: list[tuple[str, int | tuple[int, ...]]], skipped: list[tuple[str, str]]) -> None:
+    """Add one labelled image to `samples`, or to `skipped` with the reason when `verify` finds it unreadable."""
+    reason = check_image(path) if verify else None
+    if reason is not None:
+        skipped.append((str(path), reason))
+    else:
+        samples.append((str(path), tuple(indices) if multilabel else indices[0]))
 
 
 def _read_lines(path: Path, what: str) -> list[str]:
@@ -137,7 +147,7 @@ def read_class_names(path: PathLike) -> list[str]:
 
 
 def scan_annotation_list(ann_file: PathLike, root: PathLike | None, classes: list[str] | None = None,
-                         verify: bool = True) -> FolderScan:
+                         verify: bool = True) -> DatasetScan:
     """Scan a PaddleClas-style list: one `relative/path label` line per image under `root`.
 
     The label is the text after the last whitespace (paths may contain spaces; a name from `classes` that
@@ -210,15 +220,11 @@ def scan_annotation_list(ann_file: PathLike, root: PathLike | None, classes: lis
         path = root / relative
         if not path.is_file():
             raise DataError(f"{ann_file}:{number}: image file {path} does not exist")
-        reason = check_image(path) if verify else None
-        if reason is not None:
-            skipped.append((str(path), reason))
-            continue
-        samples.append((str(path), tuple(indices) if multilabel else indices[0]))
+        _keep_if_readable(path, indices, multilabel, verify, samples, skipped)
     if not samples:
         raise DataError(f"{ann_file}: none of its {len(entries)} images is readable "
                         f"(e.g. {skipped[0][0]}: {skipped[0][1]})")
-    return FolderScan(root=root, classes=classes, samples=samples, skipped=skipped, multilabel=multilabel,
+    return DatasetScan(root=root, classes=classes, samples=samples, skipped=skipped, multilabel=multilabel,
                       source=f"list file {ann_file} under {root}")
 
 
@@ -288,7 +294,7 @@ def _segmentation_is_empty(segmentation: Any, where: str) -> bool:
 
 
 def scan_coco(ann_file: PathLike, root: PathLike | None, category_map: Mapping | PathLike | None = None,
-              verify: bool = True) -> FolderScan:
+              verify: bool = True) -> DatasetScan:
     """Scan a COCO JSON whose image-level labels are zero-area annotations (Abyss classification format).
 
     An annotation is an image-level label when it has no positive-area geometry: its bbox is missing,
@@ -403,16 +409,12 @@ def scan_coco(ann_file: PathLike, root: PathLike | None, category_map: Mapping |
         if not found:
             unlabeled.append(str(path))
             continue
-        reason = check_image(path) if verify else None
-        if reason is not None:
-            skipped.append((str(path), reason))
-            continue
-        samples.append((str(path), tuple(found) if multilabel else found[0]))
+        _keep_if_readable(path, found, multilabel, verify, samples, skipped)
     if not samples:
         detail = f"{len(unlabeled)} unlabeled" + (f", {len(skipped)} unreadable (e.g. {skipped[0][0]})"
                                                    if skipped else "")
         raise DataError(f"COCO file {ann_file}{map_text}: no readable image with a label ({detail})")
-    return FolderScan(root=root, classes=classes, samples=samples, skipped=skipped, multilabel=multilabel,
+    return DatasetScan(root=root, classes=classes, samples=samples, skipped=skipped, multilabel=multilabel,
                       unlabeled=unlabeled, source=f"COCO file {ann_file}{map_text} under {root}")
 
 
@@ -442,7 +444,7 @@ def dataset_format(ann_file: PathLike | None, fmt: str = "auto") -> str:
 
 def scan_dataset(root: PathLike | None, ann_file: PathLike | None = "", *, fmt: str = "auto",
                  classes: list[str] | None = None, category_map: Mapping | PathLike | None = None,
-                 verify: bool = True) -> FolderScan:
+                 verify: bool = True) -> DatasetScan:
     """Scan a dataset in whichever layout it comes (dataset_format: class folders, a COCO JSON or a label
     list; `fmt` pins it).
 

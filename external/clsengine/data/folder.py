@@ -19,7 +19,7 @@ from .image import IMAGE_EXTENSIONS, UnreadableImageError, check_image, is_image
 
 
 @dataclass
-class FolderScan:
+class DatasetScan:
     """The images of a dataset and their labels, whatever the layout they were read from.
 
     `samples` holds (path, label) pairs: the label is a class index, or with `multilabel` a tuple of
@@ -57,7 +57,7 @@ def format_names(names: Sequence[str], limit: int = 10) -> str:
     return shown + (f", ... ({len(names)} in all)" if len(names) > limit else "")
 
 
-def select_classes(scan: FolderScan, names: Sequence[str], what: str = "--classes") -> FolderScan:
+def select_classes(scan: DatasetScan, names: Sequence[str], what: str = "--classes") -> DatasetScan:
     """A new scan restricted to the classes `names`, in that order (labels remapped to it).
 
     Images of other classes are dropped; a multi-label image loses its other labels and is dropped
@@ -87,7 +87,7 @@ def select_classes(scan: FolderScan, names: Sequence[str], what: str = "--classe
             samples.append((path, new_index[label]))
     if not samples:
         raise DataError(f"{what}: no image of {format_names(names)} in {scan.source}")
-    return FolderScan(root=scan.root, classes=names, samples=samples, skipped=list(scan.skipped),
+    return DatasetScan(root=scan.root, classes=names, samples=samples, skipped=list(scan.skipped),
                       multilabel=scan.multilabel, unlabeled=list(scan.unlabeled),
                       source=f"{scan.source}; classes {format_names(names)}")
 
@@ -98,7 +98,7 @@ def _image_files(folder: Path) -> list[Path]:
                   and not any(part.startswith(".") for part in p.relative_to(folder).parts))
 
 
-def scan_folder(root: str | os.PathLike, verify: bool = True) -> FolderScan:
+def scan_folder(root: str | os.PathLike, verify: bool = True) -> DatasetScan:
     """List the images of a class-folder dataset.
 
     Unreadable image files are skipped and reported in `skipped` (never fatal on their own);
@@ -137,7 +137,7 @@ def scan_folder(root: str | os.PathLike, verify: bool = True) -> FolderScan:
                         + (f" ({len(skipped)} unreadable files, e.g. {skipped[0][0]})" if skipped else ""))
     if empty:
         raise DataError(f"data root {root}: class folder(s) with no readable images: {', '.join(empty)}")
-    return FolderScan(root=root, classes=classes, samples=samples, skipped=skipped)
+    return DatasetScan(root=root, classes=classes, samples=samples, skipped=skipped)
 
 
 def list_images(path: str | os.PathLike, verify: bool = True) -> tuple[list[str], list[tuple[str, str]]]:

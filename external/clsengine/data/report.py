@@ -4,12 +4,12 @@ from __future__ import annotations
 
 from typing import Any
 
-from .folder import FolderScan
+from .folder import DatasetScan
 
 _NAME_WIDTH = 28  # longer class names are cut in the table
 
 
-def _split_report(scan: FolderScan) -> dict[str, Any]:
+def _split_report(scan: DatasetScan) -> dict[str, Any]:
     counts = scan.counts()
     return {
         "source": scan.source,
@@ -26,7 +26,7 @@ def _label_set(label: int | tuple[int, ...]) -> set[int]:
     return {int(i) for i in label} if isinstance(label, (tuple, list)) else {int(label)}
 
 
-def _majority_accuracy(scan: FolderScan, name: str | None) -> float:
+def _majority_accuracy(scan: DatasetScan, name: str | None) -> float:
     """% of samples whose label (set) is exactly {name}."""
     if name is None or name not in scan.classes or not scan.samples:
         return 0.0
@@ -34,7 +34,7 @@ def _majority_accuracy(scan: FolderScan, name: str | None) -> float:
     return 100.0 * sum(_label_set(label) == target for _, label in scan.samples) / len(scan.samples)
 
 
-def dataset_report(train: FolderScan, val: FolderScan | None = None) -> dict[str, Any]:
+def dataset_report(train: DatasetScan, val: DatasetScan | None = None) -> dict[str, Any]:
     """Per-split class counts and the majority-class baseline (on val, or train without val), as plain
     Python types. For multi-label data the baseline is the exact-match rate of predicting only that class."""
     counts = train.counts()

@@ -39,7 +39,8 @@ from clsengine.compression import (MODES, AccuracyBudget, is_quantized, qat_epoc
 from clsengine.errors import UserError
 from clsengine.fileio import write_text
 from clsengine.export import export_openvino
-from clsengine.loop import FitConfig, checkpoint_state, fit
+from clsengine.checkpoint_saver import checkpoint_state
+from clsengine.loop import FitConfig, fit
 from clsengine.metrics import primary_score
 from clsengine.optim import create_scheduler
 from clsengine.ov_core import openvino_core
@@ -50,6 +51,8 @@ from workbench import builders
 from workbench import cli
 from workbench.classifier import load_classifier, model_from_checkpoint
 from workbench.template import Template, dump_config
+
+WORK_DIR = Path(__file__).resolve().parent  # the work dir this script was instantiated into
 
 # compress.py's own flags (its --epochs are the QAT epochs); the common ones are cli.FLAG_KEYS.
 FLAG_KEYS = {"mode": "compression.mode", "epochs": "compression.qat_epochs",
@@ -69,7 +72,7 @@ def parse_args() -> argparse.Namespace:
     cli.add_data_args(p, "train", "TRAIN_DATA_ROOT")
     cli.add_data_args(p, "val", "VAL_DATA_ROOT")
     cli.add_dataset_args(p)
-    p.add_argument("--save-checkpoints-to", default=str(cli.WORK_DIR / "outputs_int8"),
+    p.add_argument("--save-checkpoints-to", default=str(WORK_DIR / "outputs_int8"),
                    help="output folder (default: WORK_DIR/outputs_int8)")
     p.add_argument("--nncf-quantization", action="store_true",
                    help="int8 quantization with NNCF: the compression this script applies (also without the flag)")
@@ -89,7 +92,7 @@ def parse_args() -> argparse.Namespace:
                    help="seconds of OpenVINO throughput measurement per IR (0: skip)")
     p.add_argument("--tensorboard-dir", default=None, help="TensorBoard folder (default: <output>/tensorboard)")
     cli.add_runtime_args(p)
-    cli.add_template_args(p)
+    cli.add_template_args(p, WORK_DIR)
     return p.parse_intermixed_args()
 
 
@@ -233,8 +236,8 @@ def main() -> int:
         result = fit(model, train_loader, val_loader, criterion, optimizer, scheduler, device, fit_cfg, logger,
                      resume=resume, on_epoch_end=budget_reached)
         epochs_run = result["epochs_run"]
-        if result["best_top1"] <= ptq_top1:  # fine-tuning did not beat PTQ: ship the PTQ model
-            logger.info(f"Fine-tuning did not beat PTQ (int8 IR {metric} {result['best_top1']:.2f} <= "
+        if result["best_score"] <= ptq_top1:  # fine-tuning did not beat PTQ: ship the PTQ model
+            logger.info(f"Fine-tuning did not beat PTQ (int8 IR {metric} {result['best_score']:.2f} <= "
                         f"{ptq_top1:.2f}): the PTQ model is the result")
             save_checkpoint(load_checkpoint(out / "ptq.pth"), out / "best.pth")
     else:  # the PTQ model is the result

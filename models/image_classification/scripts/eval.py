@@ -42,6 +42,8 @@ from workbench import cli
 from workbench.classifier import load_classifier
 from workbench.template import load_template
 
+WORK_DIR = Path(__file__).resolve().parent  # the work dir this script was instantiated into
+
 
 
 def parse_args() -> argparse.Namespace:
@@ -50,7 +52,7 @@ def parse_args() -> argparse.Namespace:
                    help="model to evaluate: checkpoint (best.pth...), OpenVINO IR (.xml) or ONNX (.onnx)")
     cli.add_data_args(p, "test", "TEST_DATA_ROOT")
     cli.add_dataset_args(p)
-    p.add_argument("--save-metrics-to", default=str(cli.WORK_DIR / "metrics.yaml"),
+    p.add_argument("--save-metrics-to", default=str(WORK_DIR / "metrics.yaml"),
                    help="metrics file to write (default: WORK_DIR/metrics.yaml)")
     p.add_argument("--save-output-to", default=None,
                    help="folder for per-image predictions (predictions.csv); with --preds, for eval_results.txt")
@@ -59,7 +61,7 @@ def parse_args() -> argparse.Namespace:
     e2e.add_argument("--preds", default=None, help="folder of per-image prediction JSON files (from predict.py)")
     e2e.add_argument("--gts", default=None, help="ground-truth JSON {image_path: label}")
     cli.add_runtime_args(p)
-    cli.add_template_args(p)
+    cli.add_template_args(p, WORK_DIR)
     return p.parse_intermixed_args()  # KEY=VALUE overrides may stand between flags
 
 

@@ -35,6 +35,8 @@ from workbench import builders
 from workbench import cli
 from workbench.classifier import Classifier, load_classifier
 
+WORK_DIR = Path(__file__).resolve().parent  # the work dir this script was instantiated into
+
 MAX_BATCH = 16   # images decoded at full size at once (for the overlays)
 
 
@@ -44,14 +46,14 @@ def parse_args() -> argparse.Namespace:
                    help="model: training checkpoint (best.pth), or an OpenVINO IR (.xml) / ONNX file written by "
                         "export.py --explain")
     p.add_argument("--input", required=True, help="an image file or a folder of images (searched recursively)")
-    p.add_argument("--save-to", default=str(cli.WORK_DIR / "saliency"), help="output folder")
+    p.add_argument("--save-to", default=str(WORK_DIR / "saliency"), help="output folder")
     p.add_argument("--target-class", default=None, metavar="NAME",
                    help="explain this class in every image (default: each image's predicted class)")
     p.add_argument("--alpha", type=float, default=0.5, help="opacity of the heat map over the image (0..1)")
     p.add_argument("--class-id-path", default=None, help="class names of bare weights: JSON list or {\"0\": name}")
     cli.add_exported_model_args(p)
     cli.add_runtime_args(p)
-    cli.add_template_args(p)
+    cli.add_template_args(p, WORK_DIR)
     return p.parse_intermixed_args()
 
 

@@ -37,11 +37,13 @@ from workbench import builders
 from workbench import cli
 from workbench.classifier import load_training_checkpoint, model_from_checkpoint
 
+WORK_DIR = Path(__file__).resolve().parent  # the work dir this script was instantiated into
+
 
 def parse_args() -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--load-weights", required=True, help="training checkpoint to export (best.pth, latest.pth)")
-    p.add_argument("--save-model-to", default=str(cli.WORK_DIR / "export"), help="output folder")
+    p.add_argument("--save-model-to", default=str(WORK_DIR / "export"), help="output folder")
     p.add_argument("--onnx", action="store_true", help="write model.onnx")
     p.add_argument("--openvino", action="store_true", help="write model.xml + model.bin (OpenVINO IR)")
     p.add_argument("--precision", choices=("FP32", "FP16"), default="FP32", help="IR weight precision")
@@ -62,7 +64,7 @@ def parse_args() -> argparse.Namespace:
     p.add_argument("--val-data-roots", default=None,
                    help="folder of images (searched recursively) for the parity check (default: $VAL_DATA_ROOT)")
     p.add_argument("--parity-images", type=int, default=16, help="images used by the parity check")
-    cli.add_template_args(p)
+    cli.add_template_args(p, WORK_DIR)
     return p.parse_intermixed_args()  # KEY=VALUE overrides may stand between flags
 
 

@@ -33,6 +33,8 @@ from workbench import cli
 from workbench.template import load_template, template_from_dict
 from workbench.training import train
 
+WORK_DIR = Path(__file__).resolve().parent  # the work dir this script was instantiated into
+
 # optimize.py's own flags (its --time-budget is the search's); the common ones are cli.FLAG_KEYS.
 FLAG_KEYS = {"time_budget": "hpo.time_budget", "n_trials": "hpo.n_trials", "epochs_per_trial": "hpo.epochs_per_trial"}
 # hpo_best.yaml keys: the template keys train.py overrides with the search's result.
@@ -55,10 +57,10 @@ def parse_args() -> argparse.Namespace:
     p.add_argument("--study-name", default=None, help="study to create or join (default: the template's name)")
     p.add_argument("--overwrite", action="store_true",
                    help="start a new study in WORK_DIR/hpo (default: a rerun continues the study there)")
-    p.add_argument("--save-to", default=str(cli.WORK_DIR / cli.HPO_BEST),
+    p.add_argument("--save-to", default=str(WORK_DIR / cli.HPO_BEST),
                    help=f"where the best parameters go (default: WORK_DIR/{cli.HPO_BEST}, read by train.py)")
     cli.add_runtime_args(p)
-    cli.add_template_args(p)
+    cli.add_template_args(p, WORK_DIR)
     return p.parse_intermixed_args()
 
 
@@ -66,7 +68,7 @@ def main() -> int:
     args = parse_args()
     overrides = cli.collect_overrides(args, FLAG_KEYS)
     t = load_template(args.template, overrides)
-    out = cli.WORK_DIR / "hpo"
+    out = WORK_DIR / "hpo"
     notes = []
     if args.storage is None:  # the work dir's own study: one optimize.py at a time; a rerun continues it
         notes = claim_run_folder(out, "optimize.py", run_names=("study.db",), resuming=not args.overwrite,
@@ -105,7 +107,7 @@ def main() -> int:
         with tempfile.TemporaryDirectory(dir=out) as tmp:
             result = train(trial_t, train_scan, val_scan, Path(tmp), device, logger, checkpoints=False,
                            on_epoch_end=lambda epoch, row: report(epoch, row["score"]))
-        return result["best_top1"]
+        return result["best_score"]
 
     study = create_study(storage, name, seed=t.training.seed)
     if study.trials:

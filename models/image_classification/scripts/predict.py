@@ -22,6 +22,8 @@ from clsengine.errors import UserError
 from workbench import cli
 from workbench.classifier import load_classifier
 
+WORK_DIR = Path(__file__).resolve().parent  # the work dir this script was instantiated into
+
 
 
 def parse_args() -> argparse.Namespace:
@@ -29,14 +31,14 @@ def parse_args() -> argparse.Namespace:
     p.add_argument("--load-weights", required=True,
                    help="model: training checkpoint (best.pth), OpenVINO IR (.xml) or ONNX (.onnx)")
     p.add_argument("--input", required=True, help="an image file or a folder of images (searched recursively)")
-    p.add_argument("--save-to", default=str(cli.WORK_DIR / "predictions"), help="output folder")
+    p.add_argument("--save-to", default=str(WORK_DIR / "predictions"), help="output folder")
     p.add_argument("--topk", type=int, default=5, help="classes listed per image (default 5)")
     p.add_argument("--class-id-path", default=None, help="class names: JSON list or {\"0\": name, ...}")
     p.add_argument("--threshold", type=float, default=None,
                    help="multi-label models: list labels scoring at least this (default: the model's task.threshold)")
     cli.add_exported_model_args(p)
     cli.add_runtime_args(p)
-    cli.add_template_args(p)
+    cli.add_template_args(p, WORK_DIR)
     return p.parse_intermixed_args()
 
 

@@ -40,6 +40,8 @@ from workbench import cli
 from workbench.template import dump_config, load_template, template_from_dict
 from workbench.training import train
 
+WORK_DIR = Path(__file__).resolve().parent  # the work dir this script was instantiated into
+
 # What makes a folder a run's (refused to a fresh run without --overwrite), and what --overwrite clears with it.
 RUN_FILES = ("latest.pth", "best.pth")
 CLEARED_ON_OVERWRITE = ("history.csv", "config.yaml", "train.log", "training_curves.png", "tensorboard",
@@ -52,7 +54,7 @@ def parse_args() -> argparse.Namespace:
     cli.add_data_args(p, "train", "TRAIN_DATA_ROOT")
     cli.add_data_args(p, "val", "VAL_DATA_ROOT")
     cli.add_dataset_args(p, training=True)
-    p.add_argument("--save-checkpoints-to", default=str(cli.WORK_DIR / "outputs"),
+    p.add_argument("--save-checkpoints-to", default=str(WORK_DIR / "outputs"),
                    help="output folder: checkpoints, config.yaml, logs (default: WORK_DIR/outputs)")
     p.add_argument("--load-weights", default=None,
                    help="initial weights (default: WORK_DIR/snapshot.pth when instantiate fetched one)")
@@ -72,7 +74,7 @@ def parse_args() -> argparse.Namespace:
                    help="run the LR finder in this mode before training, or switch it off "
                         "(default: the template's training.lr_finder)")
     cli.add_runtime_args(p)
-    cli.add_template_args(p)
+    cli.add_template_args(p, WORK_DIR)
     return p.parse_intermixed_args()  # KEY=VALUE overrides may stand between flags
 
 
@@ -100,7 +102,7 @@ def main() -> int:
         if args.lr_finder != "off":
             overrides["training.lr_finder.mode"] = args.lr_finder
     resume = load_checkpoint(args.resume_from) if args.resume_from else None
-    hpo_file = cli.WORK_DIR / cli.HPO_BEST
+    hpo_file = WORK_DIR / cli.HPO_BEST
     if resume is not None:
         if "config" not in resume:
             raise UserError(f"{args.resume_from} is a weights file, not a training checkpoint; "
@@ -143,8 +145,8 @@ def main() -> int:
                 + (f", {world.world_size} processes" if world.enabled else ""))
 
     weights = args.load_weights
-    if weights is None and (cli.WORK_DIR / "snapshot.pth").is_file():
-        weights = str(cli.WORK_DIR / "snapshot.pth")
+    if weights is None and (WORK_DIR / "snapshot.pth").is_file():
+        weights = str(WORK_DIR / "snapshot.pth")
     if resume is not None:
         weights = None
     logger.info(f"Initial weights: {weights}" if weights else "Training from scratch")
@@ -156,7 +158,7 @@ def main() -> int:
         score = "mAP" if builders.is_multilabel(t) else "top-1"
         written = [n for n in ("latest.pth", "best.pth", "config.yaml", "train.log", "history.csv",
                                "training_curves.png") if (out / n).is_file()]
-        logger.info(f"Done: best val {score} {result['best_top1']:.2f} at epoch {result['best_epoch']}. "
+        logger.info(f"Done: best val {score} {result['best_score']:.2f} at epoch {result['best_epoch']}. "
                     f"Results in {out}: {', '.join(written)}"
                     + (f", TensorBoard logs in {tensorboard_dir}" if tensorboard_dir else ""))
     dist.shutdown()

@@ -113,6 +113,14 @@ def resolve(t: Template, facts: RunFacts) -> tuple[Template, list[Choice]]:
     return template_from_dict(data, f"{t.name} (auto values decided)"), choices
 
 
+def with_values(t: Template, values: dict[str, Any]) -> Template:
+    """A copy of `t` with dotted keys set to values decided during the run (the LR finder's rate...)."""
+    data = t.to_dict()
+    for key, value in values.items():
+        set_dotted(data, key, value)
+    return template_from_dict(data, t.name)
+
+
 def plan_time_budget(t: Template, facts: RunFacts, budget_s: float, spent_s: Callable[[], float],
                      seconds_per_image: Callable[[Template], float], val_images: int
                      ) -> tuple[Template, list[Choice]]:
@@ -210,4 +218,4 @@ def _with(t: Template, epochs: int, batch: int | None = None) -> Template:
     return template_from_dict(data, t.name)
 
 
-__all__ = ["mixed_precision", "plan_time_budget", "resolve", "run_facts", "small_input"]
+__all__ = ["mixed_precision", "plan_time_budget", "resolve", "run_facts", "small_input", "with_values"]

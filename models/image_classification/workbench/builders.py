@@ -179,7 +179,7 @@ def train_transform(t: Template) -> datasets.transforms.Pipeline:
                                           bgr=t.input.channel_order == "BGR")
 
 
-def report_skipped(scan: datasets.FolderScan, logger: logging.Logger, out_file: Path | None = None) -> None:
+def report_skipped(scan: datasets.DatasetScan, logger: logging.Logger, out_file: Path | None = None) -> None:
     """Log unreadable files (skipped, never fatal) and list them all in out_file."""
     if not scan.skipped:
         return
@@ -212,14 +212,14 @@ def dataset(t: Template, samples: list, classes: list[str], transform, cache: bo
                           cache_bytes=t.data.cache_mb * 2 ** 20 if cache else 0)
 
 
-def train_loader(t: Template, scan: datasets.FolderScan, device: torch.device) -> datasets.EpochLoader:
+def train_loader(t: Template, scan: datasets.DatasetScan, device: torch.device) -> datasets.EpochLoader:
     """Augmented, shuffled training batches; class-balanced draws with data.balanced_sampler."""
     weights = datasets.sample_weights(scan.samples, scan.counts()) if t.data.balanced_sampler else None
     return make_loader(dataset(t, scan.samples, scan.classes, train_transform(t), cache=True), t,
                        t.hyper_parameters.basic.batch_size, train=True, device=device, sample_weights=weights)
 
 
-def val_loader(t: Template, scan: datasets.FolderScan, device: torch.device) -> datasets.EpochLoader:
+def val_loader(t: Template, scan: datasets.DatasetScan, device: torch.device) -> datasets.EpochLoader:
     return make_loader(dataset(t, scan.samples, scan.classes, eval_transform(t), cache=True), t,
                        eval_batch_size(t), train=False, device=device)
 

@@ -21,11 +21,9 @@ from clsengine.rundir import LOCK_FILE, RunLock, claim_run_folder, release_all
 from .builders import report_skipped
 from .template import Template, TemplateError, parse_override
 
-WORK_DIR = Path(sys.argv[0]).resolve().parent
-
-
-def add_template_args(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--template", default=str(WORK_DIR / "template.yaml"),
+def add_template_args(parser: argparse.ArgumentParser, work_dir: Path) -> None:
+    """--template (default: the work dir's) and KEY=VALUE overrides."""
+    parser.add_argument("--template", default=str(work_dir / "template.yaml"),
                         help="template.yaml to read (default: the one in this work dir)")
     parser.add_argument("overrides", nargs="*", metavar="KEY=VALUE",
                         help="override any template setting, e.g. training.optimizer.name=adamw "
@@ -106,7 +104,7 @@ def add_dataset_args(parser: argparse.ArgumentParser, training: bool = False) ->
 
 
 def scan_split(args: argparse.Namespace, split: str, env: str, t: Template,
-               classes: list[str] | None = None) -> datasets.FolderScan:
+               classes: list[str] | None = None) -> datasets.DatasetScan:
     """The images and labels of one split, read as the template's data section (and the flags) say.
 
     `classes` fixes class order and the names of integer labels (e.g. the training classes for the
@@ -126,7 +124,9 @@ def scan_split(args: argparse.Namespace, split: str, env: str, t: Template,
         classes = None  # files take theirs from the categories
     if classes is None and class_id_path and fmt != "coco":
         classes = datasets.read_class_names(class_id_path)
-    category_map = t.data.category_map and WORK_DIR / Path(t.data.category_map).expanduser()  # relative: work dir
+    # A relative path is read from the template's folder (the work dir, for its own template.yaml).
+    template_dir = Path(getattr(args, "template", ".")).resolve().parent
+    category_map = t.data.category_map and template_dir / Path(t.data.category_map).expanduser()
     if category_map and fmt != "coco":
         raise UserError(f"data.category_map {t.data.category_map} applies to COCO annotation files only")
     scan = datasets.scan_dataset(root or None, ann, fmt=fmt, classes=classes, category_map=category_map or None)
@@ -139,7 +139,7 @@ def scan_split(args: argparse.Namespace, split: str, env: str, t: Template,
 
 
 def scan_train_val(args: argparse.Namespace, t: Template, logger: logging.Logger, out: Path,
-                   classes: list[str] | None = None) -> tuple[datasets.FolderScan, datasets.FolderScan]:
+                   classes: list[str] | None = None) -> tuple[datasets.DatasetScan, datasets.DatasetScan]:
     """Training and validation splits with the same classes (`classes`: a checkpoint's, else the training
     data's); unreadable files are logged and listed in out/skipped_images.txt."""
     train = scan_split(args, "train", "TRAIN_DATA_ROOT", t, None if t.data.classes else classes)

@@ -21,15 +21,16 @@ from . import builders
 from .template import Template, dump_config
 
 
-def scale_learning_rate(t: Template, world_size: int) -> float:
+def scale_learning_rate(lr: float, rule: str, world_size: int) -> float:
     """The base LR for `world_size` processes: each takes a batch of batch_size, so the global batch grows
-    with the world; training.scale_lr linear (x N) or sqrt (x sqrt N) follows it, none keeps the LR."""
-    lr = t.hyper_parameters.basic.base_learning_rate
-    factor = {"none": 1.0, "linear": float(world_size), "sqrt": float(world_size) ** 0.5}[t.training.scale_lr]
-    return lr * factor
+    with the world; training.scale_lr `rule` linear (x N) or sqrt (x sqrt N) follows it, none keeps the LR."""
+    return lr * {"none": 1.0, "linear": float(world_size), "sqrt": float(world_size) ** 0.5}[rule]
 
 
-def train(t: Template, train_scan: datasets.FolderScan, val_scan: datasets.FolderScan, out: Path, device: torch.device,
+LR_KEY = "hyper_parameters.basic.base_learning_rate"
+
+
+def train(t: Template, train_scan: datasets.DatasetScan, val_scan: datasets.DatasetScan, out: Path, device: torch.device,
           logger: logging.Logger, *, weights: str | None = None, resume: dict[str, Any] | None = None,
           aux_weights: list[str] | None = None, run_info: dict[str, Any] | None = None,
           tensorboard_dir: Path | None = None, checkpoints: bool = True, progress: bool = True,
@@ -37,8 +38,8 @@ def train(t: Template, train_scan: datasets.FolderScan, val_scan: datasets.Folde
           ) -> dict[str, Any] | None:
     """Build the model, loaders, loss and recipe of `t` and fit; returns fit's result, or None when the LR
     finder was asked to stop after finding the rate. The template's `auto` values are decided first
-    (workbench.auto, one log line each); the learning rate of that effective template is then updated (LR
-    finder, world-size scaling), so that the configuration saved is the one trained. With a time budget the
+    (workbench.auto, one log line each), then the learning rate (LR finder, world-size scaling); the effective
+    template they make is the one trained, saved to config.yaml and stored in the checkpoints. With a time budget the
     epochs are chosen first, from training steps timed here; `started` (time.monotonic()) is when the run
     began, the budget counting from there (default: now)."""
     started = time.monotonic() if started is None else started
@@ -75,24 +76,29 @@ def train(t: Template, train_scan: datasets.FolderScan, val_scan: datasets.Folde
     val_loader = builders.val_loader(t, val_scan, device)
     counts = train_scan.counts()
     criterion = builders.build_loss(t, len(classes), counts).to(device)
-    basic = t.hyper_parameters.basic
+    # The learning rate decided now, after the `auto` values: the LR finder's, then scaled to the world size
+    # (an `auto` rate is already global). It enters the effective template once, below.
+    lr = t.hyper_parameters.basic.base_learning_rate
     if t.training.lr_finder.enabled and resume is None:
         # Every rank runs the finder on its shard; all then take rank 0's rate.
         lr = dist.broadcast_object(builders.find_learning_rate(t, model, criterion, train_loader, val_loader, device,
-                                                        out, logger))
-        basic.base_learning_rate = lr
+                                                               out, logger))
         if t.training.lr_finder.stop_after:
             if world.is_main:
-                dump_config({"template": t.to_dict(), "classes": classes}, out / "config.yaml")
+                dump_config({"template": auto.with_values(t, {LR_KEY: lr}).to_dict(), "classes": classes},
+                            out / "config.yaml")
             logger.info(f"stop_after: the learning rate is {lr:.4g}; train with --base-learning-rate {lr:.4g}")
             return None
-    lr_auto = any(c.key == "hyper_parameters.basic.base_learning_rate" for c in choices)  # already global
+    lr_auto = any(c.key == LR_KEY for c in choices)
     if world.enabled and resume is None and not lr_auto:
-        scaled = scale_learning_rate(t, world.world_size)
-        if scaled != basic.base_learning_rate:
-            logger.info(f"{world.world_size} processes x batch {basic.batch_size}: learning rate "
-                        f"{basic.base_learning_rate:.4g} -> {scaled:.4g} (training.scale_lr {t.training.scale_lr})")
-            basic.base_learning_rate = scaled
+        scaled = scale_learning_rate(lr, t.training.scale_lr, world.world_size)
+        if scaled != lr:
+            logger.info(f"{world.world_size} processes x batch {t.hyper_parameters.basic.batch_size}: learning rate "
+                        f"{lr:.4g} -> {scaled:.4g} (training.scale_lr {t.training.scale_lr})")
+            lr = scaled
+    if lr != t.hyper_parameters.basic.base_learning_rate:
+        t = auto.with_values(t, {LR_KEY: lr})
+    basic = t.hyper_parameters.basic
     recipe = builders.build_recipe(t, model, len(classes), device, counts)
     if aux_weights and resume is None:
         builders.load_aux_weights(recipe.aux_models, aux_weights)
