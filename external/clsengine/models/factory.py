@@ -1,4 +1,4 @@
-"""create_model: torchvision architectures by name, with a fresh classifier and the options templates use."""
+"""create_model: torchvision architectures (and convnet_small) by name, with a fresh classifier and the options templates use."""
 from __future__ import annotations
 
 import os
@@ -14,6 +14,7 @@ from torchvision.ops import SqueezeExcitation
 from ..checkpoint import load_state_dict_file
 from ..errors import CheckpointError, UserError
 from .batchnorm import batchnorms, warm_start
+from .convnet import convnet_small
 from .heads import am_softmax_scale, use_cosine_classifier
 
 IMAGENET_MEAN = (123.675, 116.28, 103.53)
@@ -92,6 +93,9 @@ _ARCHS: dict[str, ArchSpec] = {
     "resnet50": ArchSpec(tvm.resnet50, "fc", trunk=_RESNET_TRUNK),
     "regnet_x_800mf": ArchSpec(tvm.regnet_x_800mf, "fc", trunk=_REGNET_TRUNK),
     "regnet_y_800mf": ArchSpec(tvm.regnet_y_800mf, "fc", trunk=_REGNET_TRUNK),
+    # For small images (28-64 px): full resolution until two max-pools, no stem to make stride 1.
+    "convnet_small": ArchSpec(convnet_small, "classifier", takes_width=True, takes_dropout=True,
+                              default_cfg=_cfg(32)),
 }
 
 
