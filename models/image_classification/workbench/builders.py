@@ -38,16 +38,45 @@ def cosine_scale(loss: LossSection, num_classes: int) -> float:
     return loss.scale if loss.scale is not None else am_softmax_scale(num_classes)
 
 
-def _create(t: Template, m: ModelSection, loss: LossSection, num_classes: int) -> nn.Module:
-    return create_model(m.architecture, num_classes, width_mult=m.width_mult, dropout=m.dropout,
-                        small_input=auto.small_input(m, t), bn_momentum=m.bn_momentum, head=m.head,
-                        drop_path_rate=None if m.drop_path_rate == AUTO else m.drop_path_rate,
-                        cosine_scale=cosine_scale(loss, num_classes))
+# One adapter per template section: it reads the section's keys (the only place they are read to build
+# something) and returns the engine factory's arguments, as timm's optimizer_kwargs feeds create_optimizer_v2.
+
+def model_kwargs(t: Template, m: ModelSection, loss: LossSection, num_classes: int) -> dict[str, Any]:
+    """create_model's arguments from a model section (the main model's or an auxiliary one's) and its loss
+    (a cosine head shares the AM-softmax loss's scale)."""
+    return dict(name=m.architecture, num_classes=num_classes, width_mult=m.width_mult, dropout=m.dropout,
+                small_input=auto.small_input(m, t), bn_momentum=m.bn_momentum, head=m.head,
+                drop_path_rate=None if m.drop_path_rate == AUTO else m.drop_path_rate,
+                cosine_scale=cosine_scale(loss, num_classes))
+
+
+def loss_kwargs(loss: LossSection, num_classes: int) -> dict[str, Any]:
+    """create_loss's arguments from a loss section (class weights come from the data: build_loss)."""
+    return dict(name=loss.name, label_smoothing=loss.label_smoothing, scale=cosine_scale(loss, num_classes),
+                margin=loss.margin, margin_type=loss.margin_type, asl_gamma_neg=loss.asl_gamma_neg,
+                asl_gamma_pos=loss.asl_gamma_pos, asl_clip=loss.asl_clip)
+
+
+def optimizer_kwargs(t: Template, sam: bool = True) -> dict[str, Any]:
+    """create_optimizer's arguments from training.optimizer and the base learning rate; sam=False: the plain
+    optimizer SAM would wrap (the LR finder's)."""
+    o = t.training.optimizer
+    return dict(name=o.name, lr=t.hyper_parameters.basic.base_learning_rate, momentum=o.momentum,
+                weight_decay=o.weight_decay, nesterov=o.nesterov, no_bias_decay=o.no_bias_decay,
+                sam_rho=o.sam.rho if sam and o.sam.enabled else None, sam_adaptive=o.sam.adaptive)
+
+
+def scheduler_kwargs(t: Template) -> dict[str, Any]:
+    """create_scheduler's arguments (but the optimizer and the steps per epoch) from training.scheduler."""
+    s = t.training.scheduler
+    return dict(name=s.name, epochs=t.hyper_parameters.basic.epochs, warmup_epochs=s.warmup_epochs,
+                warmup_factor=s.warmup_factor, min_lr=s.min_lr, factor=s.factor, patience=s.patience,
+                force_decay_at=s.force_decay_at)
 
 
 def build_model(t: Template, num_classes: int) -> nn.Module:
     """The template's model with fresh weights (initial weights: clsengine.models.load_pretrained)."""
-    return _create(t, t.model, t.training.loss, num_classes)
+    return create_model(**model_kwargs(t, t.model, t.training.loss, num_classes))
 
 
 EVAL_BATCH_SIZE = 64  # inference batches of a template whose training batch is left to the run (auto)
@@ -91,15 +120,9 @@ def class_weights(t: Template, class_counts: list[int] | None) -> torch.Tensor |
         raise UserError(f"data.class_weights: {exc}") from None
 
 
-def _loss(loss: LossSection, num_classes: int, weight: torch.Tensor | None = None) -> nn.Module:
-    return create_loss(loss.name, label_smoothing=loss.label_smoothing, scale=cosine_scale(loss, num_classes),
-                       margin=loss.margin, margin_type=loss.margin_type, weight=weight,
-                       asl_gamma_neg=loss.asl_gamma_neg, asl_gamma_pos=loss.asl_gamma_pos, asl_clip=loss.asl_clip)
-
-
 def build_loss(t: Template, num_classes: int, class_counts: list[int] | None = None) -> nn.Module:
     """The template's loss; with training-set `class_counts`, weighted as data.class_weights says."""
-    return _loss(t.training.loss, num_classes, class_weights(t, class_counts))
+    return create_loss(**loss_kwargs(t.training.loss, num_classes), weight=class_weights(t, class_counts))
 
 
 def build_aux(t: Template, num_classes: int, device: torch.device, class_counts: list[int] | None = None
@@ -108,9 +131,10 @@ def build_aux(t: Template, num_classes: int, device: torch.device, class_counts:
     ml = t.training.mutual_learning
     if not ml.enabled:
         return [], []
-    models = [_create(t, aux.model, aux.loss, num_classes).to(device) for aux in ml.aux_models]
+    models = [create_model(**model_kwargs(t, aux.model, aux.loss, num_classes)).to(device) for aux in ml.aux_models]
     weight = class_weights(t, class_counts)
-    return models, [_loss(aux.loss, num_classes, weight).to(device) for aux in ml.aux_models]
+    return models, [create_loss(**loss_kwargs(aux.loss, num_classes), weight=weight).to(device)
+                    for aux in ml.aux_models]
 
 
 def amp_dtype(t: Template, device: torch.device) -> torch.dtype | None:
@@ -227,18 +251,15 @@ def val_loader(t: Template, scan: datasets.DatasetScan, device: torch.device) ->
 def build_optimizer(t: Template, models: nn.Module | list[nn.Module], lr: float | None = None,
                     sam: bool = True) -> torch.optim.Optimizer:
     """The template's optimizer; `lr` replaces the base LR, sam=False gives the plain one (for the LR finder)."""
-    o = t.training.optimizer
-    return create_optimizer(models, o.name, t.hyper_parameters.basic.base_learning_rate if lr is None else lr,
-                            momentum=o.momentum, weight_decay=o.weight_decay, nesterov=o.nesterov,
-                            no_bias_decay=o.no_bias_decay, sam_rho=o.sam.rho if sam and o.sam.enabled else None,
-                            sam_adaptive=o.sam.adaptive)
+    kwargs = optimizer_kwargs(t, sam)
+    if lr is not None:
+        kwargs["lr"] = lr
+    return create_optimizer(models, **kwargs)
 
 
 def build_scheduler(t: Template, optimizer: torch.optim.Optimizer, iters_per_epoch: int) -> WarmupScheduler:
-    s = t.training.scheduler
-    return create_scheduler(optimizer, s.name, t.hyper_parameters.basic.epochs, iters_per_epoch,
-                            warmup_epochs=s.warmup_epochs, warmup_factor=s.warmup_factor, min_lr=s.min_lr,
-                            factor=s.factor, patience=s.patience, force_decay_at=s.force_decay_at)
+    kwargs = scheduler_kwargs(t)
+    return create_scheduler(optimizer, kwargs.pop("name"), kwargs.pop("epochs"), iters_per_epoch, **kwargs)
 
 
 def model_complexity(t: Template, num_classes: int) -> dict[str, float]:
@@ -267,6 +288,11 @@ def load_aux_weights(aux_models: list[nn.Module], paths: list[str]) -> None:
         load_model_weights(model, load_state_dict_file(path), path)
 
 
+def describe_optimizer(kwargs: dict[str, Any]) -> str:
+    """`optimizer_kwargs` in words: the optimizer, and SAM around it."""
+    return f"optimizer {kwargs['name']}" + (f"+SAM(rho={kwargs['sam_rho']})" if kwargs["sam_rho"] is not None else "")
+
+
 def describe_recipe(t: Template, recipe: Recipe) -> str:
     """One line naming the techniques switched on, so a log says what was trained."""
     tr = t.training
@@ -276,9 +302,7 @@ def describe_recipe(t: Template, recipe: Recipe) -> str:
     parts = ["multi-label"] if is_multilabel(t) else []
     parts += [f"loss {tr.loss.name}" + detail.get(tr.loss.name, "")
               + ("" if weights == "none" else f" with class weights ({'auto' if weights == 'auto' else 'given'})"),
-              f"optimizer {tr.optimizer.name}" + (f"+SAM(rho={tr.optimizer.sam.rho})" if tr.optimizer.sam.enabled
-                                                   else ""),
-              f"scheduler {tr.scheduler.name}"]
+              describe_optimizer(optimizer_kwargs(t)), f"scheduler {scheduler_kwargs(t)['name']}"]
     if recipe.aux_models:
         parts.append(f"mutual learning with {len(recipe.aux_models)} auxiliary model(s) "
                      f"({', '.join(a.model.architecture for a in tr.mutual_learning.aux_models)})")
