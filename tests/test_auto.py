@@ -345,3 +345,15 @@ def test_hflip_off_for_oriented_images_on_for_mirror_symmetric_ones(tmp_path: Pa
     assert auto.run_facts(pinned, len(glyphs), 2, "cpu", samples=glyphs).mirror is None
     resolved, choices = auto.resolve(pinned, auto.run_facts(pinned, len(glyphs), 2, "cpu", samples=glyphs))
     assert resolved.training.augmentation.hflip == 0.5 and "training.augmentation.hflip" not in [c.key for c in choices]
+
+
+def test_small_image_hint_names_the_small_image_template_for_small_inputs_only():
+    mobilenet = load_template(TEMPLATES_DIR / "mobilenet_v3_small" / "template.yaml")
+    hint = auto.small_image_hint(load_template(TEMPLATES_DIR / "mobilenet_v3_small" / "template.yaml",
+                                               {"input.size": [32, 32]}))
+    assert hint is not None and auto.SMALL_IMAGE_TEMPLATE in hint and "32x32" in hint
+    assert (TEMPLATES_DIR / auto.SMALL_IMAGE_TEMPLATE / "template.yaml").is_file()
+    assert auto.small_image_hint(mobilenet) is None                                        # 224 px
+    assert auto.small_image_hint(load_template(TEMPLATES_DIR / "convnet_small" / "template.yaml")) is None
+    # A template that pins a small-input model is built for its size.
+    assert auto.small_image_hint(load_template(TEMPLATES_DIR / "person_vs_background_56x32" / "template.yaml")) is None

@@ -65,6 +65,8 @@ def train(t: Template, train_scan: datasets.DatasetScan, val_scan: datasets.Data
         t, choices = auto.resolve(t, facts)
     for choice in choices:
         logger.info(str(choice))
+    if (hint := auto.small_image_hint(t)) is not None:
+        logger.info(hint)
     model = builders.build_model(t, len(classes))
     if weights:
         logger.info(f"Initial weights {load_pretrained(model, weights).describe()}")
