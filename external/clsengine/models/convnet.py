@@ -23,8 +23,8 @@ def _conv_bn_relu(in_channels: int, out_channels: int) -> nn.Sequential:
 
 
 class SmallConvNet(nn.Module):
-    """conv-conv-pool, conv-conv-pool, conv (widths WIDTHS x width_mult), global average pooling, dropout,
-    linear. `features` is the trunk (its output is the last feature map), `classifier` the head."""
+    """conv-conv-pool, conv-conv-pool, conv-conv (widths WIDTHS x width_mult), global average pooling,
+    dropout, linear. `features` is the trunk (its output is the last feature map), `classifier` the head."""
 
     def __init__(self, num_classes: int = 1000, width_mult: float = 1.0, dropout: float = 0.2):
         super().__init__()
@@ -32,7 +32,7 @@ class SmallConvNet(nn.Module):
         self.features = nn.Sequential(
             _conv_bn_relu(3, w1), _conv_bn_relu(w1, w1), nn.MaxPool2d(2),
             _conv_bn_relu(w1, w2), _conv_bn_relu(w2, w2), nn.MaxPool2d(2),
-            _conv_bn_relu(w2, w3))
+            _conv_bn_relu(w2, w3), _conv_bn_relu(w3, w3))
         self.avgpool = nn.AdaptiveAvgPool2d(1)
         self.classifier = nn.Sequential(nn.Dropout(dropout), nn.Linear(w3, num_classes))
         for m in self.modules():
