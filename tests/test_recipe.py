@@ -301,7 +301,7 @@ def _ema_fit(tmp_path: Path, monkeypatch, winner: str):
     calls: list[str] = []
     epoch = [0]
 
-    def fake_validate(m, val_loader, criterion, device, progress=True):
+    def fake_validate(m, val_loader, criterion, device, progress=True, **run):
         if m is model:
             epoch[0] += 1
             calls.append("model")

@@ -176,24 +176,31 @@ def train_one_epoch(model: nn.Module, loader, criterion: nn.Module, optimizer: t
 
 @torch.no_grad()
 def predict(model: nn.Module | Callable[[torch.Tensor], torch.Tensor], loader, device: torch.device,
-            desc: str = "eval", progress: bool = True) -> tuple[torch.Tensor, torch.Tensor]:
+            desc: str = "eval", progress: bool = True, memory_format: torch.memory_format = torch.contiguous_format,
+            amp_dtype: torch.dtype | None = None) -> tuple[torch.Tensor, torch.Tensor]:
     """All logits and labels of a loader, on the CPU. `model` may also be any callable from an image
-    batch to logits, such as an exported model (clsengine.inference.ExportedClassifier)."""
+    batch to logits, such as an exported model (clsengine.inference.ExportedClassifier). `memory_format` and
+    `amp_dtype`: the batches' layout and the autocast dtype, as in training (the validation of a training
+    run; timm validates under its training autocast too)."""
     if isinstance(model, nn.Module):
         model.eval()
     all_logits, all_labels = [], []
     for images, labels in _progress(loader, len(loader), desc, progress):
-        all_logits.append(model(images.to(device, non_blocking=True)).float().cpu())
+        images = images.to(device, non_blocking=True, memory_format=memory_format)
+        with torch.autocast(images.device.type, dtype=amp_dtype or torch.float32, enabled=amp_dtype is not None):
+            all_logits.append(model(images).float().cpu())
         all_labels.append(labels)
     # A distributed loader gives each rank a shard: every rank gets all of them, so metrics are whole.
     return dist.gather(torch.cat(all_logits)), dist.gather(torch.cat(all_labels))
 
 
-def validate(model: nn.Module, loader, criterion: nn.Module, device: torch.device,
-             progress: bool = True) -> dict[str, float]:
+def validate(model: nn.Module, loader, criterion: nn.Module, device: torch.device, progress: bool = True,
+             memory_format: torch.memory_format = torch.contiguous_format,
+             amp_dtype: torch.dtype | None = None) -> dict[str, float]:
     """Loss and top-1/top-5 (top-5 with more than 5 classes), or mAP when the loader yields multi-hot
     (multi-label) targets."""
-    logits, labels = predict(model, loader, device, desc="val", progress=progress)
+    logits, labels = predict(model, loader, device, desc="val", progress=progress, memory_format=memory_format,
+                             amp_dtype=amp_dtype)
     if any(b.device.type != "cpu" for b in criterion.buffers()):  # e.g. class weights on the GPU
         criterion = copy.deepcopy(criterion).cpu()
     stats = {"loss": float(criterion(logits, labels))}
@@ -225,11 +232,13 @@ class EpochScore:
     scored_by: str  # "model" or "ema"
 
 
-def evaluate(model: nn.Module, ema: nn.Module | None, loader, criterion: nn.Module, device: torch.device,
+def evaluate(model: nn.Module, recipe: Recipe, loader, criterion: nn.Module, device: torch.device,
              progress: bool = True) -> EpochScore:
-    """Validate the model and its EMA (torch AveragedModel), and score the epoch by the better of them."""
-    val_stats = validate(model, loader, criterion, device, progress=progress)
-    ema_stats = validate(ema.module, loader, criterion, device, progress=progress) if ema is not None else None
+    """Validate the model and its EMA (recipe.ema, a torch AveragedModel) in the training's memory layout and
+    autocast, and score the epoch by the better of them."""
+    run = dict(progress=progress, memory_format=recipe.memory_format, amp_dtype=recipe.amp_dtype)
+    val_stats = validate(model, loader, criterion, device, **run)
+    ema_stats = validate(recipe.ema.module, loader, criterion, device, **run) if recipe.ema is not None else None
     key = score_key(val_stats)
     if ema_stats is not None and ema_stats[key] > val_stats[key]:
         return EpochScore(val_stats, ema_stats, ema_stats[key], "ema")
@@ -308,7 +317,7 @@ def fit(model: nn.Module, train_loader, val_loader, criterion: nn.Module, optimi
                                           forward_models=forward_models)
             for m in (model, *recipe.aux_models, *([recipe.ema] if recipe.ema is not None else [])):
                 dist.broadcast_buffers(m)  # BatchNorm statistics: rank 0's everywhere, as in the checkpoint
-            result = evaluate(model, recipe.ema, val_loader, criterion, device, progress=progress)
+            result = evaluate(model, recipe, val_loader, criterion, device, progress=progress)
             if cfg.score_fn is not None:
                 result.score, result.scored_by = float(cfg.score_fn(model)), "model"
             lr = scheduler.lr
