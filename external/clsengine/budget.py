@@ -20,6 +20,7 @@ import torch.nn as nn
 
 from .checkpoint import rng_state, set_rng_state
 from .errors import UserError
+from .utils import autocast
 
 MEASURE_WARMUP_STEPS = 3   # first steps allocate memory and warm caches: not timed
 MEASURE_STEPS = 6
@@ -66,7 +67,7 @@ def seconds_per_image(model: nn.Module, loader: Iterable, criterion: nn.Module, 
             x = batch[0].to(device, non_blocking=True, memory_format=memory_format)
             y = batch[1].to(device, non_blocking=True)
             optimizer.zero_grad(set_to_none=True)
-            with torch.autocast(device.type, dtype=amp_dtype or torch.float32, enabled=amp_dtype is not None):
+            with autocast(device.type, amp_dtype):
                 logits = probe(x)
             criterion(logits.float(), y).backward()
             optimizer.step()

@@ -24,6 +24,7 @@ from .models.batchnorm import batchnorms, update_momentum as update_bn_momentum
 from .optim.sam import SAM
 from .optim.scheduler import WarmupScheduler
 from .runlog import RunLog
+from .utils import autocast
 
 
 @dataclass
@@ -96,8 +97,7 @@ def _frozen_bn_stats(models: list[nn.Module]):
 def _losses(models: list[nn.Module], criteria: list[nn.Module], images: torch.Tensor, labels: torch.Tensor,
             recipe: Recipe, mutual_weight: float) -> list[torch.Tensor]:
     """One loss per model: its own criterion plus, with mutual learning, the weighted KL to the others."""
-    with torch.autocast(images.device.type, dtype=recipe.amp_dtype or torch.float32,
-                        enabled=recipe.amp_dtype is not None):
+    with autocast(images.device.type, recipe.amp_dtype):
         logits = [m(images) for m in models]
     losses = [criterion(x.float(), labels) for criterion, x in zip(criteria, logits)]
     if mutual_weight > 0:
@@ -187,7 +187,7 @@ def predict(model: nn.Module | Callable[[torch.Tensor], torch.Tensor], loader, d
     all_logits, all_labels = [], []
     for images, labels in _progress(loader, len(loader), desc, progress):
         images = images.to(device, non_blocking=True, memory_format=memory_format)
-        with torch.autocast(images.device.type, dtype=amp_dtype or torch.float32, enabled=amp_dtype is not None):
+        with autocast(images.device.type, amp_dtype):
             all_logits.append(model(images).float().cpu())
         all_labels.append(labels)
     # A distributed loader gives each rank a shard: every rank gets all of them, so metrics are whole.

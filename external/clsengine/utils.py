@@ -1,4 +1,4 @@
-"""Seeding and device selection."""
+"""Seeding, device selection and mixed precision on demand."""
 from __future__ import annotations
 
 import os
@@ -28,3 +28,9 @@ def select_device(gpu_num: int) -> torch.device:
     if gpu_num >= 1 and torch.cuda.is_available():
         return torch.device("cuda", 0)
     return torch.device("cpu")
+
+
+def autocast(device_type: str, dtype: torch.dtype | None) -> torch.autocast:
+    """torch.autocast to `dtype`, or a context that changes nothing when `dtype` is None (full precision):
+    the one form every forward of training, validation and the budget's timing steps uses."""
+    return torch.autocast(device_type, dtype=dtype or torch.float32, enabled=dtype is not None)

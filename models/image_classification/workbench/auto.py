@@ -227,11 +227,10 @@ def _fixed_point(t: Template, facts: RunFacts, cost: Callable[[int], float], val
 
 
 def _with(t: Template, epochs: int, batch: int | None = None) -> Template:
-    data = t.to_dict()
-    data["hyper_parameters"]["basic"]["epochs"] = epochs
+    values = {"hyper_parameters.basic.epochs": epochs}
     if batch is not None:
-        data["hyper_parameters"]["basic"]["batch_size"] = batch
-    return template_from_dict(data, t.name)
+        values["hyper_parameters.basic.batch_size"] = batch
+    return with_values(t, values)
 
 
 __all__ = ["SMALL_IMAGE_TEMPLATE", "mixed_precision", "plan_time_budget", "resolve", "run_facts", "small_image_hint", "small_input", "with_values"]
