@@ -23,6 +23,7 @@ from clsengine.loop import FitConfig, fit
 from clsengine.metrics import classification_report, confusion_matrix, topk_correct
 from clsengine.models import classifier, create_model, freeze_backbone, list_models, load_pretrained
 from clsengine.optim import WarmupScheduler, create_optimizer, param_groups
+from clsengine import runlog
 from clsengine.runlog import HISTORY_FIELDS, get_logger
 from clsengine.utils import seed_everything
 
@@ -698,6 +699,24 @@ def _comparable(row: dict) -> dict:
     """Timing-free values; an empty field (no EMA in this run) stays the empty string."""
     return {k: (int(v) if k == "epoch" else float(v) if v != "" else v) for k, v in row.items()
             if k not in ("epoch_time_s", "images_per_s")}
+
+
+def test_runlog_redraws_the_curves_at_most_every_plot_every_s_and_at_close(tmp_path: Path, monkeypatch):
+    drawn: list[int] = []
+    monkeypatch.setattr(runlog, "plot_training_curves", lambda history, path: drawn.append(len(history)))
+    log = runlog.RunLog(tmp_path, None)
+    for epoch in (1, 2, 3):
+        log.add_epoch({"epoch": epoch, "train_loss": 1.0 / epoch, "val_loss": 1.0, "lr": 0.1})
+        log.flush()
+    assert drawn == [1]                      # the first epoch's curves at once, then not within 30 s
+    assert len(_csv_rows(tmp_path / "history.csv")) == 3   # the CSV after every epoch
+    log.close()
+    assert drawn == [1, 3]                   # the end of the run draws what was not drawn
+    monkeypatch.setattr(runlog, "PLOT_EVERY_S", 0.0)
+    drawn.clear()
+    log = runlog.RunLog(tmp_path, None, history=log.history)
+    log.flush(), log.flush(), log.close()
+    assert drawn == [3]                      # nothing new to draw: drawn once
 
 
 def test_fit_writes_outputs_and_resumes_identically(tmp_path: Path):

@@ -42,8 +42,9 @@ class FitConfig:
     checkpoint_extra: dict[str, Any] = field(default_factory=dict)
     checkpoints: bool = True                     # write latest.pth / best.pth (off for search trials)
     deadline: float | None = None                # time.monotonic() by which training ends (a time budget)
-    # With a deadline: called after each epoch's validation with (epochs done, seconds that epoch took); returns
-    # the number of epochs the run should have in all, which the loop and the schedule then follow.
+    # With a deadline: called after each epoch (validated and saved) with (epochs done, mean seconds per epoch of
+    # this run so far); returns the number of epochs the run should have in all, which the loop and the
+    # schedule then follow.
     replan: Callable[[int, float], int] | None = None
 
 
@@ -304,6 +305,7 @@ def fit(model: nn.Module, train_loader, val_loader, criterion: nn.Module, optimi
 
     stop = None  # why the run ended before its last epoch
     epochs, epoch = cfg.epochs, start_epoch
+    loop_started = time.monotonic()
     try:
         while epoch < epochs and stop is None:
             epoch += 1  # 1-based from here on
@@ -322,22 +324,25 @@ def fit(model: nn.Module, train_loader, val_loader, criterion: nn.Module, optimi
                 result.score, result.scored_by = float(cfg.score_fn(model)), "model"
             lr = scheduler.lr
             scheduler.step_epoch(result.score)
-            epoch_s = time.monotonic() - epoch_started
-            if cfg.replan is not None and epoch < epochs:
-                planned = int(dist.broadcast_object(cfg.replan(epoch, epoch_s)))  # rank 0's clock decides
-                if planned != epochs:
-                    logger.info(f"Time budget: epoch {epoch} took {epoch_s:.1f} s; {planned} epochs fit in all "
-                                f"(planned {epochs}): the schedule now ends there")
-                    epochs = scheduler.epochs = planned
             row = _history_row(epoch, train_stats, result, lr)
             runlog.add_epoch(row)
             improved = saver.save(model, epoch, result.score, result.scored_by, state)
             runlog.flush()
+            epoch_s = time.monotonic() - epoch_started
+            # The budget plans with the mean epoch of this run, saving included: one epoch slowed by another
+            # process moves the plan by 1/n of it, instead of cutting the schedule and restoring it later.
+            mean_epoch_s = (time.monotonic() - loop_started) / (epoch - start_epoch)
+            if cfg.replan is not None and epoch < epochs:
+                planned = int(dist.broadcast_object(cfg.replan(epoch, mean_epoch_s)))  # rank 0's clock decides
+                if planned != epochs:
+                    logger.info(f"Time budget: {mean_epoch_s:.1f} s per epoch so far; {planned} epochs fit in "
+                                f"all (planned {epochs}): the schedule now ends there")
+                    epochs = scheduler.epochs = planned
             logger.info(_epoch_line(epoch, epochs, train_stats, result, lr, cfg.score_fn is not None, improved))
             if on_epoch_end is not None and on_epoch_end(epoch, {**row, "score": result.score}):
                 stop = "on_epoch_end"
             else:
-                stop = _stop_reason(cfg, scheduler, epoch, epochs, epoch_s, saver.best_epoch)
+                stop = _stop_reason(cfg, scheduler, epoch, epochs, max(epoch_s, mean_epoch_s), saver.best_epoch)
                 if stop is not None:
                     logger.info(stop)
     finally:

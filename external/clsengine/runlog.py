@@ -5,6 +5,7 @@ import csv
 import logging
 import os
 import sys
+import time
 from pathlib import Path
 
 from .fileio import atomic_output, write_error
@@ -13,6 +14,7 @@ from .plots import plot_training_curves
 # val_map and ema_val_map are filled for multi-label runs, the top-1/top-5 columns for the others.
 HISTORY_FIELDS = ("epoch", "train_loss", "val_loss", "val_top1", "val_top5", "val_map", "ema_val_top1", "ema_val_map",
                   "lr", "epoch_time_s", "images_per_s")
+PLOT_EVERY_S = 30.0  # the curves PNG is redrawn at most this often during a run, and at its end
 
 
 class _LogFile(logging.FileHandler):
@@ -75,6 +77,7 @@ class RunLog:
         self.csv_path = self.output_dir / "history.csv"
         self.curves_path = self.output_dir / "training_curves.png"
         self.writer = None
+        self._plotted: tuple[float, int] | None = None  # (when, rows) of the last drawing of the curves
         if tensorboard_dir is not None and write:
             from torch.utils.tensorboard import SummaryWriter
             self.writer = SummaryWriter(str(tensorboard_dir), purge_step=len(self.history) + 1)
@@ -98,15 +101,21 @@ class RunLog:
         except OSError as exc:  # the run goes on: history.csv and the checkpoints hold the same numbers
             print(f"warning: {write_error(self.writer.log_dir, exc) or exc}; no more TensorBoard logging",
                   file=sys.stderr)
-            self.close()
-            self.writer = None
+            self._close_writer()
 
     def flush(self) -> None:
+        """history.csv after every epoch; the curves at most every PLOT_EVERY_S (a drawing costs about 0.25 s,
+        a few % of a short epoch) and at close."""
         if not self.write:
             return
         self._write_csv()
-        if self.history:
+        if self._plotted is None or time.monotonic() - self._plotted[0] >= PLOT_EVERY_S:
+            self._plot()
+
+    def _plot(self) -> None:
+        if self.history and (self._plotted is None or self._plotted[1] != len(self.history)):
             plot_training_curves(self.history, self.curves_path)
+            self._plotted = (time.monotonic(), len(self.history))
 
     def _write_csv(self) -> None:
         with atomic_output(self.csv_path) as tmp, open(tmp, "w", newline="") as f:
@@ -115,6 +124,11 @@ class RunLog:
             writer.writerows(self.history)
 
     def close(self) -> None:
+        if self.write:
+            self._plot()
+        self._close_writer()
+
+    def _close_writer(self) -> None:
         if self.writer is not None:
             try:
                 self.writer.close()

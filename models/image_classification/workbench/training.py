@@ -122,7 +122,7 @@ def train(t: Template, train_scan: datasets.DatasetScan, val_scan: datasets.Data
         most = facts.epochs  # the template's or --epochs
 
         def replan(done: int, epoch_s: float) -> int:
-            """The epochs that fit, from the last epoch's real duration: the plan's few timed steps are an
+            """The epochs that fit, from the real epochs' mean duration: the plan's few timed steps are an
             estimate (on 2 cores they ran 10-40% slower than the epochs that followed)."""
             epochs = max(done, min(most, done + int((started + budget_s - time.monotonic()) // epoch_s)))
             if epochs != config["template"]["hyper_parameters"]["basic"]["epochs"]:
