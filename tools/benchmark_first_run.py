@@ -51,15 +51,15 @@ def top1_of(metrics_file: Path) -> float:
 
 
 def auto_summary(train_log: Path) -> str:
-    """The choices that matter most, from the `auto ...` lines of train.log (the epochs as re-planned by a
-    time budget's first epoch, where it did)."""
+    """The choices that matter most, from the `auto ...` lines of train.log (with a time budget, the epochs of
+    the loop's last re-plan: those the schedule ended with)."""
     short = {"hyper_parameters.basic.epochs": "epochs", "hyper_parameters.basic.batch_size": "batch", "training.optimizer.name": "opt",
              "hyper_parameters.basic.base_learning_rate": "lr", "model.small_input": "small_input",
              "training.lr_finder.enabled": "lr_finder"}
     found = {}
     for line in train_log.read_text().splitlines():
-        replanned = re.search(r"Time budget: epoch \d+ took .*?; (\d+) epochs fit in all", line)
-        if replanned:  # the loop's re-plan after its first epoch: the epochs that actually ran
+        replanned = re.search(r"Time budget: .*?; (\d+) epochs fit in all", line)
+        if replanned:
             found["epochs"] = replanned.group(1)
         if " auto " not in line:
             continue
