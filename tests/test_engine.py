@@ -719,6 +719,25 @@ def test_runlog_redraws_the_curves_at_most_every_plot_every_s_and_at_close(tmp_p
     assert drawn == [3]                      # nothing new to draw: drawn once
 
 
+def test_runlog_warns_once_and_goes_on_when_tensorboard_cannot_be_written(tmp_path: Path, capsys):
+    class FullDisk:
+        log_dir, calls = str(tmp_path / "tb"), 0
+
+        def add_scalar(self, *args) -> None:
+            FullDisk.calls += 1
+            raise OSError(28, "No space left on device")
+
+        def close(self) -> None:
+            pass
+
+    log = runlog.RunLog(tmp_path, None)
+    log.writer = FullDisk()
+    for epoch in (1, 2):
+        log.add_epoch({"epoch": epoch, "train_loss": 1.0, "val_loss": 1.0, "lr": 0.1, "images_per_s": 10.0})
+    assert log.writer is None and FullDisk.calls == 1 and len(log.history) == 2
+    assert capsys.readouterr().err.count("no more TensorBoard logging") == 1
+
+
 def test_fit_writes_outputs_and_resumes_identically(tmp_path: Path):
     run_dir = tmp_path / "run"
     epochs_seen: list[int] = []

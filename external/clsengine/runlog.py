@@ -134,3 +134,4 @@ class RunLog:
                 self.writer.close()
             except OSError:
                 pass
+            self.writer = None
