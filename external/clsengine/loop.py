@@ -328,10 +328,11 @@ def fit(model: nn.Module, train_loader, val_loader, criterion: nn.Module, optimi
             runlog.add_epoch(row)
             improved = saver.save(model, epoch, result.score, result.scored_by, state)
             runlog.flush()
-            epoch_s = time.monotonic() - epoch_started
+            now = time.monotonic()
+            epoch_s = now - epoch_started
             # The budget plans with the mean epoch of this run, saving included: one epoch slowed by another
             # process moves the plan by 1/n of it, instead of cutting the schedule and restoring it later.
-            mean_epoch_s = (time.monotonic() - loop_started) / (epoch - start_epoch)
+            mean_epoch_s = (now - loop_started) / (epoch - start_epoch)
             if cfg.replan is not None and epoch < epochs:
                 planned = int(dist.broadcast_object(cfg.replan(epoch, mean_epoch_s)))  # rank 0's clock decides
                 if planned != epochs:

@@ -258,8 +258,7 @@ def build_optimizer(t: Template, models: nn.Module | list[nn.Module], lr: float 
 
 
 def build_scheduler(t: Template, optimizer: torch.optim.Optimizer, iters_per_epoch: int) -> WarmupScheduler:
-    kwargs = scheduler_kwargs(t)
-    return create_scheduler(optimizer, kwargs.pop("name"), kwargs.pop("epochs"), iters_per_epoch, **kwargs)
+    return create_scheduler(optimizer, iters_per_epoch=iters_per_epoch, **scheduler_kwargs(t))
 
 
 def model_complexity(t: Template, num_classes: int) -> dict[str, float]:
