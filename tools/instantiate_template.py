@@ -3,9 +3,10 @@
 
   python tools/instantiate_template.py TEMPLATE WORK_DIR [--do-not-load-snapshot] [--overwrite]
 
-The template is validated first. Its snapshot (initial weights, a URL or a local path with sha256
-and size), when it declares one, is fetched into WORK_DIR/snapshot.pth and verified, unless
---do-not-load-snapshot is given; offline, the work dir is still created and trains from scratch.
+The template is validated first. Its snapshot (initial weights with sha256 and size: a URL, a local path, or
+package://MODULE/PATH, a file inside an installed Python package, which needs no network), when it declares
+one, is copied into WORK_DIR/snapshot.pth and verified, unless --do-not-load-snapshot is given; offline, a URL
+snapshot is skipped with a warning and the work dir trains from scratch.
 """
 from __future__ import annotations
 
@@ -77,10 +78,11 @@ def main() -> int:
 
     if template.snapshot is not None and not args.do_not_load_snapshot:
         location = template.snapshot.location
-        if not hub.is_url(location) and not Path(location).is_absolute():
+        if not hub.is_url(location) and not hub.is_package(location) and not Path(location).is_absolute():
             location = str(template_path.parent / location)
         try:
-            hub.fetch_snapshot(location, work_dir / "snapshot.pth", template.snapshot.sha256, template.snapshot.size)
+            hub.fetch_snapshot(location, work_dir / "snapshot.pth", template.snapshot.sha256, template.snapshot.size,
+                               package=template.snapshot.package)
             print(f"Snapshot {template.snapshot.location} verified and saved as {work_dir / 'snapshot.pth'}")
         except hub.OfflineError as exc:
             print(f"warning: {exc}; the work dir trains from scratch")

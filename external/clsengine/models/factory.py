@@ -15,10 +15,12 @@ from ..checkpoint import load_state_dict_file
 from ..errors import CheckpointError, UserError
 from .batchnorm import batchnorms, warm_start
 from .convnet import convnet_small
+from .efficientnet_lite import efficientnet_lite0, from_efficientnet_pytorch, is_efficientnet_pytorch
 from .heads import am_softmax_scale, use_cosine_classifier
 
 IMAGENET_MEAN = (123.675, 116.28, 103.53)
 IMAGENET_STD = (58.395, 57.12, 57.375)
+LITE_MEAN, LITE_STD = (127.0, 127.0, 127.0), (128.0, 128.0, 128.0)
 
 
 @dataclass(frozen=True)
@@ -32,6 +34,9 @@ class ArchSpec:
     depthwise: bool = False        # has depthwise convolutions (checked against the built model by the tests)
     default_cfg: dict = field(default_factory=lambda: {"input_size": (224, 224), "mean": IMAGENET_MEAN,
                                                        "std": IMAGENET_STD})
+    # Maps a weights file in another naming onto the model's (checking it), when `foreign(state)` says it is one.
+    foreign: Callable[[dict], bool] | None = None
+    convert: Callable[[dict, nn.Module], dict] | None = None
 
 
 def _npu_friendly(model: nn.Module) -> nn.Module:
@@ -93,6 +98,11 @@ _ARCHS: dict[str, ArchSpec] = {
     "resnet50": ArchSpec(tvm.resnet50, "fc", trunk=_RESNET_TRUNK),
     "regnet_x_800mf": ArchSpec(tvm.regnet_x_800mf, "fc", trunk=_REGNET_TRUNK),
     "regnet_y_800mf": ArchSpec(tvm.regnet_y_800mf, "fc", trunk=_REGNET_TRUNK),
+    # EfficientNet-Lite0 (no SE, ReLU6): its ImageNet weights install with the workbench, in EfficientNet-PyTorch's
+    # names; they were trained on inputs scaled as (x - 127) / 128 (TensorFlow's Lite preprocessing).
+    "efficientnet_lite0": ArchSpec(efficientnet_lite0, "classifier", takes_dropout=True, drop_path_rate=0.2,
+                                   depthwise=True, foreign=is_efficientnet_pytorch, convert=from_efficientnet_pytorch,
+                                   default_cfg={"input_size": (224, 224), "mean": LITE_MEAN, "std": LITE_STD}),
     # For small images (28-64 px): full resolution until two max-pools, no stem to make stride 1.
     "convnet_small": ArchSpec(convnet_small, "classifier", takes_width=True, takes_dropout=True,
                               default_cfg=_cfg(32)),
@@ -267,6 +277,12 @@ def load_pretrained(model: nn.Module, path: str | os.PathLike,
     that fills less than `min_backbone_match` of the backbone's tensors is refused (another architecture or
     width: a torchvision mobilenet_v3_large state dict fills 70 of 312 tensors of a width-0.75 model)."""
     state = load_state_dict_file(path)
+    spec = _ARCHS.get(getattr(model, "arch_name", ""))
+    if spec is not None and spec.foreign is not None and spec.foreign(state):
+        try:
+            state = spec.convert(state, model)
+        except CheckpointError as exc:
+            raise CheckpointError(f"{path}: {exc}") from None
     own = model.state_dict()
     matched = {k: v for k, v in state.items() if k in own and own[k].shape == v.shape}
     head = f"{getattr(model, 'head_name', '')}."
@@ -281,5 +297,8 @@ def load_pretrained(model: nn.Module, path: str | os.PathLike,
                               f"name and shape (at least {min_backbone_match:.0%} needed); is it a checkpoint of "
                               f"another architecture or width multiplier?")
     model.load_state_dict(matched, strict=False)
+    for name, module in model.named_modules():  # real running statistics: no cumulative start (models.batchnorm)
+        if f"{name}.running_mean" in matched and getattr(module, "target_momentum", None) is not None:
+            module.momentum = module.target_momentum
     return LoadReport(path=str(path), loaded=sorted(matched), missing=sorted(set(own) - set(matched)),
                       unused=sorted(set(state) - set(matched)), total=len(own))

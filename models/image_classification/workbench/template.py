@@ -228,9 +228,10 @@ class HpoSection:
 
 @dataclass
 class Snapshot:
-    location: str                           # URL or path (relative paths are relative to the template)
+    location: str                           # URL, path (relative: to the template) or package://MODULE/PATH
     sha256: str
     size: int
+    package: str | None = None              # package://: the pip package that installs MODULE (for errors)
 
 
 @dataclass
