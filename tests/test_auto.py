@@ -135,7 +135,9 @@ def test_resolve_keeps_pinned_values_and_the_published_recipe():
                  "training.scheduler.name": "plateau", "training.scheduler.warmup_epochs": 1,
                  "training.optimizer.sam.enabled": True, "training.mutual_learning.enabled": True,
                  "training.lr_finder.enabled": True, "training.lr_finder.num_iter": 100, "model.small_input": False,
-                 "training.augmentation_level": "full", "training.amp": "none", "training.augmentation.hflip": 0.5}
+                 "training.augmentation_level": "full", "training.amp": "none", "training.augmentation.hflip": 0.5,
+                 "training.transfer.linear_probe": False, "training.transfer.trainable_stages": "all",
+                 "training.transfer.freeze_bn": False}
     t = _template(**published)
     resolved, choices = auto.resolve(t, auto.run_facts(t, 245, 2, "cpu"))
     assert choices == []
@@ -357,3 +359,46 @@ def test_small_image_hint_names_the_small_image_template_for_small_inputs_only()
     assert auto.small_image_hint(load_template(TEMPLATES_DIR / "convnet_small" / "template.yaml")) is None
     # A template that pins a small-input model is built for its size.
     assert auto.small_image_hint(load_template(TEMPLATES_DIR / "person_vs_background_56x32" / "template.yaml")) is None
+
+
+def test_transfer_rules_for_tiny_and_large_datasets_with_and_without_initial_weights():
+    small, large = RunFacts(**{**SMALL.__dict__, "pretrained": True}), RunFacts(**{**LARGE.__dict__, "pretrained": True})
+    b_small, b_large = A.batch_size(small).value, A.batch_size(large).value
+    # A few hundred photos from ImageNet weights: probe, then the last stages with BatchNorm kept.
+    assert A.linear_probe(small, linear_head=True).value is True
+    assert A.trainable_stages(small, b_small).value == A.FINETUNE_STAGES
+    assert A.freeze_bn(small).value is True
+    # A long run on a large set from the same weights: probe first, then every layer, BatchNorm adapting.
+    assert A.linear_probe(large, linear_head=True).value is True
+    assert A.trainable_stages(large, b_large).value == "all"
+    assert A.freeze_bn(large).value is False
+    # From scratch nothing is kept, whatever the size.
+    for facts in (SMALL, LARGE):
+        assert A.linear_probe(facts, linear_head=True).value is False
+        assert A.trainable_stages(facts, A.batch_size(facts).value).value == "all"
+        assert A.freeze_bn(facts).value is False
+    # A cosine classifier is no logistic regression: no probe.
+    assert A.linear_probe(small, linear_head=False).value is False
+    assert "cosine" in A.linear_probe(small, linear_head=False).reason
+    assert "245 training images" in A.freeze_bn(small).reason
+
+
+def test_transfer_keys_resolved_from_the_template_and_kept_when_pinned():
+    t = _template("efficientnet_lite0", **{"hyper_parameters.basic.epochs": 20})
+    resolved, choices = auto.resolve(t, auto.run_facts(t, 245, 2, "cpu", pretrained=True))
+    tf = resolved.training.transfer
+    assert (tf.linear_probe, tf.trainable_stages, tf.freeze_bn) == (True, A.FINETUNE_STAGES, True)
+    assert {"training.transfer.linear_probe", "training.transfer.trainable_stages",
+            "training.transfer.freeze_bn"} <= {c.key for c in choices}
+    pinned = _template("efficientnet_lite0", **{"training.transfer.trainable_stages": "all",
+                                                "training.transfer.linear_probe": False,
+                                                "training.transfer.freeze_bn": False})
+    resolved, choices = auto.resolve(pinned, auto.run_facts(pinned, 245, 2, "cpu", pretrained=True))
+    tf = resolved.training.transfer
+    assert (tf.linear_probe, tf.trainable_stages, tf.freeze_bn) == (False, "all", False)
+    assert not [c for c in choices if c.key.startswith("training.transfer.")]
+    from workbench.template import TemplateError
+    with pytest.raises(TemplateError, match="training.transfer.trainable_stages.*auto, all or an integer"):
+        _template("efficientnet_lite0", **{"training.transfer.trainable_stages": "most"})
+    with pytest.raises(TemplateError, match="training.transfer.trainable_stages"):
+        _template("efficientnet_lite0", **{"training.transfer.trainable_stages": True})

@@ -7,6 +7,9 @@ on the same data, machine and epochs. Prints one table of top-1 and wall time.
       --timm-dir /path/to/pytorch-image-models --timm-python /path/to/venv-with-timm/bin/python
   python tools/benchmark_first_run.py --data DIGITS28 --input-size 32 --epochs 5 --seeds 0 1 2
   python tools/benchmark_first_run.py --digits --time-budget 3m                  # the epochs that fit 3 minutes
+  python tools/benchmark_first_run.py --data PHOTOS --templates efficientnet_lite0 --pretrained --probe \
+      --epochs 100 --time-budget 150 --timm-dir ... --timm-python ... --timm-model tf_efficientnet_lite0 \
+      --timm-epochs 3 --timm-lr 5e-4                                               # from ImageNet weights
 
 --data is a folder with train/<class>/ and val/<class>/ (a test/ beside them is the held-out split: the top-1
 is then measured there, best.pth being chosen on val). --digits writes scikit-learn's digits at 32x32.
@@ -17,6 +20,12 @@ runs `train.py --data-dir DATA --train-split train --val-split val --model M --e
 --timm-lr, batch --timm-batch-size, from scratch, on the CPU, and reports its best eval top-1 (timm chooses its
 best checkpoint on the same val split). Wall time is each training process's, start to end, the LR finder and
 validation included.
+
+--pretrained starts our runs from the template's snapshot (instantiate_template.py copies it) and timm's from the
+same file, its tensors mapped in order onto the timm model's (every shape checked) and given to timm's
+--pretrained-path. --probe adds the transfer baseline: a scikit-learn logistic regression (default settings) on
+the snapshot's frozen globally pooled features of the training images (evaluation transform), scored on the same
+test split; its time is the training images' feature extraction and the fit.
 """
 from __future__ import annotations
 
@@ -74,7 +83,7 @@ def ours(template: str, data: Path, args: argparse.Namespace, seed: int) -> dict
     log = args.out / f"{work_dir.name}.log"
     log.unlink(missing_ok=True)
     run([sys.executable, str(REPO_ROOT / "tools" / "instantiate_template.py"), str(TEMPLATES / template / "template.yaml"),
-         str(work_dir), "--do-not-load-snapshot", "--overwrite"], REPO_ROOT, log)
+         str(work_dir), "--overwrite", *([] if args.pretrained else ["--do-not-load-snapshot"])], REPO_ROOT, log)
     extra = [f"input.size=[{args.input_size},{args.input_size}]"] if args.input_size else []
     length = (["--epochs", str(args.epochs)] if args.epochs else []) + (
         ["--time-budget", args.time_budget] if args.time_budget else [])
@@ -95,8 +104,10 @@ def timm(data: Path, args: argparse.Namespace, seed: int) -> dict:
     shutil.rmtree(out, ignore_errors=True)  # timm appends to an earlier run's summary.csv
     classes = len([d for d in (data / "train").iterdir() if d.is_dir()])
     size = args.input_size or 224
+    init = ["--pretrained", "--pretrained-path", str(timm_weights(args))] if args.pretrained else []
     seconds = run([str(args.timm_python), "train.py", "--data-dir", str(data), "--train-split", "train", "--val-split", "val",
-                   "--model", args.timm_model, "--num-classes", str(classes), "--epochs", str(args.epochs),
+                   "--model", args.timm_model, "--num-classes", str(classes), "--epochs", str(args.timm_epochs or args.epochs),
+                   *init,
                    "--batch-size", str(args.timm_batch_size), "--opt", "adamw", "--lr", str(args.timm_lr),
                    "--input-size", "3", str(size), str(size), "--device", "cpu", "--workers", str(args.timm_workers),
                    "--seed", str(seed), "--output", str(out), "--experiment", "run", "--checkpoint-hist", "1",
@@ -105,6 +116,60 @@ def timm(data: Path, args: argparse.Namespace, seed: int) -> dict:
         best = max(float(row["eval_top1"]) for row in csv.DictReader(f))
     return {"name": f"timm {args.timm_model}", "top1": best, "seconds": seconds,
             "notes": f"adamw lr={args.timm_lr:g} batch={args.timm_batch_size}"}
+
+
+def snapshot_file(template: str) -> Path:
+    from clsengine import hub
+    from workbench.template import load_template
+
+    location = load_template(TEMPLATES / template / "template.yaml").snapshot.location
+    return hub.package_file(location) if hub.is_package(location) else Path(location)
+
+
+def timm_weights(args: argparse.Namespace) -> Path:
+    """The template's snapshot with its tensors renamed, in order, to the timm model's (run in timm's Python)."""
+    out = args.out / f"timm_init_{args.timm_model}.pth"
+    code = (
+        "import sys, torch, timm\n"
+        "src = torch.load(sys.argv[1], map_location='cpu', weights_only=True)\n"
+        "own = timm.create_model(sys.argv[2]).state_dict()\n"
+        "assert len(src) == len(own), (len(src), len(own))\n"
+        "for (a, x), (b, y) in zip(src.items(), own.items()):\n"
+        "    assert x.shape == y.shape, (a, b, x.shape, y.shape)\n"
+        "torch.save(dict(zip(own, src.values())), sys.argv[3])\n")
+    run([str(args.timm_python), "-c", code, str(snapshot_file(args.templates[0])), args.timm_model, str(out)],
+        args.timm_dir, args.out / "timm_init.log")
+    return out
+
+
+def probe(template: str, data: Path, args: argparse.Namespace) -> dict:
+    """Logistic regression (scikit-learn, default settings) on the snapshot's frozen pooled features."""
+    import torch
+    from sklearn.linear_model import LogisticRegression
+
+    from clsengine.data import scan_dataset
+    from clsengine.models import load_pretrained
+    from clsengine.transfer import pooled_features
+    from workbench import builders
+    from workbench.template import load_template
+
+    t = load_template(TEMPLATES / template / "template.yaml")
+    device = torch.device("cpu")
+
+    def features(split: str) -> tuple[torch.Tensor, torch.Tensor]:
+        scan = scan_dataset(str(data / split), fmt="folders")
+        model = builders.build_model(t, len(scan.classes))
+        load_pretrained(model, snapshot_file(template))
+        return pooled_features(model, builders.probe_loader(t, scan, device), device)
+
+    started = time.perf_counter()  # the probe's training: features of the training images and the fit
+    x, y = features("train")
+    classifier = LogisticRegression(max_iter=5000).fit(x.numpy(), y.numpy())
+    seconds = time.perf_counter() - started
+    tx, ty = features("test" if (data / "test").is_dir() else "val")
+    top1 = 100.0 * classifier.score(tx.numpy(), ty.numpy())
+    return {"name": f"{template} logistic-regression probe", "top1": top1, "seconds": seconds,
+            "notes": "frozen pooled features, scikit-learn LogisticRegression()"}
 
 
 def main() -> int:
@@ -125,6 +190,11 @@ def main() -> int:
                         help="the interpreter that runs timm's train.py (one where timm is installed)")
     parser.add_argument("--timm-model", default="mobilenetv3_small_100")
     parser.add_argument("--timm-lr", type=float, default=2e-3)
+    parser.add_argument("--timm-epochs", type=int, default=None, help="timm's epochs (default: --epochs)")
+    parser.add_argument("--pretrained", action="store_true",
+                        help="start from the (first) template's snapshot, ours and timm's (see above)")
+    parser.add_argument("--probe", action="store_true",
+                        help="add a logistic-regression probe on the first template's snapshot features")
     parser.add_argument("--timm-batch-size", type=int, default=32)
     parser.add_argument("--timm-workers", type=int, default=2,
                         help="timm's loader processes (its train.py cannot load in the training process)")
@@ -158,6 +228,8 @@ def main() -> int:
         jobs = [(t, lambda t=t: ours(t, data, args, seed)) for t in templates]
         if args.timm_dir is not None:
             jobs.append((f"timm {args.timm_model}", lambda: timm(data, args, seed)))
+        if args.probe and seed == args.seeds[0]:
+            jobs.append(("probe", lambda: probe(templates[0], data, args)))
         for name, job in jobs:
             result = job()
             runs.setdefault(name, []).append(result)

@@ -301,7 +301,47 @@ def lr_finder(facts: RunFacts, batch: int, passes_per_step: int, warmup_epochs: 
                                                                     f"at most {LR_FINDER_MAX_ITERS}")]
 
 
-__all__ = ["Choice", "LIGHT_AUGMENTATION", "RunFacts", "augmentation_level", "batch_size", "costly_technique",
+# Fine-tuning from initial weights (clsengine.transfer). Measured on held-out photo sets with EfficientNet-Lite0's
+# ImageNet weights (domain README, "Starting from ImageNet").
+FINETUNE_STAGES = 2           # a short run trains the head and the backbone's last two stages (Lite0: 320 channels
+                              # of stage 7 and the 1280-channel head convolution) after the linear probe
+FREEZE_BN_BELOW = 5_000       # training images under which BatchNorm keeps ImageNet's statistics
+
+
+def linear_probe(facts: RunFacts, linear_head: bool) -> Choice:
+    key = "training.transfer.linear_probe"
+    if not facts.pretrained:
+        return Choice(key, False, "from scratch: the backbone's features are not trained yet")
+    if not linear_head:
+        return Choice(key, False, "the probe fits a linear head, and this model has a cosine classifier")
+    return Choice(key, True, "initial weights given: the head is fitted on features computed once (seconds), and "
+                             "fine-tuning starts from it instead of a random head (LP-FT)")
+
+
+def trainable_stages(facts: RunFacts, batch: int) -> Choice:
+    """Which backbone stages a fine-tuning trains: all of them from scratch and in long runs; in a short run from
+    initial weights the last FINETUNE_STAGES only (the earlier stages' general features are kept, and their
+    backward pass, most of a step's cost at full resolution, is never computed)."""
+    key = "training.transfer.trainable_stages"
+    if not facts.pretrained:
+        return Choice(key, "all", "from scratch: every layer trains")
+    if is_long(facts, batch):
+        return Choice(key, "all", f"{_run_words(facts, batch)}: every layer fine-tunes")
+    return Choice(key, FINETUNE_STAGES, f"{_run_words(facts, batch)} from initial weights: the head and the last "
+                                        f"{FINETUNE_STAGES} backbone stages train, the others keep their weights")
+
+
+def freeze_bn(facts: RunFacts) -> Choice:
+    key = "training.transfer.freeze_bn"
+    if not facts.pretrained:
+        return Choice(key, False, "from scratch: BatchNorm learns the data's statistics")
+    if facts.train_images < FREEZE_BN_BELOW:
+        return Choice(key, True, f"initial weights and {facts.train_images} training images (< {FREEZE_BN_BELOW}): "
+                                 f"BatchNorm keeps its pretrained statistics, steadier than small batches' own")
+    return Choice(key, False, f"initial weights and {facts.train_images} training images: BatchNorm adapts to them")
+
+
+__all__ = ["Choice", "FINETUNE_STAGES", "FREEZE_BN_BELOW", "freeze_bn", "linear_probe", "trainable_stages", "LIGHT_AUGMENTATION", "RunFacts", "augmentation_level", "batch_size", "costly_technique",
            "cpu_has_avx512", "drop_path_rate", "epochs_for_budget", "hflip", "is_long", "learning_rate",
            "lr_finder", "mixed_precision", "native_bf16", "optimizer", "planned_steps", "scheduler",
            "small_input", "steps_per_epoch", "warmup_epochs", "weight_decay"]

@@ -18,6 +18,7 @@ from typing import Callable, Iterable
 import torch
 import torch.nn as nn
 
+from .models.batchnorm import train_mode
 from .checkpoint import rng_state, set_rng_state
 from .errors import UserError
 from .utils import autocast
@@ -52,7 +53,7 @@ def seconds_per_image(model: nn.Module, loader: Iterable, criterion: nn.Module, 
     batch 64 once read 6 ms an image where the training ran at 4). Nothing of the run changes: the copy is
     discarded and every random state is restored."""
     state = rng_state()
-    probe = copy.deepcopy(model).to(device, memory_format=memory_format).train()
+    probe = train_mode(copy.deepcopy(model).to(device, memory_format=memory_format))
     optimizer = torch.optim.AdamW([p for p in probe.parameters() if p.requires_grad], lr=1e-6)
     per_image: list[float] = []
     try:

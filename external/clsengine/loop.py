@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import copy
+import dataclasses
 import logging
 import math
 import sys
@@ -20,7 +21,7 @@ from .checkpoint_saver import CheckpointSaver, ResumableState
 from .errors import UserError
 from .losses.mutual import mutual_losses
 from .metrics import primary_score, topk_accuracy
-from .models.batchnorm import batchnorms, update_momentum as update_bn_momentum
+from .models.batchnorm import batchnorms, train_mode, update_momentum as update_bn_momentum
 from .optim.sam import SAM
 from .optim.scheduler import WarmupScheduler
 from .runlog import RunLog
@@ -46,6 +47,9 @@ class FitConfig:
     # this run so far); returns the number of epochs the run should have in all, which the loop and the
     # schedule then follow.
     replan: Callable[[int, float], int] | None = None
+    # Validate the model before the first epoch and keep it as epoch 0: best.pth until an epoch beats it (a
+    # fine-tuning that starts from a fitted head must not end below where it started).
+    score_start: bool = False
 
 
 def _progress(iterable: Iterable, total: int, desc: str, enabled: bool) -> tqdm:
@@ -125,7 +129,7 @@ def train_one_epoch(model: nn.Module, loader, criterion: nn.Module, optimizer: t
     sam = isinstance(optimizer, SAM)
     scaler = recipe.grad_scaler
     for m in models:
-        m.train()
+        train_mode(m)  # frozen BatchNorm layers stay in evaluation mode
 
     def backward(total: torch.Tensor) -> None:
         if scaler is not None:
@@ -303,6 +307,8 @@ def fit(model: nn.Module, train_loader, val_loader, criterion: nn.Module, optimi
     forward_models = _training_forwards(model, recipe)
     progress = cfg.progress and main
 
+    if cfg.score_start and resume is None:
+        _score_start(model, recipe, val_loader, criterion, device, cfg, saver, state, logger, progress)
     stop = None  # why the run ended before its last epoch
     epochs, epoch = cfg.epochs, start_epoch
     loop_started = time.monotonic()
@@ -350,6 +356,18 @@ def fit(model: nn.Module, train_loader, val_loader, criterion: nn.Module, optimi
         runlog.close()
     return {"best_score": saver.best_score, "best_epoch": saver.best_epoch, "epochs_run": len(runlog.history),
             "stopped_early": stop is not None, "history": runlog.history}
+
+
+def _score_start(model: nn.Module, recipe: Recipe, val_loader, criterion: nn.Module, device: torch.device,
+                 cfg: FitConfig, saver: CheckpointSaver, state: ResumableState, logger: logging.Logger,
+                 progress: bool) -> None:
+    """Epoch 0: the initial model validated (its EMA is the same model yet) and saved as the best so far."""
+    result = evaluate(model, dataclasses.replace(recipe, ema=None), val_loader, criterion, device, progress=progress)
+    if cfg.score_fn is not None:
+        result.score = float(cfg.score_fn(model))
+    saver.save(model, 0, result.score, "model", state)
+    logger.info(f"epoch   0 (before training)  val loss {result.val['loss']:.4f}  {_metrics_text(result.val)}"
+                f"  score {result.score:6.2f}: best.pth until an epoch beats it")
 
 
 def _stop_reason(cfg: FitConfig, scheduler: WarmupScheduler, epoch: int, epochs: int, epoch_s: float,

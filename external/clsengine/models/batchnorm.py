@@ -49,4 +49,16 @@ def update_momentum(models: Iterable[nn.Module]) -> None:
                 bn.momentum = target
 
 
-__all__ = ["batchnorms", "update_momentum", "warm_start"]
+def train_mode(model: nn.Module) -> nn.Module:
+    """model.train(), except BatchNorm layers whose parameters are all frozen: they stay in evaluation mode and
+    keep their running statistics (a frozen layer is frozen whole; on a few hundred images in batches of 16
+    the batch statistics are noisier than ImageNet's)."""
+    model.train()
+    for bn in batchnorms(model):
+        params = list(bn.parameters())
+        if params and not any(p.requires_grad for p in params):
+            bn.eval()
+    return model
+
+
+__all__ = ["batchnorms", "train_mode", "update_momentum", "warm_start"]

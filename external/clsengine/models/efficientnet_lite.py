@@ -27,19 +27,26 @@ STAGE_DEPTHS = (1, 2, 2, 3, 3, 4, 1)  # MBConv blocks per stage (B0's and Lite0'
 HEAD_STAGE = len(STAGE_DEPTHS) + 1   # features.8: the 1x1 convolution to 1280 channels
 
 
-def efficientnet_lite0(*, num_classes: int = 1000, dropout: float = 0.2, stochastic_depth_prob: float = 0.2,
-                       weights: None = None) -> nn.Module:
-    """EfficientNet-Lite0 (4.65 M parameters with 1000 classes, 0.77 GFLOPs at 224 px)."""
-    model = tvm.efficientnet_b0(weights=weights, num_classes=num_classes, dropout=dropout,
-                                stochastic_depth_prob=stochastic_depth_prob,
-                                norm_layer=partial(nn.BatchNorm2d, eps=BN_EPS))
+def npu_friendly(model: nn.Module, activation: type[nn.Module] = nn.ReLU) -> nn.Module:
+    """Drop squeeze-and-excitation and use `activation` for SiLU (Swish), in place, as Kneron's NPU backbones (ReLU)
+    and EfficientNet-Lite (ReLU6) do: NPUs run ReLU natively (it fuses into the convolution and quantizes well),
+    while Swish and SE's global pooling + sigmoid rescaling are slow or unsupported there. Every other module keeps
+    its name, so a state dict of the original architecture still loads (all but the SE tensors)."""
     for module in list(model.modules()):
         for name, child in module.named_children():
             if isinstance(child, SqueezeExcitation):
                 setattr(module, name, nn.Identity())
             elif isinstance(child, nn.SiLU):
-                setattr(module, name, nn.ReLU6(inplace=True))
+                setattr(module, name, activation(inplace=True))
     return model
+
+
+def efficientnet_lite0(*, num_classes: int = 1000, dropout: float = 0.2, stochastic_depth_prob: float = 0.2,
+                       weights: None = None) -> nn.Module:
+    """EfficientNet-Lite0 (4.65 M parameters with 1000 classes, 0.77 GFLOPs at 224 px)."""
+    return npu_friendly(tvm.efficientnet_b0(weights=weights, num_classes=num_classes, dropout=dropout,
+                                            stochastic_depth_prob=stochastic_depth_prob,
+                                            norm_layer=partial(nn.BatchNorm2d, eps=BN_EPS)), nn.ReLU6)
 
 
 def is_efficientnet_pytorch(state: dict[str, torch.Tensor]) -> bool:
@@ -104,4 +111,4 @@ def from_efficientnet_pytorch(state: dict[str, torch.Tensor], model: nn.Module,
     return mapped
 
 
-__all__ = ["efficientnet_lite0", "efficientnet_pytorch_name", "from_efficientnet_pytorch", "is_efficientnet_pytorch"]
+__all__ = ["efficientnet_lite0", "npu_friendly", "efficientnet_pytorch_name", "from_efficientnet_pytorch", "is_efficientnet_pytorch"]

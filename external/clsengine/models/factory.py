@@ -9,13 +9,12 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 import torchvision.models as tvm
-from torchvision.ops import SqueezeExcitation
 
 from ..checkpoint import load_state_dict_file
 from ..errors import CheckpointError, UserError
 from .batchnorm import batchnorms, warm_start
 from .convnet import convnet_small
-from .efficientnet_lite import efficientnet_lite0, from_efficientnet_pytorch, is_efficientnet_pytorch
+from .efficientnet_lite import efficientnet_lite0, from_efficientnet_pytorch, is_efficientnet_pytorch, npu_friendly
 from .heads import am_softmax_scale, use_cosine_classifier
 
 IMAGENET_MEAN = (123.675, 116.28, 103.53)
@@ -39,24 +38,10 @@ class ArchSpec:
     convert: Callable[[dict, nn.Module], dict] | None = None
 
 
-def _npu_friendly(model: nn.Module) -> nn.Module:
-    """Drop squeeze-and-excitation and use ReLU for SiLU (Swish), in place, as Kneron's NPU backbones do:
-    NPUs run ReLU natively (it fuses into the convolution and quantizes well), while Swish and SE's global
-    pooling + sigmoid rescaling are slow or unsupported there. Every other module keeps its name, so a
-    state dict of the original architecture still loads (all but the SE tensors)."""
-    for module in list(model.modules()):
-        for name, child in module.named_children():
-            if isinstance(child, SqueezeExcitation):
-                setattr(module, name, nn.Identity())
-            elif isinstance(child, nn.SiLU):
-                setattr(module, name, nn.ReLU(inplace=True))
-    return model
-
-
 def _npu(builder: Callable[..., nn.Module]) -> Callable[..., nn.Module]:
-    """A torchvision builder whose model is made NPU-friendly after construction (same arguments)."""
+    """A torchvision builder whose model is made NPU-friendly (no SE, ReLU) after construction (same arguments)."""
     def build(**kwargs) -> nn.Module:
-        return _npu_friendly(builder(**kwargs))
+        return npu_friendly(builder(**kwargs))
     build.__name__ = build.__qualname__ = f"{builder.__name__}_npu"
     return build
 

@@ -105,6 +105,13 @@ def resolve(t: Template, facts: RunFacts) -> tuple[Template, list[Choice]]:
             choice = rules.drop_path_rate(facts, batch, rate)
             rate = decide(choice) if main else choice.value
         model_data["drop_path_rate"] = rate
+    tf = tr.transfer
+    if tf.linear_probe == AUTO:
+        decide(rules.linear_probe(facts, t.model.head == "linear"))
+    if tf.trainable_stages == AUTO:
+        decide(rules.trainable_stages(facts, batch))
+    if tf.freeze_bn == AUTO:
+        decide(rules.freeze_bn(facts))
     if tr.amp == AUTO:  # the slowest layers decide: any model with depthwise convolutions
         decide(mixed_precision(t, facts.device_type))
     sam = tr.optimizer.sam.enabled

@@ -14,6 +14,7 @@ import torch.nn as nn
 from clsengine import auto as rules
 from clsengine import data as datasets
 from clsengine import distributed as dist
+from clsengine import transfer
 from clsengine.fileio import write_text
 from clsengine.checkpoint import load_checkpoint, load_model_weights, load_state_dict_file
 from clsengine.complexity import complexity
@@ -246,6 +247,24 @@ def train_loader(t: Template, scan: datasets.DatasetScan, device: torch.device) 
 def val_loader(t: Template, scan: datasets.DatasetScan, device: torch.device) -> datasets.EpochLoader:
     return make_loader(dataset(t, scan.samples, scan.classes, eval_transform(t), cache=True), t,
                        eval_batch_size(t), train=False, device=device)
+
+
+def prepare_finetuning(t: Template, model: nn.Module) -> str:
+    """Freeze what training.transfer keeps of initial weights (a model trained from scratch trains whole);
+    returns the log line."""
+    tf = t.training.transfer
+    stages = None if tf.trainable_stages in ("all", AUTO) else int(tf.trainable_stages)
+    trainable = transfer.freeze_stages(model, stages, bool(tf.freeze_bn is True))
+    total = len(transfer.stages(model))
+    return (f"Fine-tuning: {'every stage' if stages is None else f'the last {min(stages, total)} of {total} stages'}"
+            f" and the head train ({trainable} tensors); BatchNorm "
+            + ("keeps its pretrained statistics and weights" if tf.freeze_bn is True else "trains"))
+
+
+def probe_loader(t: Template, scan: datasets.DatasetScan, device: torch.device) -> datasets.EpochLoader:
+    """The training images as the linear probe sees them: evaluation transform, in order, decoded once."""
+    return make_loader(dataset(t, scan.samples, scan.classes, eval_transform(t)), t, eval_batch_size(t), train=False,
+                       device=device)
 
 
 def build_optimizer(t: Template, models: nn.Module | list[nn.Module], lr: float | None = None,

@@ -144,6 +144,17 @@ class LrFinderSection:
 
 
 @dataclass
+class TransferSection:
+    """How initial weights (a snapshot, --load-weights) are used; from scratch, every layer trains."""
+    linear_probe: bool | str = "auto"       # fit the linear head on features computed once, before fine-tuning
+                                            # (LP-FT); auto: with initial weights and a linear head
+    trainable_stages: int | str = "auto"    # backbone stages fine-tuned, counted from the last; all | 0 (the
+                                            # probe's head only) | N | auto (clsengine.auto.trainable_stages)
+    freeze_bn: bool | str = "auto"          # BatchNorm layers keep their weights and running statistics;
+                                            # auto: with initial weights and few images
+
+
+@dataclass
 class TrainingSection:
     optimizer: OptimizerSection = field(default_factory=OptimizerSection)
     scheduler: SchedulerSection = field(default_factory=SchedulerSection)
@@ -159,6 +170,7 @@ class TrainingSection:
     compile: bool = False                   # torch.compile the training forward passes (minutes to compile)
     early_stopping_patience: int | None = None
     freeze_backbone: bool = False
+    transfer: TransferSection = field(default_factory=TransferSection)
     seed: int = 5
     deterministic: bool = False
     workers: int | str = "auto"             # data-loading processes; auto: see clsengine.data.auto_workers
@@ -442,6 +454,11 @@ def _check_semantics(t: Template, v: _Validator) -> None:
         ("training.mutual_learning.enabled", _auto_or(t.training.mutual_learning.enabled, _is_bool),
          "true, false or auto"),
         ("training.lr_finder.enabled", _auto_or(t.training.lr_finder.enabled, _is_bool), "true, false or auto"),
+        ("training.transfer.linear_probe", _auto_or(t.training.transfer.linear_probe, _is_bool), "true, false or auto"),
+        ("training.transfer.trainable_stages", t.training.transfer.trainable_stages in ("auto", "all") or (
+            type(t.training.transfer.trainable_stages) is int and t.training.transfer.trainable_stages >= 0),
+         "auto, all or an integer of at least 0"),
+        ("training.transfer.freeze_bn", _auto_or(t.training.transfer.freeze_bn, _is_bool), "true, false or auto"),
         ("training.lr_finder.num_iter", _auto_or(t.training.lr_finder.num_iter, lambda v: v >= 1),
          "auto or at least 1"),
         ("training.optimizer.sam.rho", t.training.optimizer.sam.rho >= 0, "0 or more"),

@@ -14,7 +14,8 @@ from clsengine import data as datasets
 from clsengine import distributed as dist
 from clsengine.budget import parse_duration, probe_steps, seconds_per_image
 from clsengine.loop import FitConfig, fit
-from clsengine.models import freeze_backbone, load_pretrained
+from clsengine.models import classifier, freeze_backbone, load_pretrained
+from clsengine.transfer import linear_probe
 
 from . import auto
 from . import builders
@@ -49,9 +50,15 @@ def train(t: Template, train_scan: datasets.DatasetScan, val_scan: datasets.Data
                            pretrained=weights is not None, samples=train_scan.samples)
     budget = t.hyper_parameters.basic.time_budget
     budget_s = parse_duration(budget) if budget is not None and resume is None else None
+    head = None
+    if weights and resume is None:  # the linear probe runs first: a time budget then plans what is left
+        head = probe_head(t, facts, weights, train_scan, val_scan, device, logger)
     if budget_s is not None:
         def measure(resolved: Template) -> float:
-            probe_model = builders.build_model(resolved, len(classes)).to(device)
+            probe_model = builders.build_model(resolved, len(classes))
+            if weights:
+                builders.prepare_finetuning(resolved, probe_model)
+            probe_model.to(device)
             probe_loss = builders.build_loss(resolved, len(classes), train_scan.counts()).to(device)
             warmup, steps = probe_steps(resolved.hyper_parameters.basic.batch_size)
             loader = builders.train_loader(resolved, train_scan, device)
@@ -70,6 +77,9 @@ def train(t: Template, train_scan: datasets.DatasetScan, val_scan: datasets.Data
     model = builders.build_model(t, len(classes))
     if weights:
         logger.info(f"Initial weights {load_pretrained(model, weights).describe()}")
+        if head is not None:
+            classifier(model).load_state_dict(head)
+        logger.info(builders.prepare_finetuning(t, model))
     if t.training.freeze_backbone:
         freeze_backbone(model)
     model.to(device)
@@ -135,9 +145,29 @@ def train(t: Template, train_scan: datasets.DatasetScan, val_scan: datasets.Data
                         tensorboard_dir=tensorboard_dir, max_grad_norm=t.training.optimizer.max_grad_norm,
                         progress=progress, checkpoints=checkpoints,
                         deadline=started + budget_s if budget_s is not None else None, replan=replan,
+                        score_start=head is not None,  # the probe's model competes for best.pth
                         checkpoint_extra={"config": config, "classes": classes, "arch": t.model.architecture})
     return fit(model, train_loader, val_loader, criterion, optimizer, scheduler, device, fit_cfg, logger,
                resume=resume, recipe=recipe, on_epoch_end=on_epoch_end)
 
 
-__all__ = ["scale_learning_rate", "train"]
+def probe_head(t: Template, facts: auto.RunFacts, weights: str, train_scan: datasets.DatasetScan,
+               val_scan: datasets.DatasetScan, device: torch.device, logger: logging.Logger) -> dict | None:
+    """The classifier's state fitted by a linear probe on the initial weights' frozen features, when
+    training.transfer.linear_probe is on (its `auto`: decided as the run will decide it); None otherwise."""
+    resolved, _ = auto.resolve(t, facts)
+    if not resolved.training.transfer.linear_probe:
+        return None
+    model = builders.build_model(resolved, len(train_scan.classes))
+    load_pretrained(model, weights)
+    layout = builders.memory_format(resolved, device)
+    model.to(device, memory_format=layout)
+    result = linear_probe(model, builders.probe_loader(resolved, train_scan, device),
+                          builders.val_loader(resolved, val_scan, device), len(train_scan.classes), device,
+                          flip=resolved.training.augmentation.hflip > 0, memory_format=layout,
+                          amp_dtype=builders.amp_dtype(resolved, device))
+    logger.info(result.describe())
+    return {k: v.cpu() for k, v in classifier(model).state_dict().items()}
+
+
+__all__ = ["probe_head", "scale_learning_rate", "train"]

@@ -1,0 +1,110 @@
+"""Fine-tuning from initial weights (clsengine.transfer): the linear probe's logistic regression, the stages
+that train, frozen BatchNorm, and train.py's log of the pretrained path with its override."""
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import torch
+import torch.nn as nn
+
+from clsengine.errors import UserError
+from clsengine.models import classifier, create_model
+from clsengine.models.batchnorm import batchnorms, train_mode
+from clsengine.transfer import fit_logistic_regression, freeze_stages, linear_probe, stages
+from conftest import TEMPLATES_DIR, instantiate, make_image_folder, run_captured
+
+
+def LITE0_WEIGHTS() -> Path:
+    from clsengine.hub import package_file
+    from workbench.template import load_template
+
+    return package_file(load_template(TEMPLATES_DIR / "efficientnet_lite0" / "template.yaml").snapshot.location)
+
+
+def test_logistic_regression_matches_scikit_learn():
+    """Same objective as scikit-learn's LogisticRegression(C): l2 = 1 / (C x rows)."""
+    from sklearn.linear_model import LogisticRegression
+
+    g = torch.Generator().manual_seed(0)
+    centres = torch.randn(4, 16, generator=g) * 2
+    y = torch.arange(200) % 4
+    x = centres[y] + torch.randn(200, 16, generator=g) * 1.5
+    w, b = fit_logistic_regression(x, y, 4, l2=1.0 / (1.0 * len(y)))
+    ours = torch.softmax(x @ w.T + b, 1)
+    sk = LogisticRegression(C=1.0, max_iter=5000, tol=1e-8).fit(x.numpy(), y.numpy())
+    theirs = torch.from_numpy(sk.predict_proba(x.numpy())).float()
+    assert torch.allclose(ours, theirs, atol=2e-3), (ours - theirs).abs().max()
+
+
+def _loader(folder: Path, model_size: int = 64):
+    from clsengine.data import ImageDataset, build_eval_transform, scan_dataset
+    from clsengine.data import EpochLoader
+
+    scan = scan_dataset(str(folder), fmt="folders")
+    data = ImageDataset(scan.samples, scan.classes, build_eval_transform((model_size, model_size), (127,) * 3, (128,) * 3))
+    return EpochLoader(data, batch_size=8, shuffle=False, workers=0, seed=0, drop_last=False)
+
+
+def test_linear_probe_fits_the_head_in_place(tmp_path: Path):
+    train = _loader(make_image_folder(tmp_path / "train", per_class=10, seed=1))
+    val = _loader(make_image_folder(tmp_path / "val", per_class=4, seed=2))
+    model = create_model("efficientnet_lite0", 3, pretrained=LITE0_WEIGHTS())   # real (ImageNet) features
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    result = linear_probe(model, train, val, 3, torch.device("cpu"), flip=True)
+    after = model.state_dict()
+    changed = {k for k in before if not torch.equal(before[k], after[k])}
+    assert "classifier.1.weight" in changed and changed <= {"classifier.1.weight", "classifier.1.bias"}  # backbone kept
+    assert result.train_rows == 60 and result.val_top1 == 100.0          # colour classes: linearly separable
+    assert "Linear probe: head fitted on 60 pooled feature vectors" in result.describe()
+
+    cosine = create_model("efficientnet_lite0", 3, head="cosine")
+    with pytest.raises(UserError, match="linear classifier"):
+        linear_probe(cosine, train, val, 3, torch.device("cpu"))
+
+
+def test_freeze_stages_and_frozen_batchnorm():
+    model = create_model("efficientnet_lite0", 5)
+    parts = stages(model)
+    assert len(parts) == 9                                                 # stem, 7 MBConv stages, head convolution
+    freeze_stages(model, 2, freeze_bn=True)
+    trainable = {n for n, p in model.named_parameters() if p.requires_grad}
+    assert trainable == {"features.7.0.block.0.0.weight", "features.7.0.block.1.0.weight",
+                         "features.7.0.block.3.0.weight", "features.8.0.weight",
+                         "classifier.1.weight", "classifier.1.bias"}
+    train_mode(model)
+    assert all(not bn.training for bn in batchnorms(model)) and classifier(model).training
+    stats = model.features[7][0].block[1][1].running_var.clone()
+    model(torch.randn(2, 3, 64, 64))
+    assert torch.equal(model.features[7][0].block[1][1].running_var, stats)   # statistics kept
+
+    whole = create_model("resnet18", 5)
+    assert len(stages(whole)) == 8
+    freeze_stages(whole, None, freeze_bn=False)
+    assert all(p.requires_grad for p in whole.parameters())
+    train_mode(whole)
+    assert all(bn.training for bn in batchnorms(whole))
+
+
+def test_train_py_probes_then_fine_tunes_the_last_stages_and_honours_pins(tmp_path: Path, monkeypatch, capsys):
+    train = make_image_folder(tmp_path / "train", per_class=8, seed=1)
+    val = make_image_folder(tmp_path / "val", per_class=3, seed=2)
+    wd = tmp_path / "wd"
+    assert instantiate("efficientnet_lite0", wd).returncode == 0           # with the ImageNet snapshot
+    common = ["--train-data-roots", str(train), "--val-data-roots", str(val), "--epochs", "1", "--workers", "0",
+              "input.size=[32,32]"]
+    result = run_captured(wd, "train.py", *common, "--save-checkpoints-to", str(tmp_path / "a"),
+                          monkeypatch=monkeypatch, capsys=capsys)
+    assert result.returncode == 0, result.stderr
+    log = (tmp_path / "a" / "train.log").read_text()
+    assert f"Initial weights: {wd / 'snapshot.pth'}" in log
+    assert "auto training.transfer.linear_probe = True" in log and "Linear probe: head fitted on 48 pooled" in log
+    assert "Fine-tuning: the last 2 of 9 stages and the head train (6 tensors); BatchNorm keeps" in log
+
+    result = run_captured(wd, "train.py", *common, "--save-checkpoints-to", str(tmp_path / "b"),
+                          "training.transfer.trainable_stages=all", "training.transfer.linear_probe=false",
+                          "training.transfer.freeze_bn=false", monkeypatch=monkeypatch, capsys=capsys)
+    assert result.returncode == 0, result.stderr
+    log = (tmp_path / "b" / "train.log").read_text()
+    assert "Linear probe" not in log and "auto training.transfer" not in log
+    assert "Fine-tuning: every stage and the head train" in log and "BatchNorm trains" in log
