@@ -108,3 +108,33 @@ def test_train_py_probes_then_fine_tunes_the_last_stages_and_honours_pins(tmp_pa
     log = (tmp_path / "b" / "train.log").read_text()
     assert "Linear probe" not in log and "auto training.transfer" not in log
     assert "Fine-tuning: every stage and the head train" in log and "BatchNorm trains" in log
+
+
+def test_fit_keeps_the_starting_model_as_epoch_0_until_an_epoch_beats_it(tmp_path: Path):
+    """score_start: a fine-tuning whose epochs all score below its start (here, by a score_fn that falls) ends
+    with best.pth holding the starting weights, saved as epoch 0."""
+    from torch.utils.data import TensorDataset
+
+    from clsengine.checkpoint import load_checkpoint
+    from clsengine.data import EpochLoader
+    from clsengine.loop import FitConfig, fit
+    from clsengine.optim import create_optimizer
+    from clsengine.optim.scheduler import WarmupScheduler
+    from clsengine.runlog import get_logger
+
+    torch.manual_seed(0)
+    x, y = torch.randn(32, 8), torch.arange(32) % 3
+    loader = EpochLoader(TensorDataset(x, y), batch_size=8, shuffle=False, workers=0, seed=0)
+    model = nn.Sequential(nn.Linear(8, 16), nn.ReLU(), nn.Linear(16, 3))
+    start = {k: v.clone() for k, v in model.state_dict().items()}
+    optimizer = create_optimizer(model, "sgd", lr=0.5, weight_decay=0.0, no_bias_decay=True)
+    scheduler = WarmupScheduler(optimizer, "cosine", epochs=2, iters_per_epoch=len(loader), warmup_epochs=0)
+    scores = iter([90.0, 80.0, 85.0])                                       # epoch 0, 1, 2
+    cfg = FitConfig(epochs=2, output_dir=tmp_path, progress=False, score_start=True,
+                    score_fn=lambda model: next(scores), checkpoint_extra={"classes": ["a", "b", "c"]})
+    result = fit(model, loader, loader, nn.CrossEntropyLoss(), optimizer, scheduler, torch.device("cpu"), cfg,
+                 get_logger(name="clsengine.test_transfer"))
+    assert (result["best_epoch"], result["best_score"]) == (0, 90.0)
+    best = load_checkpoint(tmp_path / "best.pth")
+    assert best["epoch"] == 0 and all(torch.equal(best["model"][k], v) for k, v in start.items())
+    assert load_checkpoint(tmp_path / "latest.pth")["epoch"] == 2

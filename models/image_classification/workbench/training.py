@@ -162,10 +162,12 @@ def probe_head(t: Template, facts: auto.RunFacts, weights: str, train_scan: data
     load_pretrained(model, weights)
     layout = builders.memory_format(resolved, device)
     model.to(device, memory_format=layout)
+    loss = resolved.training.loss
     result = linear_probe(model, builders.probe_loader(resolved, train_scan, device),
                           builders.val_loader(resolved, val_scan, device), len(train_scan.classes), device,
                           flip=resolved.training.augmentation.hflip > 0, memory_format=layout,
-                          amp_dtype=builders.amp_dtype(resolved, device))
+                          amp_dtype=builders.amp_dtype(resolved, device),
+                          label_smoothing=loss.label_smoothing if loss.name == "softmax" else 0.0)
     logger.info(result.describe())
     return {k: v.cpu() for k, v in classifier(model).state_dict().items()}
 
