@@ -9,9 +9,9 @@ import torch
 import torch.nn as nn
 
 from clsengine.errors import UserError
-from clsengine.models import classifier, create_model
+from clsengine.models import backbone_stages, classifier, create_model
 from clsengine.models.batchnorm import batchnorms, train_mode
-from clsengine.transfer import fit_logistic_regression, freeze_stages, linear_probe, stages
+from clsengine.transfer import fit_logistic_regression, freeze_stages, linear_probe
 from conftest import TEMPLATES_DIR, instantiate, make_image_folder, run_captured
 
 
@@ -65,7 +65,7 @@ def test_linear_probe_fits_the_head_in_place(tmp_path: Path):
 
 def test_freeze_stages_and_frozen_batchnorm():
     model = create_model("efficientnet_lite0", 5)
-    parts = stages(model)
+    parts = backbone_stages(model)
     assert len(parts) == 9                                                 # stem, 7 MBConv stages, head convolution
     freeze_stages(model, 2, freeze_bn=True)
     trainable = {n for n, p in model.named_parameters() if p.requires_grad}
@@ -79,7 +79,7 @@ def test_freeze_stages_and_frozen_batchnorm():
     assert torch.equal(model.features[7][0].block[1][1].running_var, stats)   # statistics kept
 
     whole = create_model("resnet18", 5)
-    assert len(stages(whole)) == 8
+    assert len(backbone_stages(whole)) == 8
     freeze_stages(whole, None, freeze_bn=False)
     assert all(p.requires_grad for p in whole.parameters())
     train_mode(whole)

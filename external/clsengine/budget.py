@@ -18,9 +18,9 @@ from typing import Callable, Iterable
 import torch
 import torch.nn as nn
 
-from .models.batchnorm import train_mode
 from .checkpoint import rng_state, set_rng_state
 from .errors import UserError
+from .models.batchnorm import train_mode
 from .utils import autocast
 
 MEASURE_WARMUP_STEPS = 3   # first steps allocate memory and warm caches: not timed

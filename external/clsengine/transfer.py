@@ -19,27 +19,17 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from .errors import UserError
-from .models.batchnorm import batchnorms, train_mode  # noqa: F401 (train_mode: part of the recipe)
-from .models.factory import _spec, classifier
+from .models.batchnorm import batchnorms
+from .models.factory import backbone_stages, classifier
 from .utils import autocast
 
 PROBE_L2 = (1e-4, 3e-4, 1e-3, 3e-3, 1e-2)  # per-sample L2 strengths tried (sklearn's C=1 on 720 images: 7e-4)
 
 
-def stages(model: nn.Module) -> list[nn.Module]:
-    """The backbone's stages from the image to the last feature map: the children of a `features` Sequential
-    (MobileNets, EfficientNets), or the trunk's named parts (ResNets, RegNets)."""
-    parts: list[nn.Module] = []
-    for name in _spec(model.arch_name).trunk:
-        part = getattr(model, name)
-        parts.extend(part.children() if name == "features" else [part])
-    return parts
-
-
 def freeze_stages(model: nn.Module, trainable: int | None, freeze_bn: bool) -> int:
     """Train only the head and the last `trainable` stages (None: every layer); with `freeze_bn`, every
     BatchNorm layer keeps its weights and running statistics. Returns the number of trainable tensors."""
-    parts = stages(model)
+    parts = backbone_stages(model)
     frozen = parts if trainable == 0 else parts[:-trainable] if trainable else []
     for part in frozen:
         for p in part.parameters():
@@ -152,5 +142,4 @@ def linear_probe(model: nn.Module, train_loader, val_loader, num_classes: int, d
                        seconds=time.perf_counter() - started)
 
 
-__all__ = ["PROBE_L2", "ProbeResult", "fit_logistic_regression", "freeze_stages", "linear_probe", "pooled_features",
-           "stages", "train_mode"]
+__all__ = ["PROBE_L2", "ProbeResult", "fit_logistic_regression", "freeze_stages", "linear_probe", "pooled_features"]

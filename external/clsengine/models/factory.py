@@ -216,6 +216,16 @@ def forward_features(model: nn.Module, images: torch.Tensor) -> torch.Tensor:
     return x
 
 
+def backbone_stages(model: nn.Module) -> list[nn.Module]:
+    """The backbone's stages from the image to the last feature map: the children of a `features` Sequential
+    (MobileNets, EfficientNets), or the trunk's named parts (ResNets, RegNets)."""
+    parts: list[nn.Module] = []
+    for name in _spec(model.arch_name).trunk:
+        part = getattr(model, name)
+        parts.extend(part.children() if name == "features" else [part])
+    return parts
+
+
 def forward_head(model: nn.Module, features: torch.Tensor) -> torch.Tensor:
     """Logits from a feature map: global average pooling, then the classifier, as every architecture here
     ends (timm's `forward_head`). A (N, C, 1, 1) input is a feature map already pooled."""

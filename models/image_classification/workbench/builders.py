@@ -22,7 +22,7 @@ from clsengine.ema import create_ema
 from clsengine.errors import UserError
 from clsengine.loop import Recipe
 from clsengine.losses import create_loss
-from clsengine.models import am_softmax_scale, create_model
+from clsengine.models import am_softmax_scale, backbone_stages, create_model
 from clsengine.optim import create_optimizer, create_scheduler
 from clsengine.optim.scheduler import WarmupScheduler
 
@@ -255,7 +255,7 @@ def prepare_finetuning(t: Template, model: nn.Module) -> str:
     tf = t.training.transfer
     stages = None if tf.trainable_stages in ("all", AUTO) else int(tf.trainable_stages)
     trainable = transfer.freeze_stages(model, stages, bool(tf.freeze_bn is True))
-    total = len(transfer.stages(model))
+    total = len(backbone_stages(model))
     return (f"Fine-tuning: {'every stage' if stages is None else f'the last {min(stages, total)} of {total} stages'}"
             f" and the head train ({trainable} tensors); BatchNorm "
             + ("keeps its pretrained statistics and weights" if tf.freeze_bn is True else "trains"))
