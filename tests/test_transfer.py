@@ -9,9 +9,9 @@ import torch
 import torch.nn as nn
 
 from clsengine.errors import UserError
-from clsengine.models import backbone_stages, classifier, create_model
+from clsengine.models import backbone_stages, classifier, create_model, freeze_stages
 from clsengine.models.batchnorm import batchnorms, train_mode
-from clsengine.transfer import fit_logistic_regression, freeze_stages, linear_probe
+from clsengine.transfer import fit_logistic_regression, linear_probe
 from conftest import TEMPLATES_DIR, instantiate, make_image_folder, run_captured
 
 

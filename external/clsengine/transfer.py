@@ -5,8 +5,8 @@ fresh random head makes its first steps tear at the pretrained features (Kumar e
 costs one forward pass: the backbone's pooled features are computed once (each training image also flipped
 when flips suit the data), and the head is fitted to them as a multinomial logistic regression in seconds,
 its L2 strength chosen on the validation features. Fine-tuning then starts from that head, training only
-the last `trainable` stages of the backbone (the others frozen, so their backward pass is never computed),
-with frozen BatchNorm layers keeping their running statistics (models.batchnorm.train_mode).
+the last `trainable` stages of the backbone (models.freeze_stages: the others frozen, so their backward pass is
+never computed), with frozen BatchNorm layers keeping their running statistics (models.batchnorm.train_mode).
 """
 from __future__ import annotations
 
@@ -19,35 +19,21 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from .errors import UserError
-from .models.batchnorm import batchnorms
-from .models.factory import backbone_stages, classifier
+from .models.factory import classifier
+from .models.heads import last_linear
 from .utils import autocast
 
 PROBE_L2 = (1e-4, 3e-4, 1e-3, 3e-3, 1e-2)  # per-sample L2 strengths tried (sklearn's C=1 on 720 images: 7e-4)
 
 
-def freeze_stages(model: nn.Module, trainable: int | None, freeze_bn: bool) -> int:
-    """Train only the head and the last `trainable` stages (None: every layer); with `freeze_bn`, every
-    BatchNorm layer keeps its weights and running statistics. Returns the number of trainable tensors."""
-    parts = backbone_stages(model)
-    frozen = parts if trainable == 0 else parts[:-trainable] if trainable else []
-    for part in frozen:
-        for p in part.parameters():
-            p.requires_grad_(False)
-    if freeze_bn:
-        for bn in batchnorms(model):
-            for p in bn.parameters():
-                p.requires_grad_(False)
-    return sum(p.requires_grad for p in model.parameters())
-
-
 def _last_linear(model: nn.Module) -> nn.Linear:
     head = classifier(model)
-    linear = head if isinstance(head, nn.Linear) else next(
-        (m for m in reversed(list(head.modules())) if isinstance(m, nn.Linear)), None)
-    if linear is None:
-        raise UserError("the linear probe needs a linear classifier (model.head: linear)")
-    return linear
+    if isinstance(head, nn.Linear):
+        return head
+    try:
+        return last_linear(head)[2]
+    except UserError:
+        raise UserError("the linear probe needs a linear classifier (model.head: linear)") from None
 
 
 @torch.no_grad()
@@ -142,4 +128,4 @@ def linear_probe(model: nn.Module, train_loader, val_loader, num_classes: int, d
                        seconds=time.perf_counter() - started)
 
 
-__all__ = ["PROBE_L2", "ProbeResult", "fit_logistic_regression", "freeze_stages", "linear_probe", "pooled_features"]
+__all__ = ["PROBE_L2", "ProbeResult", "fit_logistic_regression", "linear_probe", "pooled_features"]

@@ -111,4 +111,5 @@ def from_efficientnet_pytorch(state: dict[str, torch.Tensor], model: nn.Module,
     return mapped
 
 
-__all__ = ["efficientnet_lite0", "npu_friendly", "efficientnet_pytorch_name", "from_efficientnet_pytorch", "is_efficientnet_pytorch"]
+__all__ = ["efficientnet_lite0", "efficientnet_pytorch_name", "from_efficientnet_pytorch", "is_efficientnet_pytorch",
+           "npu_friendly"]

@@ -232,11 +232,24 @@ def forward_head(model: nn.Module, features: torch.Tensor) -> torch.Tensor:
     return classifier(model)(torch.flatten(F.adaptive_avg_pool2d(features, 1), 1))
 
 
+def freeze_stages(model: nn.Module, trainable: int | None, freeze_bn: bool) -> int:
+    """Train only the head and the last `trainable` stages (None: every layer); with `freeze_bn`, every
+    BatchNorm layer keeps its weights and running statistics. Returns the number of trainable tensors."""
+    parts = backbone_stages(model)
+    frozen = parts if trainable == 0 else parts[:-trainable] if trainable else []
+    for part in frozen:
+        for p in part.parameters():
+            p.requires_grad_(False)
+    if freeze_bn:
+        for bn in batchnorms(model):
+            for p in bn.parameters():
+                p.requires_grad_(False)
+    return sum(p.requires_grad for p in model.parameters())
+
+
 def freeze_backbone(model: nn.Module) -> None:
-    for p in model.parameters():
-        p.requires_grad_(False)
-    for p in classifier(model).parameters():
-        p.requires_grad_(True)
+    """Train the classifier alone (training.freeze_backbone)."""
+    freeze_stages(model, 0, freeze_bn=False)
 
 
 # A weights file must fill at least this share of the backbone's tensors (by name and shape): below it, it

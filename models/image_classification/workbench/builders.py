@@ -14,7 +14,6 @@ import torch.nn as nn
 from clsengine import auto as rules
 from clsengine import data as datasets
 from clsengine import distributed as dist
-from clsengine import transfer
 from clsengine.fileio import write_text
 from clsengine.checkpoint import load_checkpoint, load_model_weights, load_state_dict_file
 from clsengine.complexity import complexity
@@ -22,7 +21,7 @@ from clsengine.ema import create_ema
 from clsengine.errors import UserError
 from clsengine.loop import Recipe
 from clsengine.losses import create_loss
-from clsengine.models import am_softmax_scale, backbone_stages, create_model
+from clsengine.models import am_softmax_scale, backbone_stages, create_model, freeze_stages
 from clsengine.optim import create_optimizer, create_scheduler
 from clsengine.optim.scheduler import WarmupScheduler
 
@@ -254,7 +253,7 @@ def prepare_finetuning(t: Template, model: nn.Module) -> str:
     returns the log line."""
     tf = t.training.transfer
     stages = None if tf.trainable_stages in ("all", AUTO) else int(tf.trainable_stages)
-    trainable = transfer.freeze_stages(model, stages, bool(tf.freeze_bn is True))
+    trainable = freeze_stages(model, stages, bool(tf.freeze_bn is True))
     total = len(backbone_stages(model))
     return (f"Fine-tuning: {'every stage' if stages is None else f'the last {min(stages, total)} of {total} stages'}"
             f" and the head train ({trainable} tensors); BatchNorm "
