@@ -17,8 +17,9 @@ Our side runs the work-dir scripts as a newcomer would: train.py with the data r
 (or --time-budget: train.py then chooses the epochs that fit; --epochs, if given, is their maximum;
 --input-size adds input.size=[S,S], --set adds KEY=VALUE overrides), then eval.py on best.pth. The timm side
 runs `train.py --data-dir DATA --train-split train --val-split val --model M --epochs N` with AdamW at
---timm-lr, batch --timm-batch-size, from scratch, on the CPU, and reports its best eval top-1 (timm chooses its
-best checkpoint on the same val split). Wall time is each training process's, start to end, the LR finder and
+--timm-lr, batch --timm-batch-size, from scratch (see --pretrained), on the CPU; timm chooses its best checkpoint on the same val
+split, and with a test/ split timm's validate.py scores that checkpoint there, as eval.py scores ours.
+Wall time is each training process's, start to end, the LR finder and
 validation included.
 
 --pretrained starts our runs from the template's snapshot (instantiate_template.py copies it) and timm's from the
@@ -31,6 +32,7 @@ from __future__ import annotations
 
 import argparse
 import csv
+import json
 import os
 import platform
 import re
@@ -111,11 +113,24 @@ def timm(data: Path, args: argparse.Namespace, seed: int) -> dict:
                    "--batch-size", str(args.timm_batch_size), "--opt", "adamw", "--lr", str(args.timm_lr),
                    "--input-size", "3", str(size), str(size), "--device", "cpu", "--workers", str(args.timm_workers),
                    "--seed", str(seed), "--output", str(out), "--experiment", "run", "--checkpoint-hist", "1",
-                   "--log-interval", "1000"], args.timm_dir, log)
-    with open(out / "run" / "summary.csv", newline="") as f:
-        best = max(float(row["eval_top1"]) for row in csv.DictReader(f))
+                   "--log-interval", "1000",
+                   *([] if args.timm_warmup_epochs is None else ["--warmup-epochs", str(args.timm_warmup_epochs)])],
+                  args.timm_dir, log)
+    if (data / "test").is_dir():  # timm's best checkpoint (chosen on val) scored on the held-out split, as ours
+        results = args.out / f"{out.name}_test.json"
+        run([str(args.timm_python), "validate.py", "--data-dir", str(data), "--split", "test", "--model", args.timm_model,
+             "--num-classes", str(classes), "--checkpoint", str(out / "run" / "model_best.pth.tar"),
+             "--input-size", "3", str(size), str(size), "--device", "cpu", "--workers", str(args.timm_workers),
+             "--batch-size", "32", "--results-file", str(results), "--results-format", "json"],
+            args.timm_dir, args.out / f"{out.name}_test.log")
+        best = float(json.loads(results.read_text())["top1"])
+    else:
+        with open(out / "run" / "summary.csv", newline="") as f:
+            best = max(float(row["eval_top1"]) for row in csv.DictReader(f))
+    warmup = "" if args.timm_warmup_epochs is None else f" warmup={args.timm_warmup_epochs}"
     return {"name": f"timm {args.timm_model}", "top1": best, "seconds": seconds,
-            "notes": f"adamw lr={args.timm_lr:g} batch={args.timm_batch_size}"}
+            "notes": f"{args.timm_epochs or args.epochs} epochs adamw lr={args.timm_lr:g} "
+                     f"batch={args.timm_batch_size}{warmup}"}
 
 
 def snapshot_file(template: str) -> Path:
@@ -191,6 +206,8 @@ def main() -> int:
     parser.add_argument("--timm-model", default="mobilenetv3_small_100")
     parser.add_argument("--timm-lr", type=float, default=2e-3)
     parser.add_argument("--timm-epochs", type=int, default=None, help="timm's epochs (default: --epochs)")
+    parser.add_argument("--timm-warmup-epochs", type=int, default=None,
+                        help="timm's --warmup-epochs (default: timm's own, 5; a run of a few epochs is all warm-up)")
     parser.add_argument("--pretrained", action="store_true",
                         help="start from the (first) template's snapshot, ours and timm's (see above)")
     parser.add_argument("--probe", action="store_true",

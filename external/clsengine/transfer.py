@@ -23,7 +23,7 @@ from .models.factory import classifier
 from .models.heads import last_linear
 from .utils import autocast
 
-PROBE_L2 = (1e-4, 3e-4, 1e-3, 3e-3, 1e-2)  # per-sample L2 strengths tried (sklearn's C=1 on 720 images: 7e-4)
+PROBE_L2 = (1e-4, 3e-4, 1e-3, 3e-3, 1e-2, 3e-2, 0.1, 0.3, 1.0)  # per-sample L2 tried (sklearn C=1 on 720 images: 7e-4)
 
 
 def _last_linear(model: nn.Module) -> nn.Linear:
