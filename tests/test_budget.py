@@ -16,11 +16,11 @@ from clsengine.budget import parse_duration, per_image_cost, probe_steps, second
 from clsengine.data import EpochLoader
 from clsengine.errors import UserError
 from clsengine.loop import FitConfig, fit
-from clsengine.optim import WarmupScheduler, create_optimizer
+from clsengine.optim import LRSchedule, create_optimizer
 from clsengine.runlog import get_logger
 from clsengine.utils import seed_everything
 from conftest import TEMPLATES_DIR, assert_clean_error, make_image_folder, run_captured
-from workbench import auto
+from workbench import auto, time_budget
 from workbench.template import TemplateError, load_template
 
 
@@ -65,7 +65,7 @@ def test_plan_finds_the_most_epochs_whose_own_recipe_fits():
         calls.append(resolved.hyper_parameters.basic.batch_size)
         return {16: 0.002, 64: 0.001}[resolved.hyper_parameters.basic.batch_size]
 
-    resolved, choices = auto.plan_time_budget(t, facts, budget_s=3600, spent_s=lambda: 0.0, seconds_per_image=measure,
+    resolved, choices = time_budget.plan_time_budget(t, facts, budget_s=3600, spent_s=lambda: 0.0, seconds_per_image=measure,
                                               val_images=5000)
     epochs, batch = resolved.hyper_parameters.basic.epochs, resolved.hyper_parameters.basic.batch_size
     assert choices[0].key == "hyper_parameters.basic.epochs" and choices[0].value == epochs
@@ -90,7 +90,7 @@ def test_a_binding_budget_doubles_the_batch_where_that_fits_more_epochs():
     def measure(resolved) -> float:
         return costs[resolved.hyper_parameters.basic.batch_size]
 
-    resolved, choices = auto.plan_time_budget(t, facts, budget_s=168, spent_s=lambda: 0.0, seconds_per_image=measure,
+    resolved, choices = time_budget.plan_time_budget(t, facts, budget_s=168, spent_s=lambda: 0.0, seconds_per_image=measure,
                                               val_images=1500)
     basic = resolved.hyper_parameters.basic
     assert (basic.batch_size, basic.epochs) == (64, 7)
@@ -98,10 +98,10 @@ def test_a_binding_budget_doubles_the_batch_where_that_fits_more_epochs():
     assert batch_choice.value == 64 and "fits 7 epochs" in batch_choice.reason and "fits 3" in batch_choice.reason
     assert basic.base_learning_rate == pytest.approx(A.ADAMW_LR * (64 / A.ADAMW_BATCH) ** 0.5)  # the LR follows
     cost = per_image_cost(costs)
-    assert cost(32) / cost(64) >= auto.LARGER_BATCH_SAVING and cost(64) / cost(128) >= auto.LARGER_BATCH_SAVING
+    assert cost(32) / cost(64) >= time_budget.LARGER_BATCH_SAVING and cost(64) / cost(128) >= time_budget.LARGER_BATCH_SAVING
 
     # Where a doubled batch saves little per image (a flat cost), the step rule's batch stays.
-    flat, flat_choices = auto.plan_time_budget(t, facts, budget_s=168, spent_s=lambda: 0.0,
+    flat, flat_choices = time_budget.plan_time_budget(t, facts, budget_s=168, spent_s=lambda: 0.0,
                                                seconds_per_image=lambda r: 0.0071, val_images=1500)
     assert flat.hyper_parameters.basic.batch_size == 16 and flat.hyper_parameters.basic.epochs == 3
     assert "step rule" not in next(c for c in flat_choices if c.key == "hyper_parameters.basic.batch_size").reason
@@ -109,7 +109,7 @@ def test_a_binding_budget_doubles_the_batch_where_that_fits_more_epochs():
 
 def test_plan_keeps_the_template_epochs_and_the_long_recipe_when_they_fit():
     t = _template()
-    resolved, choices = auto.plan_time_budget(t, auto.run_facts(t, 50_000, 10, "cpu"), budget_s=1e9,
+    resolved, choices = time_budget.plan_time_budget(t, auto.run_facts(t, 50_000, 10, "cpu"), budget_s=1e9,
                                               spent_s=lambda: 0.0, seconds_per_image=lambda r: 1e-6, val_images=5000)
     assert resolved.hyper_parameters.basic.epochs == 200 and "capped" in choices[0].reason
     assert resolved.training.optimizer.sam.enabled is True
@@ -133,7 +133,7 @@ def test_plan_with_a_pinned_batch_measures_that_batch_only():
         calls.append(resolved.hyper_parameters.basic.batch_size)
         return 0.001
 
-    resolved, _ = auto.plan_time_budget(t, auto.run_facts(t, 1000, 10, "cpu"), budget_s=60, spent_s=lambda: 0.0,
+    resolved, _ = time_budget.plan_time_budget(t, auto.run_facts(t, 1000, 10, "cpu"), budget_s=60, spent_s=lambda: 0.0,
                                         seconds_per_image=measure, val_images=200)
     assert calls == [32] and resolved.hyper_parameters.basic.batch_size == 32
 
@@ -180,7 +180,7 @@ def _fit(tmp_path: Path, deadline: float | None, epochs: int = 3, replan=None) -
     train = EpochLoader(data, batch_size=8, shuffle=True, workers=0, seed=0)
     val = EpochLoader(data, batch_size=8, shuffle=False, workers=0, seed=0)
     optimizer = create_optimizer(model, "sgd", lr=0.1, weight_decay=0.0, no_bias_decay=True)
-    scheduler = WarmupScheduler(optimizer, "cosine", epochs=epochs, iters_per_epoch=len(train), warmup_epochs=0)
+    scheduler = LRSchedule(optimizer, "cosine", epochs=epochs, iters_per_epoch=len(train), warmup_epochs=0)
     cfg = FitConfig(epochs=epochs, output_dir=tmp_path, progress=False, checkpoints=False, deadline=deadline,
                     replan=replan)
     result = fit(model, train, val, nn.CrossEntropyLoss(), optimizer, scheduler, torch.device("cpu"), cfg,

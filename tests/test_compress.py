@@ -46,6 +46,7 @@ def test_ptq_within_budget_then_int8_files_work_everywhere(trained, monkeypatch,
     assert not (out / "history.csv").exists()  # the budget was met by PTQ: no fine-tuning ran
     for name in ("best.pth", "latest.pth", "ptq.pth", "config.yaml", "compress.log"):
         assert (out / name).is_file(), name
+    assert "--nncf-quantization: accepted for the seed's command lines" in (out / "compress.log").read_text()
 
     # The int8 IR holds quantization (FakeQuantize ops), loads and predicts.
     from clsengine.ov_core import openvino_core
@@ -87,8 +88,10 @@ def load_compress(wd: Path):
 def run_compress(monkeypatch, wd: Path, float_top1: float, int8_top1: float, *args: str) -> int:
     """compress.main() in-process with the IR judge scoring float and int8 files as given: the budget
     decisions are then deterministic while quantization and fine-tuning run for real."""
+    from workbench import compression
+
     module = load_compress(wd)
-    monkeypatch.setattr(module.IRJudge, "top1",
+    monkeypatch.setattr(compression.IRJudge, "score",
                         lambda self, xml: float_top1 if Path(xml).parent.name == "export_fp32" else int8_top1)
     monkeypatch.setattr(sys, "argv", [str(wd / "compress.py"), "--template", str(wd / "template.yaml"), *args])
     monkeypatch.chdir(wd)

@@ -316,8 +316,10 @@ def test_scan_no_root_given():
 # --------------------------------------------------------------------------- check_same_classes
 
 
-def test_check_same_classes_equal_passes():
-    check_same_classes(["a", "b", "c"], ["a", "b", "c"], "train", "val")
+def test_check_same_classes_equal_passes_and_order_matters():
+    assert check_same_classes(["a", "b", "c"], ["a", "b", "c"], "train", "val") is None
+    with pytest.raises(DataError, match="same names in a different order"):  # class indices would differ
+        check_same_classes(["a", "b", "c"], ["b", "a", "c"], "train", "val")
 
 
 def test_check_same_classes_names_missing_and_extra():

@@ -45,7 +45,8 @@ def _worker(rank: int, world: int, port: int, out: str) -> None:
     from clsengine import distributed as dist
     from clsengine.data import EpochLoader
     from clsengine.ema import create_ema
-    from clsengine.loop import FitConfig, Recipe, fit, validate
+    from clsengine.loop import FitConfig, fit, validate
+    from clsengine.recipe import Recipe
     from clsengine.optim import create_optimizer, create_scheduler
 
     info, device = dist.init_from_env(use_cuda=False)

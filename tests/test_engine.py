@@ -22,7 +22,7 @@ from clsengine.hub import OfflineError, fetch_snapshot
 from clsengine.loop import FitConfig, fit
 from clsengine.metrics import classification_report, confusion_matrix, topk_correct
 from clsengine.models import classifier, create_model, freeze_backbone, list_models, load_pretrained
-from clsengine.optim import WarmupScheduler, create_optimizer, param_groups
+from clsengine.optim import LRSchedule, create_optimizer, param_groups
 from clsengine import runlog
 from clsengine.runlog import HISTORY_FIELDS, get_logger
 from clsengine.utils import seed_everything
@@ -151,6 +151,21 @@ def test_load_checkpoint_refuses_arbitrary_objects(tmp_path: Path):
         load_checkpoint(path)
 
 
+def test_load_checkpoint_refuses_a_newer_format_and_reads_older_ones(tmp_path: Path):
+    from clsengine.checkpoint import CHECKPOINT_FORMAT
+
+    newer = tmp_path / "newer.pth"
+    torch.save({"format": "clsengine-checkpoint-v99", "model": {}}, newer)
+    with pytest.raises(CheckpointError) as info:
+        load_checkpoint(newer)
+    assert str(newer) in str(info.value) and "clsengine-checkpoint-v99" in str(info.value)
+    assert "update the workbench" in str(info.value) and "\n" not in str(info.value)
+    for readable in (CHECKPOINT_FORMAT, "clsengine-checkpoint-v0", None):  # ours, an older one, a bare file
+        path = tmp_path / f"{readable}.pth"
+        torch.save({"model": {"w": torch.zeros(1)}, **({"format": readable} if readable else {})}, path)
+        assert load_checkpoint(path)["model"]["w"].shape == (1,)
+
+
 def test_load_checkpoint_missing_and_garbage(tmp_path: Path):
     missing = tmp_path / "nope" / "missing.pth"
     with pytest.raises(CheckpointError) as info:
@@ -229,7 +244,7 @@ def test_rng_state_round_trip(tmp_path: Path):
 # ============================================================================ scheduler
 
 
-def lrs(scheduler: WarmupScheduler, steps: int) -> list[float]:
+def lrs(scheduler: LRSchedule, steps: int) -> list[float]:
     out = []
     for _ in range(steps):
         scheduler.step_iter()
@@ -239,7 +254,7 @@ def lrs(scheduler: WarmupScheduler, steps: int) -> list[float]:
 
 def test_warmup_then_cosine():
     opt = one_param_optimizer(lr=0.1)
-    sched = WarmupScheduler(opt, "cosine", epochs=10, iters_per_epoch=10, warmup_epochs=2, warmup_factor=0.1)
+    sched = LRSchedule(opt, "cosine", epochs=10, iters_per_epoch=10, warmup_epochs=2, warmup_factor=0.1)
     assert sched.lr == pytest.approx(0.01)                     # starts at warmup_factor * lr
     warmup = [sched.lr] + lrs(sched, 20)
     assert warmup[-1] == pytest.approx(0.1)                    # reaches lr at the end of warm-up
@@ -255,7 +270,7 @@ def test_warmup_then_cosine():
 def test_cosine_min_lr_and_param_groups():
     model = nn.Linear(2, 2)
     opt = torch.optim.SGD([{"params": [model.weight], "lr": 0.1}, {"params": [model.bias], "lr": 0.02}], lr=0.1)
-    sched = WarmupScheduler(opt, "cosine", epochs=4, iters_per_epoch=5, min_lr=1e-3)
+    sched = LRSchedule(opt, "cosine", epochs=4, iters_per_epoch=5, min_lr=1e-3)
     assert [g["lr"] for g in opt.param_groups] == pytest.approx([0.1, 0.02])  # no warm-up: full lr at once
     seq = [sched.lr] + lrs(sched, 20)
     assert all(b <= a for a, b in zip(seq, seq[1:]))
@@ -266,7 +281,7 @@ def test_cosine_min_lr_and_param_groups():
 
 def test_plateau_reduces_after_patience_plus_one_bad_epochs():
     opt = one_param_optimizer(lr=0.1)
-    sched = WarmupScheduler(opt, "plateau", epochs=50, iters_per_epoch=1, factor=0.5, patience=2)
+    sched = LRSchedule(opt, "plateau", epochs=50, iters_per_epoch=1, factor=0.5, patience=2)
     sched.step_epoch(50.0)                     # first value: the best so far
     assert sched.lr == pytest.approx(0.1)
     sched.step_epoch(50.0)                     # bad epoch 1
@@ -290,10 +305,10 @@ def test_plateau_reduces_after_patience_plus_one_bad_epochs():
 
 def test_unknown_scheduler():
     with pytest.raises(UserError, match="unknown scheduler"):
-        WarmupScheduler(one_param_optimizer(), "step", epochs=2, iters_per_epoch=2)
+        LRSchedule(one_param_optimizer(), "step", epochs=2, iters_per_epoch=2)
 
 
-def _drive(sched: WarmupScheduler, epochs: int, iters: int, metrics: list[float]) -> list[float]:
+def _drive(sched: LRSchedule, epochs: int, iters: int, metrics: list[float]) -> list[float]:
     seq = []
     for e in range(epochs):
         seq += lrs(sched, iters)
@@ -306,16 +321,16 @@ def _drive(sched: WarmupScheduler, epochs: int, iters: int, metrics: list[float]
 def test_scheduler_state_dict_continues_identically(tmp_path: Path, name):
     kwargs = dict(epochs=12, iters_per_epoch=4, warmup_epochs=1.5, warmup_factor=0.2, factor=0.5, patience=1)
     metrics = [10.0, 12.0, 11.0, 11.5, 11.0, 13.0]
-    reference = WarmupScheduler(one_param_optimizer(0.3), name, **kwargs)
+    reference = LRSchedule(one_param_optimizer(0.3), name, **kwargs)
     full = _drive(reference, 12, 4, metrics)
 
-    first = WarmupScheduler(one_param_optimizer(0.3), name, **kwargs)
+    first = LRSchedule(one_param_optimizer(0.3), name, **kwargs)
     head = _drive(first, 5, 4, metrics)
     save_checkpoint({"scheduler": first.state_dict()}, tmp_path / "s.pth")
     state = load_checkpoint(tmp_path / "s.pth")["scheduler"]
 
     fresh_opt = one_param_optimizer(0.3)
-    resumed = WarmupScheduler(fresh_opt, name, **kwargs)
+    resumed = LRSchedule(fresh_opt, name, **kwargs)
     resumed.load_state_dict(state)
     assert resumed.lr == pytest.approx(head[-1])
     assert fresh_opt.param_groups[0]["lr"] == pytest.approx(head[-1])
@@ -681,7 +696,7 @@ def _run(output_dir: Path, epochs: int, resume=None, record=None):
     train = EpochLoader(_data(1, 40), batch_size=8, shuffle=True, workers=0, seed=0)
     val = EpochLoader(_data(2, 16), batch_size=8, shuffle=False, workers=0, seed=0)
     optimizer = create_optimizer(model, "sgd", lr=0.2, weight_decay=1e-3, no_bias_decay=True)
-    scheduler = WarmupScheduler(optimizer, "cosine", epochs=5, iters_per_epoch=len(train), warmup_epochs=1)
+    scheduler = LRSchedule(optimizer, "cosine", epochs=5, iters_per_epoch=len(train), warmup_epochs=1)
     cfg = FitConfig(epochs=epochs, output_dir=output_dir, progress=False,
                     checkpoint_extra={"classes": ["a", "b", "c"]})
     result = fit(model, train, val, nn.CrossEntropyLoss(), optimizer, scheduler, torch.device("cpu"), cfg,

@@ -102,7 +102,7 @@ def test_optimize_py_writes_best_params_that_train_py_uses(tmp_path: Path, tiny_
     data = ["--train-data-roots", str(tiny_dataset / "train"), "--val-data-roots", str(tiny_dataset / "val"),
             "--workers", "0", "input.size=[32,32]"]
     assert run_in_process(wd, "optimize.py", *data, "--n-trials", "3", "--epochs-per-trial", "2",
-                          "--time-budget", "1000", "hpo.batch_size=[2,4]", "hyper_parameters.basic.base_learning_rate=0.01",
+                          "--search-budget", "1000", "hpo.batch_size=[2,4]", "hyper_parameters.basic.base_learning_rate=0.01",
                           monkeypatch=monkeypatch) == 0
     best = yaml.safe_load((wd / "hpo_best.yaml").read_text())
     params = best["params"]
@@ -114,7 +114,7 @@ def test_optimize_py_writes_best_params_that_train_py_uses(tmp_path: Path, tiny_
     assert (wd / "hpo" / "study.db").is_file() and not list((wd / "hpo").glob("tmp*"))  # trial folders removed
 
     # A rerun continues the work dir's study (nothing of the earlier trials is lost); --overwrite starts anew.
-    common = [*data, "--n-trials", "1", "--epochs-per-trial", "1", "--time-budget", "1000", "hpo.batch_size=[2,4]",
+    common = [*data, "--n-trials", "1", "--epochs-per-trial", "1", "--search-budget", "1000", "hpo.batch_size=[2,4]",
               "hyper_parameters.basic.base_learning_rate=0.01"]
     capsys.readouterr()
     assert run_in_process(wd, "optimize.py", *common, monkeypatch=monkeypatch) == 0
@@ -131,7 +131,10 @@ def test_optimize_py_writes_best_params_that_train_py_uses(tmp_path: Path, tiny_
     assert config["hyper_parameters"]["basic"]["base_learning_rate"] == params["hyper_parameters.basic.base_learning_rate"]
     assert config["training"]["optimizer"]["weight_decay"] == params["training.optimizer.weight_decay"]
     assert config["hyper_parameters"]["basic"]["batch_size"] == 3
-    assert "hpo_best.yaml (optimize.py)" in capsys.readouterr().out
+    settings = next(line for line in capsys.readouterr().out.splitlines() if "Settings given: " in line)
+    lr_key = "hyper_parameters.basic.base_learning_rate"
+    assert f"{lr_key}={params[lr_key]!r} (hpo_best.yaml)" in settings  # each value with its source, once
+    assert "hyper_parameters.basic.batch_size=3 (--batch-size)" in settings and settings.count("batch_size=") == 1
 
     (wd / "hpo_best.yaml").write_text("params: [1, 2]\n")
     assert run_in_process(wd, "train.py", *data, "--epochs", "1", monkeypatch=monkeypatch) == 2
@@ -151,3 +154,24 @@ def test_a_study_storage_that_cannot_be_written_is_one_error(tmp_path: Path, mon
         search(study, lambda params, report: 1.0, SearchSpace((0.001, 0.1), (1e-5, 1e-3)), Budget(1.0, 1), 1,
                logging.getLogger("test"))
     assert "no space left" in str(info.value) and str(tmp_path / "study.db") in str(info.value)
+
+
+def test_optimize_takes_its_old_time_budget_spelling_with_a_note(work_dir, monkeypatch, capsys):
+    """optimize.py's ratio is --search-budget (train.py's --time-budget is a duration); a script written for
+    the old spelling keeps working and is told."""
+    import importlib.util
+    import sys
+
+    wd = work_dir()
+    spec = importlib.util.spec_from_file_location("optimize_under_test", wd / "optimize.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    monkeypatch.setattr(sys, "argv", ["optimize.py", "--time-budget", "0.25"])
+    args = module.parse_args()
+    assert args.search_budget == 0.25
+    assert "optimize.py --time-budget is now --search-budget" in capsys.readouterr().err
+    monkeypatch.setattr(sys, "argv", ["optimize.py", "--search-budget", "0.5"])
+    assert module.parse_args().search_budget == 0.5 and capsys.readouterr().err == ""
+    from workbench import cli
+
+    assert cli.collect_overrides(module.parse_args(), module.FLAG_KEYS)["hpo.time_budget"] == 0.5

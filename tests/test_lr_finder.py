@@ -16,7 +16,7 @@ from clsengine.errors import UserError
 from clsengine.loop import train_one_epoch
 from clsengine.lr_finder import LRFinderResult, range_test, search_lr
 from clsengine.optim import SAM
-from clsengine.optim.scheduler import WarmupScheduler
+from clsengine.optim.scheduler import LRSchedule
 
 
 def make_problem(seed: int = 0, n: int = 256):
@@ -68,7 +68,7 @@ def test_range_test_suggestion_plot_spacing_and_restore(tmp_path):
         optimizer.zero_grad()
         criterion(model(images), labels).backward()
         optimizer.step()
-    scheduler = WarmupScheduler(optimizer, "cosine", epochs=5, iters_per_epoch=len(loader))  # sets initial_lr
+    scheduler = LRSchedule(optimizer, "cosine", epochs=5, iters_per_epoch=len(loader))  # sets initial_lr
     model.eval()   # the test trains; the caller's mode must come back
     model_before, optim_before = snapshot(model.state_dict()), snapshot(optimizer.state_dict())
     rng_before = torch.get_rng_state()
@@ -121,7 +121,7 @@ def test_warmup_runs_then_everything_is_restored():
     seen = {}
 
     def warmup():
-        scheduler = WarmupScheduler(optimizer, "constant", epochs=1, iters_per_epoch=len(loader),
+        scheduler = LRSchedule(optimizer, "constant", epochs=1, iters_per_epoch=len(loader),
                                     warmup_epochs=1)   # like a real script: leaves initial_lr behind
         train_one_epoch(model, loader, criterion, optimizer, scheduler, torch.device("cpu"), progress=False)
         seen["weights"] = snapshot(model.state_dict())
@@ -190,7 +190,7 @@ def test_restored_even_when_the_test_fails():
 
     def warmup():
         train_one_epoch(model, DataLoader(data, batch_size=32), nn.CrossEntropyLoss(), optimizer,
-                        WarmupScheduler(optimizer, "constant", 1, 8), torch.device("cpu"), progress=False)
+                        LRSchedule(optimizer, "constant", 1, 8), torch.device("cpu"), progress=False)
         raise KeyboardInterrupt
 
     with pytest.raises(KeyboardInterrupt):

@@ -219,8 +219,15 @@ def test_loss_argument_errors():
 
 
 def test_create_loss_names():
-    assert LOSSES == ("softmax", "am_softmax", "bce", "asl")
-    assert MULTILABEL_LOSSES == ("bce", "asl")
+    """Every listed loss is created by name and takes its task's targets: multi-hot vectors for the
+    multi-label ones, class indices for the others."""
+    logits = torch.tensor([[0.9, -0.2, 0.1], [-0.5, 0.7, 0.0], [0.2, 0.3, -0.8], [0.0, -0.1, 0.4]])
+    for name in LOSSES:
+        loss = create_loss(name, **({"scale": 10.0} if name == "am_softmax" else {}))
+        target = (torch.tensor([[1.0, 0, 1], [0, 1, 0], [0, 0, 1], [1, 1, 0]]) if name in MULTILABEL_LOSSES
+                  else torch.tensor([0, 1, 2, 0]))
+        assert torch.isfinite(loss(logits, target)) and loss(logits, target) > 0, name
+    assert set(MULTILABEL_LOSSES) < set(LOSSES)
     weight = torch.tensor([1.0, 2.0, 3.0])
     assert isinstance(create_loss("bce", label_smoothing=0.1), BinaryCrossEntropyLoss)
     asl = create_loss("asl", weight=weight, asl_gamma_neg=2.0, asl_gamma_pos=1.0, asl_clip=0.0)

@@ -12,7 +12,7 @@ from clsengine.export import export_openvino, parity_check, read_metadata
 from clsengine.models import CosineLinear, create_model, default_cfg, list_models, load_pretrained
 from clsengine.ov_core import openvino_core
 from conftest import TEMPLATES_DIR
-from workbench.builders import build_model
+from workbench.factories import build_model
 from workbench.template import TemplateError, load_template
 
 NPU_ARCHS = ["efficientnet_b0_npu", "efficientnet_b1_npu", "efficientnet_b2_npu", "efficientnet_b3_npu"]

@@ -3,10 +3,6 @@ map from EfficientNet-PyTorch's names, checked on real photos that scikit-image'
 of a missing or altered package."""
 from __future__ import annotations
 
-import shutil
-import sys
-import types
-
 import pytest
 import torch
 
@@ -16,7 +12,7 @@ from clsengine.models import create_model, load_pretrained
 from clsengine.models.efficientnet_lite import (efficientnet_pytorch_name, from_efficientnet_pytorch,
                                                 is_efficientnet_pytorch)
 from conftest import TEMPLATES_DIR, assert_clean_error, instantiate
-from workbench import builders
+from workbench import factories, loaders
 from workbench.template import load_template
 
 LITE0 = TEMPLATES_DIR / "efficientnet_lite0" / "template.yaml"
@@ -45,11 +41,11 @@ def test_snapshot_through_the_template_names_real_photos(lite0_work_dir):
     from skimage import data as photos
 
     t = load_template(lite0_work_dir / "template.yaml")
-    model = builders.build_model(t, 1000)
+    model = factories.build_model(t, 1000)
     report = load_pretrained(model, lite0_work_dir / "snapshot.pth")
     assert not report.missing and not report.unused and len(report.loaded) == report.total == 296
     model.eval()
-    transform = builders.eval_transform(t)
+    transform = loaders.eval_transform(t)
     batch = torch.stack([transform(photos.chelsea()), transform(photos.coffee())])
     with torch.no_grad():
         top5 = model(batch).topk(5).indices.tolist()

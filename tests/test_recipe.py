@@ -20,16 +20,17 @@ from clsengine.checkpoint import load_checkpoint
 from clsengine.data.loader import EpochLoader
 from clsengine.ema import ModelEma, create_ema
 from clsengine.errors import UserError
-from clsengine.loop import FitConfig, Recipe, fit, train_one_epoch
+from clsengine.loop import FitConfig, fit, train_one_epoch
+from clsengine.recipe import Recipe
 from clsengine.losses import AMSoftmaxLoss
 from clsengine.losses.mutual import mutual_losses
 from clsengine.models import CosineLinear, am_softmax_scale, classifier
-from clsengine.optim import WarmupScheduler, create_optimizer
+from clsengine.optim import LRSchedule, create_optimizer
 from clsengine.runlog import get_logger
 from clsengine.utils import seed_everything
 
 from conftest import TEMPLATES_DIR
-from workbench import builders
+from workbench import device_policy, factories
 from workbench.template import TemplateError, load_template, template_from_dict
 
 CPU = torch.device("cpu")
@@ -67,8 +68,8 @@ def loader(dataset: TensorDataset, batch_size: int = 8, shuffle: bool = False) -
     return EpochLoader(dataset, batch_size=batch_size, shuffle=shuffle, workers=0, seed=0)
 
 
-def constant_scheduler(optimizer: torch.optim.Optimizer, iters: int = 1) -> WarmupScheduler:
-    return WarmupScheduler(optimizer, "constant", epochs=1, iters_per_epoch=iters)
+def constant_scheduler(optimizer: torch.optim.Optimizer, iters: int = 1) -> LRSchedule:
+    return LRSchedule(optimizer, "constant", epochs=1, iters_per_epoch=iters)
 
 
 def flat(module: nn.Module) -> torch.Tensor:
@@ -363,7 +364,7 @@ def _scored_fit(tmp_path: Path, monkeypatch, scheduler_name: str, scores: list[f
     model = mlp(0)
     train = loader(toy_data(1, 8))
     optimizer = create_optimizer(model, "sgd", lr=0.1)
-    scheduler = WarmupScheduler(optimizer, scheduler_name, epochs=epochs, iters_per_epoch=len(train),
+    scheduler = LRSchedule(optimizer, scheduler_name, epochs=epochs, iters_per_epoch=len(train),
                                 warmup_epochs=0, **scheduler_kwargs)
     result = fit(model, train, loader(toy_data(2, 8)), nn.CrossEntropyLoss(), optimizer, scheduler, CPU,
                  FitConfig(epochs=epochs, output_dir=tmp_path, progress=False,
@@ -410,7 +411,7 @@ def _recipe_run(output_dir: Path, epochs: int, resume: dict | None = None):
     train = EpochLoader(toy_data(1, 24), batch_size=8, shuffle=True, workers=0, seed=0)
     val = EpochLoader(toy_data(2, 8), batch_size=8, shuffle=False, workers=0, seed=0)
     optimizer = create_optimizer([model, aux], "sgd", lr=0.1, weight_decay=1e-3, sam_rho=0.05)
-    scheduler = WarmupScheduler(optimizer, "cosine", epochs=3, iters_per_epoch=len(train), warmup_epochs=1)
+    scheduler = LRSchedule(optimizer, "cosine", epochs=3, iters_per_epoch=len(train), warmup_epochs=1)
     result = fit(model, train, val, nn.CrossEntropyLoss(), optimizer, scheduler, CPU,
                  FitConfig(epochs=epochs, output_dir=output_dir, progress=False), LOGGER, resume=resume,
                  recipe=recipe)
@@ -515,24 +516,24 @@ def test_amp_dtype():
 
     cuda = torch.device("cuda")  # amp_dtype only looks at device.type: no CUDA needed
     with pytest.raises(UserError, match="CUDA"):
-        builders.amp_dtype(amp("fp16", sam=False), CPU)
+        device_policy.amp_dtype(amp("fp16", sam=False), CPU)
     with pytest.raises(UserError, match="SAM"):
-        builders.amp_dtype(amp("fp16", sam=True), cuda)
-    assert builders.amp_dtype(amp("fp16", sam=False), cuda) == torch.float16
-    assert builders.amp_dtype(amp("bf16"), CPU) == torch.bfloat16
-    assert builders.amp_dtype(amp(None), CPU) is None
-    assert builders.amp_dtype(amp("auto"), CPU) is None        # mobilenet_v3_small: depthwise, slower in bf16
+        device_policy.amp_dtype(amp("fp16", sam=True), cuda)
+    assert device_policy.amp_dtype(amp("fp16", sam=False), cuda) == torch.float16
+    assert device_policy.amp_dtype(amp("bf16"), CPU) == torch.bfloat16
+    assert device_policy.amp_dtype(amp(None), CPU) is None
+    assert device_policy.amp_dtype(amp("auto"), CPU) is None        # mobilenet_v3_small: depthwise, slower in bf16
 
 
 def test_memory_format_policy(monkeypatch):
     def layout(value, size: int, device: str = "cpu"):
         t = template_from_dict(_small_data(), str(SMALL), overrides={"training.channels_last": value,
                                                                    "input.size": [size, size]})
-        return builders.memory_format(t, torch.device(device))
+        return device_policy.memory_format(t, torch.device(device))
 
     monkeypatch.setattr(A, "cpu_has_avx512", lambda: False)
     assert layout("auto", 32) == torch.contiguous_format                       # AVX2: measured no faster at 32
-    assert layout("auto", builders.CHANNELS_LAST_MIN_SIDE_CPU) == torch.channels_last
+    assert layout("auto", device_policy.CHANNELS_LAST_MIN_SIDE_CPU) == torch.channels_last
     monkeypatch.setattr(A, "cpu_has_avx512", lambda: True)
     assert layout("auto", 32) == torch.channels_last                           # AVX-512: 1.0-2.0x at 32-224
     assert layout("auto", 32, "cuda") == torch.channels_last                   # only device.type is read
@@ -548,8 +549,8 @@ def test_channels_last_trains_like_contiguous():
             "training.channels_last": value, "input.size": [32, 32], "hyper_parameters.basic.batch_size": 8,
             **PUBLISHED_RECIPE})
         torch.manual_seed(0)
-        model = builders.build_model(t, 3)
-        recipe = builders.build_recipe(t, model, 3, CPU)
+        model = factories.build_model(t, 3)
+        recipe = factories.build_recipe(t, model, 3, CPU)
         layout = torch.channels_last if value else torch.contiguous_format
         assert recipe.memory_format == layout
         for m in (model, recipe.aux_models[0], recipe.ema.module):
@@ -557,31 +558,31 @@ def test_channels_last_trains_like_contiguous():
         seen = []
         model.features[0].register_forward_pre_hook(
             lambda module, inputs: seen.append(inputs[0].is_contiguous(memory_format=layout)))
-        optimizer = builders.build_optimizer(t, [model, *recipe.aux_models])
+        optimizer = factories.build_optimizer(t, [model, *recipe.aux_models])
         g = torch.Generator().manual_seed(1)
         data = loader(TensorDataset(torch.randn(16, 3, 32, 32, generator=g), torch.randint(3, (16,), generator=g)),
                       batch_size=8, shuffle=False)
-        train_one_epoch(model, data, builders.build_loss(t, 3), optimizer, constant_scheduler(optimizer, len(data)),
+        train_one_epoch(model, data, factories.build_loss(t, 3), optimizer, constant_scheduler(optimizer, len(data)),
                         CPU, progress=False, recipe=recipe)
         assert seen and all(seen)
         results.append([p.detach().contiguous() for p in (*model.parameters(), *recipe.ema.module.parameters())])
     assert all(torch.allclose(a, b, atol=1e-4) for a, b in zip(*results))
-    assert "channels_last" in builders.describe_recipe(t, recipe)
+    assert "channels_last" in factories.describe_recipe(t, recipe)
 
 
 def test_compile_without_a_compiler_is_one_clear_error(monkeypatch):
     t = template_from_dict(_small_data(), str(SMALL), overrides={"training.compile": True})
-    monkeypatch.setattr(builders.shutil, "which", lambda name: None)
+    monkeypatch.setattr(device_policy.shutil, "which", lambda name: None)
     with pytest.raises(UserError, match="training.compile.*C\\+\\+ compiler"):
-        builders.build_recipe(t, builders.build_model(t, 3), 3, CPU)
-    monkeypatch.setattr(builders.shutil, "which", lambda name: f"/usr/bin/{name}")
-    assert builders.build_recipe(t, builders.build_model(t, 3), 3, CPU).compile
+        factories.build_recipe(t, factories.build_model(t, 3), 3, CPU)
+    monkeypatch.setattr(device_policy.shutil, "which", lambda name: f"/usr/bin/{name}")
+    assert factories.build_recipe(t, factories.build_model(t, 3), 3, CPU).compile
 
 
 def test_build_recipe_mobilenet_v3_large_1():
     t = load_template(TEMPLATES_DIR / "mobilenet_v3_large_1" / "template.yaml")
-    model = builders.build_model(t, 3)
-    recipe = builders.build_recipe(t, model, 3, CPU)
+    model = factories.build_model(t, 3)
+    recipe = factories.build_recipe(t, model, 3, CPU)
     assert len(recipe.aux_models) == 1 and len(recipe.aux_criteria) == 1
     head = list(recipe.aux_models[0].modules())[-1]
     assert isinstance(head, CosineLinear) and head.out_features == 3
@@ -600,8 +601,8 @@ def test_efficientnet_b0_cosine_head_and_am_softmax_share_scale(num_classes, sca
     path = TEMPLATES_DIR / "efficientnet_b0" / "template.yaml"
     data = yaml.safe_load(path.read_text(encoding="utf-8"))
     t = template_from_dict(data, str(path), overrides={"training.loss.scale": scale})
-    head = list(classifier(builders.build_model(t, num_classes)).modules())[-1]
-    loss = builders.build_loss(t, num_classes)
+    head = list(classifier(factories.build_model(t, num_classes)).modules())[-1]
+    loss = factories.build_loss(t, num_classes)
     assert isinstance(head, CosineLinear) and isinstance(loss, AMSoftmaxLoss)
     assert head.out_features == num_classes
     assert loss.scale == pytest.approx(float(head.scale))

@@ -12,7 +12,7 @@ from torch.optim.swa_utils import AveragedModel
 
 from clsengine.ema import ModelEma, create_ema, ema_decay
 from clsengine.optim.sam import SAM
-from clsengine.optim.scheduler import WarmupScheduler
+from clsengine.optim.scheduler import LRSchedule
 
 
 @pytest.fixture(autouse=True)
@@ -205,7 +205,7 @@ def test_param_groups_are_shared_with_base_optimizer():
 def test_engine_scheduler_drives_base_optimizer_lr():
     model = mlp(7)
     opt = SAM(model.parameters(), torch.optim.SGD, lr=1.0, momentum=0.9)
-    sched = WarmupScheduler(opt, "cosine", epochs=1, iters_per_epoch=10, warmup_epochs=0.5, warmup_factor=0.1)
+    sched = LRSchedule(opt, "cosine", epochs=1, iters_per_epoch=10, warmup_epochs=0.5, warmup_factor=0.1)
     assert opt.base_optimizer.param_groups[0]["lr"] == pytest.approx(0.1)
     for _ in range(5):
         sched.step_iter()

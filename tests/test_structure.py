@@ -1,5 +1,5 @@
-"""The code's shape: no import cycles in the engine or the domain, no sys.path edits outside work dirs, and a
-README layout table that names files which exist."""
+"""The code's shape: no import cycles in the engine or the domain (TYPE_CHECKING imports included), no sys.path
+edits outside work dirs, no function over 80 lines, and a README layout table whose files define each part."""
 from __future__ import annotations
 
 import ast
@@ -17,20 +17,11 @@ def _module_name(package: str, root: Path, path: Path) -> str:
     return ".".join(parts[:-1] if parts[-1] == "__init__" else parts)
 
 
-def _runtime_nodes(tree: ast.AST):
-    """Every node but those under `if TYPE_CHECKING:` (imports for annotations only, never run)."""
-    for child in ast.iter_child_nodes(tree):
-        if isinstance(child, ast.If) and "TYPE_CHECKING" in ast.unparse(child.test):
-            continue
-        yield child
-        yield from _runtime_nodes(child)
-
-
 def _imports(module: str, path: Path, is_package: bool, known: set[str]) -> set[str]:
     """The project modules `module` imports anywhere in its file (function-level imports included)."""
     found = set()
     base = module.split(".") if is_package else module.split(".")[:-1]
-    for node in _runtime_nodes(ast.parse(path.read_text(encoding="utf-8"))):
+    for node in ast.walk(ast.parse(path.read_text(encoding="utf-8"))):  # TYPE_CHECKING imports too
         if isinstance(node, ast.Import):
             names = [alias.name for alias in node.names]
         elif isinstance(node, ast.ImportFrom):
@@ -109,19 +100,54 @@ def test_no_sys_path_edits_outside_work_dir_scripts():
     assert edits == []
 
 
-def test_readme_layout_table_names_existing_files():
+def _defined_names(path: Path) -> set[str]:
+    """Top-level functions, classes and assigned names of a module."""
+    names = set()
+    for node in ast.parse(path.read_text(encoding="utf-8")).body:
+        if isinstance(node, (ast.FunctionDef, ast.ClassDef)):
+            names.add(node.name)
+        elif isinstance(node, ast.Assign):
+            names.update(t.id for t in node.targets if isinstance(t, ast.Name))
+    return names
+
+
+def test_readme_layout_table_names_files_that_define_each_part():
     text = (REPO_ROOT / "README.md").read_text(encoding="utf-8")
-    table = text.split("Where a part of the recipe or of the pipeline lives:", 1)[1].split("\n## ", 1)[0]
+    table = text.split("Where a part of the recipe or of the pipeline lives", 1)[1].split("\n## ", 1)[0]
     rows = [line for line in table.splitlines() if line.startswith("| ") and "`" in line]
-    assert len(rows) >= 10
-    for part in ("SAM", "EMA", "LR finder", "int8", "COCO"):
-        assert any(part in row.split("|")[1] for row in rows), part
+    assert len(rows) >= 15
+    for part in ("SAM", "EMA", "LR finder", "int8", "COCO", "time-budget", "factories"):
+        assert any(part in row for row in rows), part
     for row in rows:
-        cell = row.split("|")[2]
+        part, cell = row.split("|")[1:3]
         paths = re.findall(r"`([\w/.]+\.py)`", cell)
         assert paths, row
-        previous = REPO_ROOT / "README.md"
+        files, previous = [], REPO_ROOT / "README.md"
         for path in paths:  # a short path continues the previous one (`data/folder.py`, `data/annotations.py`)
             found = [f for f in (REPO_ROOT / path, *(a / path for a in previous.parents)) if f.is_file()]
             assert found, f"{path} in: {row}"
-            previous = found[0]
+            files.append(previous := found[0])
+        names = [n for n in re.findall(r"`(\w+)`", part) if n != "auto"]  # the template value `auto`
+        assert names, f"no defining name in: {row}"
+        defined = set().union(*(_defined_names(f) for f in files))
+        missing = [n for n in names if n not in defined]
+        assert not missing, f"{missing} not defined in {paths}: {row}"
+
+
+MAX_FUNCTION_LINES = 80
+
+
+def test_no_function_longer_than_80_lines_outside_tests_and_benchmarks():
+    """Benchmark tools (tools/benchmark_*.py) print tables from long argument lists; everything else reads
+    in one screen."""
+    long = []
+    for folder in ("external", "models", "tools"):
+        for path in (REPO_ROOT / folder).rglob("*.py"):
+            if path.name.startswith("benchmark_"):
+                continue
+            for node in ast.walk(ast.parse(path.read_text(encoding="utf-8"))):
+                if isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef)):
+                    lines = node.end_lineno - node.lineno + 1
+                    if lines > MAX_FUNCTION_LINES:
+                        long.append(f"{path.relative_to(REPO_ROOT)}:{node.lineno} {node.name} ({lines} lines)")
+    assert long == []

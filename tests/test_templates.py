@@ -49,10 +49,11 @@ def close(recorded: float, actual: float) -> bool:
 
 @pytest.mark.parametrize("name", TEMPLATE_NAMES)
 def test_template_metrics_match_model(name):
-    from workbench.builders import model_complexity
+    from clsengine.complexity import complexity
+    from workbench.factories import build_model, input_size
 
     t = load_template(template_path(name))
-    actual = model_complexity(t, 1000)
+    actual = complexity(build_model(t, 1000), input_size(t))
     size, gflops = t.metric("size").value, t.metric("complexity").value
     assert close(size, actual["size_mp"]), \
         f"{name}: metrics size is {size} Mp, the model has {actual['size_mp']:.3f} Mp"

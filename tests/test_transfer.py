@@ -119,7 +119,7 @@ def test_fit_keeps_the_starting_model_as_epoch_0_until_an_epoch_beats_it(tmp_pat
     from clsengine.data import EpochLoader
     from clsengine.loop import FitConfig, fit
     from clsengine.optim import create_optimizer
-    from clsengine.optim.scheduler import WarmupScheduler
+    from clsengine.optim.scheduler import LRSchedule
     from clsengine.runlog import get_logger
 
     torch.manual_seed(0)
@@ -128,7 +128,7 @@ def test_fit_keeps_the_starting_model_as_epoch_0_until_an_epoch_beats_it(tmp_pat
     model = nn.Sequential(nn.Linear(8, 16), nn.ReLU(), nn.Linear(16, 3))
     start = {k: v.clone() for k, v in model.state_dict().items()}
     optimizer = create_optimizer(model, "sgd", lr=0.5, weight_decay=0.0, no_bias_decay=True)
-    scheduler = WarmupScheduler(optimizer, "cosine", epochs=2, iters_per_epoch=len(loader), warmup_epochs=0)
+    scheduler = LRSchedule(optimizer, "cosine", epochs=2, iters_per_epoch=len(loader), warmup_epochs=0)
     scores = iter([90.0, 80.0, 85.0])                                       # epoch 0, 1, 2
     cfg = FitConfig(epochs=2, output_dir=tmp_path, progress=False, score_start=True,
                     score_fn=lambda model: next(scores), checkpoint_extra={"classes": ["a", "b", "c"]})

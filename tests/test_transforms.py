@@ -203,8 +203,12 @@ def test_dataloader_workers_differ_and_repeat_with_the_seed():
     assert len({tuple(x.flatten()[:50].tolist()) for x in a}) == len(a)
 
 
-def test_default_config_is_valid():
-    AugmentationConfig().validate()
+def test_default_config_is_valid_and_builds_a_pipeline_that_keeps_the_input_size():
+    config = AugmentationConfig()
+    assert config.validate() is None
+    image = np.random.default_rng(0).integers(0, 256, size=(40, 50, 3), dtype=np.uint8)
+    out = build_train_transform((32, 32), [0.0] * 3, [255.0] * 3, config)(image)
+    assert tuple(out.shape) == (3, 32, 32) and torch.isfinite(out).all()
 
 
 @pytest.mark.parametrize("field, value", [

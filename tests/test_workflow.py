@@ -13,6 +13,7 @@ import pytest
 import torch
 import yaml
 
+import clsengine
 from conftest import REPO_ROOT, TEMPLATE_NAMES, assert_clean_error, instantiate, make_image_folder, run_script
 
 FAST = ["--epochs", "1", "--batch-size", "4", "--workers", "0", "input.size=[32,32]"]
@@ -61,6 +62,9 @@ def test_flow_for_every_template(template: str, tmp_path: Path, tiny_dataset: Pa
     assert config["template"]["input"]["size"] == [32, 32]           # the override is in the effective config
     assert config["template"]["hyper_parameters"]["basic"]["epochs"] == 1
     assert config["classes"] == ["class_0", "class_1", "class_2"]
+    versions = config["run"]["versions"]  # what code trained it: the engine comes from the environment
+    assert versions["clsengine"] == clsengine.__version__ and versions["workbench"]
+    assert torch.load(outputs / "best.pth", weights_only=True)["config"]["run"]["versions"] == versions
 
     evaluation = run_script(work_dir, "eval.py", "--load-weights", str(outputs / "latest.pth"), "--test-ann-files", "",
                             "--save-metrics-to", str(work_dir / "metrics.yaml"), env=env)
@@ -71,6 +75,7 @@ def test_flow_for_every_template(template: str, tmp_path: Path, tiny_dataset: Pa
     score = by_key["mAP" if multilabel else "accuracy"]
     assert 0.0 <= score <= 100.0 and by_key["size"] > 0 and by_key["complexity"] > 0
     assert metrics["dataset"]["num_images"] == 6
+    assert metrics["versions"]["clsengine"] == versions["clsengine"]
     assert (work_dir / "confusion_matrix.png").is_file() != multilabel
 
 

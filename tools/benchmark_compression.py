@@ -28,7 +28,7 @@ from benchmark_recipe import REPO_ROOT, TEMPLATES, digits_dataset, run
 from clsengine.checkpoint import load_checkpoint
 from clsengine.export import export_openvino
 from clsengine.speed import ov_throughput
-from workbench import builders
+from workbench import factories
 from workbench.classifier import model_from_checkpoint
 
 # The demo's recipe for a short budget from scratch (tools/run_demo.sh).
@@ -42,7 +42,7 @@ def throughput_at(checkpoint: Path, size: int, out: Path, seconds: float) -> flo
 
     t, classes, model = model_from_checkpoint(load_checkpoint(checkpoint), checkpoint)
     xml = export_openvino(model, out / "model.xml",
-                          **builders.export_kwargs(t, classes, (size, size), static_batch=False))
+                          **factories.export_kwargs(t, classes, (size, size), static_batch=False))
     return ov_throughput(openvino_core(), xml, "CPU", (size, size), seconds)[0]
 
 

@@ -45,7 +45,7 @@ from clsengine.export import DeployModel, export_onnx, export_openvino, read_met
 from clsengine.inference import ExportedClassifier, device_available, runtime_versions, target_devices
 from clsengine.ov_core import openvino_core
 from clsengine.speed import latency_ms, ov_latency, ov_throughput, random_images, timed_calls
-from workbench import builders
+from workbench import factories
 from workbench import cli
 from workbench.classifier import load_trained_model
 from workbench.template import Template, load_template
@@ -165,9 +165,9 @@ def load_subject(args: argparse.Namespace) -> Subject:
     else:
         t = load_template(resolve_template(args.template or DEFAULT_TEMPLATE))
         labels = [f"class_{i}" for i in range(args.num_classes)]
-        model = builders.build_model(t, len(labels))
+        model = factories.build_model(t, len(labels))
         source = "random init"
-    size = (int(args.input_size[0]), int(args.input_size[1])) if args.input_size else builders.input_size(t)
+    size = (int(args.input_size[0]), int(args.input_size[1])) if args.input_size else factories.input_size(t)
     return Subject(t.name, t, model.eval(), labels, size, f"{source}, {len(labels)} classes")
 
 
@@ -175,7 +175,7 @@ def load_subject(args: argparse.Namespace) -> Subject:
 def export_all(subject: Subject, out: Path) -> list[tuple[str, str, Path]]:
     """(format, precision, path) of the FP32 IR, FP16 IR and ONNX file, exported as export.py does it."""
     # a dynamic batch: PyTorch and onnxruntime are timed at --batch-size
-    common = builders.export_kwargs(subject.template, subject.labels, subject.size, static_batch=False)
+    common = factories.export_kwargs(subject.template, subject.labels, subject.size, static_batch=False)
     progress("exporting FP32 IR, FP16 IR and ONNX")
     return [
         ("OpenVINO IR", "FP32", export_openvino(subject.model, out / "model_fp32.xml", precision="FP32", **common)),

@@ -165,7 +165,7 @@ def probe(template: str, data: Path, args: argparse.Namespace) -> dict:
     from clsengine.data import scan_dataset
     from clsengine.models import load_pretrained
     from clsengine.transfer import pooled_features
-    from workbench import builders
+    from workbench import factories, loaders
     from workbench.template import load_template
 
     t = load_template(TEMPLATES / template / "template.yaml")
@@ -173,9 +173,9 @@ def probe(template: str, data: Path, args: argparse.Namespace) -> dict:
 
     def features(split: str) -> tuple[torch.Tensor, torch.Tensor]:
         scan = scan_dataset(str(data / split), fmt="folders")
-        model = builders.build_model(t, len(scan.classes))
+        model = factories.build_model(t, len(scan.classes))
         load_pretrained(model, snapshot_file(template))
-        return pooled_features(model, builders.probe_loader(t, scan, device), device)
+        return pooled_features(model, loaders.probe_loader(t, scan, device), device)
 
     started = time.perf_counter()  # the probe's training: features of the training images and the fit
     x, y = features("train")

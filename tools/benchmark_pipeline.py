@@ -31,10 +31,11 @@ import torch
 
 from benchmark_recipe import TEMPLATES, digits_dataset
 from clsengine import data as datasets
-from clsengine.loop import Recipe, train_one_epoch
+from clsengine.loop import train_one_epoch
+from clsengine.recipe import Recipe
 from clsengine.utils import seed_everything, select_device
 from workbench import auto
-from workbench import builders
+from workbench import factories, loaders
 from workbench.template import Template, load_template, parse_override
 
 
@@ -88,12 +89,12 @@ def build_training(template: str, size: int, overrides: dict, out: Path, max_ima
         scan.samples = [scan.samples[int(i * step)] for i in range(max_images)]
     n = len(scan.classes)
     t, _ = auto.resolve(t, auto.run_facts(t, len(scan.samples), n, device.type, samples=scan.samples))  # as train.py
-    model = builders.build_model(t, n).to(device)
-    recipe = builders.build_recipe(t, model, n, device)
-    optimizer = builders.build_optimizer(t, [model, *recipe.aux_models])
-    loader = builders.train_loader(t, scan, device)
-    scheduler = builders.build_scheduler(t, optimizer, len(loader))
-    return Training(t, scan, device, model, recipe, optimizer, loader, scheduler, builders.build_loss(t, n).to(device))
+    model = factories.build_model(t, n).to(device)
+    recipe = factories.build_recipe(t, model, n, device)
+    optimizer = factories.build_optimizer(t, [model, *recipe.aux_models])
+    loader = loaders.train_loader(t, scan, device)
+    scheduler = factories.build_scheduler(t, optimizer, len(loader))
+    return Training(t, scan, device, model, recipe, optimizer, loader, scheduler, factories.build_loss(t, n).to(device))
 
 
 def measure(template: str, size: int, args: argparse.Namespace) -> dict:
@@ -118,7 +119,7 @@ def measure(template: str, size: int, args: argparse.Namespace) -> dict:
         for images, _ in loader:
             count += images.shape[0] if epoch else 0
     loader_only = count / (time.perf_counter() - start)
-    workers = builders.loader_workers(t, run.device)
+    workers = loaders.loader_workers(t, run.device)
     return {"template": template, "size": size, "images": len(scan.samples),
             "workers": f"{t.training.workers} ({workers})" if t.training.workers == "auto" else workers,
             "batch": t.hyper_parameters.basic.batch_size, "pipeline": pipeline, "limit": limit,

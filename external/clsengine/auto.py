@@ -26,6 +26,8 @@ TARGET_STEPS = 1_000          # the batch is the largest that still gives this m
 MIN_STEPS_PER_EPOCH = 8       # ...and this many per epoch
 MAX_BATCH = 128
 MIN_BATCH = {"cpu": 16, "cuda": 32}
+AMP_MODES = ("none", "bf16", "fp16")  # training.amp: full precision, or autocast to bfloat16 / float16
+AUGMENTATION_LEVELS = ("light", "full")  # training.augmentation_level (LIGHT_AUGMENTATION below)
 SMALL_INPUT_BELOW = 64        # px: a 32x-downsampling network would end on a 1x1 feature map
 LR_FINDER_BUDGET = 0.05       # the LR finder may cost this share of the planned training passes
 LR_FINDER_MIN_ITERS = 30      # fewer points give no usable loss curve
@@ -152,7 +154,7 @@ def costly_technique(key: str, name: str, facts: RunFacts, batch: int) -> Choice
 
 def drop_path_rate(facts: RunFacts, batch: int, architecture_rate: float) -> Choice:
     """Stochastic depth regularises long runs; a short run from scratch is short of steps, not of
-    regularisation (EfficientNet-B1 on the digits, 5 epochs: 94.7 top-1 with torchvision's 0.2, 96.4 without)."""
+    regularisation (measured: domain README, "Defaults that fit the data")."""
     if is_long(facts, batch):
         return Choice("model.drop_path_rate", architecture_rate,
                       f"{_run_words(facts, batch)}: the architecture's stochastic depth")
@@ -193,7 +195,7 @@ def small_input(input_size: tuple[int, int] | list[int]) -> Choice:
 
 
 # A dataset counts as oriented (no horizontal flips) when its class means are this asymmetric and that far
-# above the sampling noise. Measured (data.symmetry): digits 0.18-0.22 at 9-94x, photo sets 0-0.06 at 0.6-1.1x.
+# above the sampling noise: between what digits and photo sets measure (domain README, `training.augmentation.hflip`).
 MIRROR_EFFECT = 0.1
 MIRROR_VS_NOISE = 4.0
 HFLIP_P = 0.5
@@ -201,8 +203,7 @@ HFLIP_P = 0.5
 
 def hflip(facts: RunFacts) -> Choice:
     """Horizontal flips double a mirror-symmetric dataset for free, and teach wrong labels on an oriented one
-    (digits, letters, signs): 8000 MNIST digits, mobilenet_v3_small, 5 epochs: 96.8 top-1 with flips, 98.4
-    without."""
+    (digits, letters, signs)."""
     key, m = "training.augmentation.hflip", facts.mirror
     if m is None:
         return Choice(key, HFLIP_P, "the orientation of the images is not known (not measured, multi-label, or "
@@ -223,15 +224,15 @@ def native_bf16(device_type: str) -> bool:
 
 
 def cpu_has_avx512() -> bool:
-    """AVX-512 CPUs, where oneDNN's channels-last convolutions were measured faster at every input size."""
+    """AVX-512 CPUs, where oneDNN's channels-last convolutions ran faster at every input size (main README,
+    "Speed options")."""
     return bool(getattr(getattr(torch, "cpu", None), "_is_avx512_supported", lambda: False)())
 
 
 def mixed_precision(device_type: str, bf16_native: bool, depthwise: bool) -> Choice:
-    """bf16 autocast where it was measured faster (tools/benchmark_speed_options.py, 2-core AMD EPYC with
-    AVX512-BF16, torch 2.14): ResNet-18/50 and RegNetX 1.3-2.1x at 32-224 px, while the depthwise
-    convolutions of MobileNets and EfficientNets ran 0.7-0.9x in bf16 on the CPU. On CUDA, bf16 where
-    supported (tensor cores for every layer type)."""
+    """bf16 autocast where it runs faster (tools/benchmark_speed_options.py; main README, "Speed options"):
+    on a CPU with native bfloat16, dense convolutions gain and depthwise ones (MobileNets, EfficientNets)
+    lose. On CUDA, bf16 where supported (tensor cores for every layer type)."""
     key = "training.amp"
     if not bf16_native:
         return Choice(key, "none", f"{device_type}: no native bfloat16, full precision")
@@ -239,16 +240,14 @@ def mixed_precision(device_type: str, bf16_native: bool, depthwise: bool) -> Cho
         return Choice(key, "bf16", "cuda with native bfloat16: bf16 autocast")
     if depthwise:
         return Choice(key, "none", "cpu with native bfloat16, but depthwise convolutions run slower in bf16 "
-                                   "there (0.7-0.9x measured): full precision")
-    return Choice(key, "bf16", "cpu with native bfloat16 (AVX512-BF16/AMX) and dense convolutions: bf16 autocast "
-                               "(1.3-2.1x measured)")
+                                   "there: full precision")
+    return Choice(key, "bf16", "cpu with native bfloat16 (AVX512-BF16/AMX) and dense convolutions: bf16 autocast, "
+                               "faster there")
 
 
 # What a light augmentation leaves out of the template's: AugMix and the extra photometric and geometric ops
-# (the random resized crop, flips and colour jitter stay). Measured on a first run (mobilenet_v3_small from
-# scratch, 245 photos, 20 epochs, 2 seeds): light 77.5 top-1 in 93 s, full 75.8 in 109-129 s; on 8000 MNIST
-# digits at 32x32, 5 epochs: light 96.3, full 78.5-90.3. Heavy augmentation regularises long runs; a short run
-# is short of passes, not of regularisation.
+# (the random resized crop, flips and colour jitter stay). Heavy augmentation regularises long runs; a short run
+# is short of passes, not of regularisation (measured: domain README, "Defaults that fit the data").
 LIGHT_AUGMENTATION = {"augmix": False, "rotate_p": 0.0, "posterize_p": 0.0, "equalize_p": 0.0, "noise_p": 0.0,
                       "blur_p": 0.0, "cutout_p": 0.0}
 
@@ -341,7 +340,7 @@ def freeze_bn(facts: RunFacts) -> Choice:
     return Choice(key, False, f"initial weights and {facts.train_images} training images: BatchNorm adapts to them")
 
 
-__all__ = ["Choice", "FINETUNE_STAGES", "FREEZE_BN_BELOW", "LIGHT_AUGMENTATION", "RunFacts", "augmentation_level",
+__all__ = ["AMP_MODES", "AUGMENTATION_LEVELS", "Choice", "FINETUNE_STAGES", "FREEZE_BN_BELOW", "LIGHT_AUGMENTATION", "RunFacts", "augmentation_level",
            "batch_size", "costly_technique", "cpu_has_avx512", "drop_path_rate", "epochs_for_budget", "freeze_bn",
            "hflip", "is_long", "learning_rate", "linear_probe", "lr_finder", "mixed_precision", "native_bf16",
            "optimizer", "planned_steps", "scheduler", "small_input", "steps_per_epoch", "trainable_stages",

@@ -24,6 +24,21 @@ def save_checkpoint(state: dict[str, Any], path: str | os.PathLike) -> Path:
     return write_bytes(path, buffer.getvalue(), sync=True)
 
 
+CHECKPOINT_FORMAT = "clsengine-checkpoint-v1"  # the "format" key of every checkpoint this engine writes
+_FORMAT_PREFIX = "clsengine-checkpoint-v"
+
+
+def check_format(state: dict[str, Any], path: str | os.PathLike) -> None:
+    """A checkpoint written by a newer engine, in a format this one does not know, is refused with one line
+    (older checkpoints and bare weight files carry no or an older format and load)."""
+    found = state.get("format")
+    if isinstance(found, str) and found.startswith(_FORMAT_PREFIX) and found != CHECKPOINT_FORMAT:
+        version, ours = found.removeprefix(_FORMAT_PREFIX), CHECKPOINT_FORMAT.removeprefix(_FORMAT_PREFIX)
+        if not (version.isdigit() and int(version) < int(ours)):
+            raise CheckpointError(f"{path} is a checkpoint of format {found}, newer than this engine reads "
+                                  f"({CHECKPOINT_FORMAT}): update the workbench (./init_venv.sh) to load it")
+
+
 # Classes besides tensors and containers that a checkpoint of ours may hold, each a plain value type:
 # NNCF's quantizer configuration (in compressed checkpoints) names its scheme with this enum.
 TRUSTED_GLOBALS = ("nncf.common.quantization.structs.QuantizationScheme",)
@@ -58,6 +73,7 @@ def load_checkpoint(path: str | os.PathLike) -> dict[str, Any]:
         raise CheckpointError(f"{path} is not a loadable checkpoint: {first_line}") from None
     if not isinstance(state, dict):
         raise CheckpointError(f"{path} does not hold a dict (found {type(state).__name__})")
+    check_format(state, path)
     return state
 
 

@@ -6,26 +6,21 @@ from __future__ import annotations
 import logging
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import torch
 import torch.nn as nn
 
-from .checkpoint import load_checkpoint, rng_state, save_checkpoint, set_rng_state
+from .checkpoint import CHECKPOINT_FORMAT, load_checkpoint, rng_state, save_checkpoint, set_rng_state
 from .errors import UserError
-from .optim.scheduler import WarmupScheduler
-
-if TYPE_CHECKING:
-    from .loop import Recipe
-
-CHECKPOINT_FORMAT = "clsengine-checkpoint-v1"
-
+from .optim.scheduler import LRSchedule
+from .recipe import Recipe
 
 @dataclass
 class ResumableState:
     """What a checkpoint needs beyond the weights for training to continue where it stopped."""
     optimizer: torch.optim.Optimizer
-    scheduler: WarmupScheduler
+    scheduler: LRSchedule
     recipe: Recipe
     history: list[dict] = field(default_factory=list)
 
@@ -144,5 +139,5 @@ class CheckpointSaver:
         return improved
 
 
-__all__ = ["CHECKPOINT_FORMAT", "CheckpointSaver", "ResumableState", "best_from_latest", "checkpoint_score",
+__all__ = ["CheckpointSaver", "ResumableState", "best_from_latest", "checkpoint_score",
            "checkpoint_state", "repair_best", "restore_training_state"]

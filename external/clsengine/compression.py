@@ -127,22 +127,23 @@ def runs_qat(mode: str, ptq_met_budget: bool) -> bool:
 
 @dataclass(frozen=True)
 class AccuracyBudget:
-    """The int8 model may lose at most `max_drop` points of top-1 (or `metric`) against the float model."""
-    float_top1: float
+    """The int8 model may lose at most `max_drop` points of its score (top-1, or the named `metric`) against
+    the float model."""
+    float_score: float
     max_drop: float
     metric: str = "top-1"
 
     @property
     def target(self) -> float:
-        return self.float_top1 - self.max_drop
+        return self.float_score - self.max_drop
 
-    def met(self, int8_top1: float) -> bool:
-        return int8_top1 >= self.target - 1e-9
+    def met(self, int8_score: float) -> bool:
+        return int8_score >= self.target - 1e-9
 
-    def describe(self, int8_top1: float) -> str:
-        drop = self.float_top1 - int8_top1
-        verdict = "met" if self.met(int8_top1) else "NOT met"
-        return (f"accuracy budget {verdict}: int8 {self.metric} {int8_top1:.2f} vs float {self.float_top1:.2f} "
+    def describe(self, int8_score: float) -> str:
+        drop = self.float_score - int8_score
+        verdict = "met" if self.met(int8_score) else "NOT met"
+        return (f"accuracy budget {verdict}: int8 {self.metric} {int8_score:.2f} vs float {self.float_score:.2f} "
                 f"(drop {drop:.2f} points, budget {self.max_drop:.2f})")
 
 

@@ -130,5 +130,14 @@ def wrap(model: nn.Module) -> nn.Module:
     return nn.parallel.DistributedDataParallel(model, device_ids=[device] if device.type == "cuda" else None)
 
 
-__all__ = ["DistInfo", "env_info", "launched_by_torchrun", "info", "init_from_env", "shutdown", "barrier", "gather", "all_sum",
-           "broadcast_buffers", "broadcast_object", "wrap"]
+LR_SCALING = ("none", "linear", "sqrt")
+
+
+def scale_learning_rate(lr: float, rule: str, world_size: int) -> float:
+    """The base LR for `world_size` processes: each takes a batch of batch_size, so the global batch grows
+    with the world; `rule` linear (x N) or sqrt (x sqrt N) follows it, none keeps the LR."""
+    return lr * {"none": 1.0, "linear": float(world_size), "sqrt": float(world_size) ** 0.5}[rule]
+
+
+__all__ = ["LR_SCALING", "DistInfo", "env_info", "launched_by_torchrun", "info", "init_from_env", "shutdown", "barrier", "gather", "all_sum",
+           "broadcast_buffers", "broadcast_object", "scale_learning_rate", "wrap"]

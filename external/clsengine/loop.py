@@ -23,7 +23,8 @@ from .losses.mutual import mutual_losses
 from .metrics import primary_score, topk_accuracy
 from .models.batchnorm import batchnorms, train_mode, update_momentum as update_bn_momentum
 from .optim.sam import SAM
-from .optim.scheduler import WarmupScheduler
+from .recipe import Recipe
+from .optim.scheduler import LRSchedule
 from .runlog import RunLog
 from .utils import autocast
 
@@ -59,33 +60,6 @@ def _progress(iterable: Iterable, total: int, desc: str, enabled: bool) -> tqdm:
                 mininterval=0.5 if interactive else 30.0, unit="batch")
 
 
-@dataclass
-class Recipe:
-    """The optional parts of the recipe that live inside the loop; the defaults give a plain loop.
-
-    SAM needs nothing here: it is the optimizer (optim.SAM), whose steps take two passes.
-    """
-    aux_models: list[nn.Module] = field(default_factory=list)       # mutual learning partners
-    aux_criteria: list[nn.Module] = field(default_factory=list)
-    mutual_weight: float = 1.0
-    mutual_temperature: float = 1.0
-    mutual_off_after_epoch: int | None = None
-    ema: nn.Module | None = None                                      # torch AveragedModel of the main model
-    amp_dtype: torch.dtype | None = None                              # autocast dtype; None: full precision
-    grad_scaler: torch.amp.GradScaler | None = None                   # fp16 only
-    multilabel: bool = False                                          # sigmoid outputs: mutual terms per label
-    memory_format: torch.memory_format = torch.contiguous_format      # of the batches (the models are converted
-                                                                      # by the caller)
-    compile: bool = False                                             # fit: training forwards via torch.compile
-    mix: Callable | None = None                                       # batch MixUp / CutMix (data.build_batch_mix)
-
-    def mutual_weight_at(self, epoch: int) -> float:
-        """Weight of the mutual term in (0-based) epoch `epoch`."""
-        if not self.aux_models or (self.mutual_off_after_epoch is not None and epoch >= self.mutual_off_after_epoch):
-            return 0.0
-        return self.mutual_weight
-
-
 @contextmanager
 def _frozen_bn_stats(models: list[nn.Module]):
     """Keep BatchNorm running statistics as they are (SAM's second pass sees the same batch again)."""
@@ -112,7 +86,7 @@ def _losses(models: list[nn.Module], criteria: list[nn.Module], images: torch.Te
 
 
 def train_one_epoch(model: nn.Module, loader, criterion: nn.Module, optimizer: torch.optim.Optimizer,
-                    scheduler: WarmupScheduler, device: torch.device, desc: str = "train",
+                    scheduler: LRSchedule, device: torch.device, desc: str = "train",
                     max_grad_norm: float | None = None, progress: bool = True, recipe: Recipe | None = None,
                     epoch: int = 0, forward_models: list[nn.Module] | None = None) -> dict[str, float]:
     """One pass over `loader`. With a SAM optimizer every step takes two forward/backward passes.
@@ -283,7 +257,7 @@ def _training_forwards(model: nn.Module, recipe: Recipe) -> list[nn.Module] | No
 
 
 def fit(model: nn.Module, train_loader, val_loader, criterion: nn.Module, optimizer: torch.optim.Optimizer,
-        scheduler: WarmupScheduler, device: torch.device, cfg: FitConfig, logger: logging.Logger,
+        scheduler: LRSchedule, device: torch.device, cfg: FitConfig, logger: logging.Logger,
         resume: dict[str, Any] | None = None, on_epoch_end: Callable[[int, dict], bool | None] | None = None,
         recipe: Recipe | None = None) -> dict[str, Any]:
     """Train for cfg.epochs, validating each epoch; write latest.pth every epoch and best.pth on improvement.
@@ -370,7 +344,7 @@ def _score_start(model: nn.Module, recipe: Recipe, val_loader, criterion: nn.Mod
                 f"  score {result.score:6.2f}: best.pth until an epoch beats it")
 
 
-def _stop_reason(cfg: FitConfig, scheduler: WarmupScheduler, epoch: int, epochs: int, epoch_s: float,
+def _stop_reason(cfg: FitConfig, scheduler: LRSchedule, epoch: int, epochs: int, epoch_s: float,
                  best_epoch: int) -> str | None:
     """Why the run should end after `epoch` (of `epochs`), or None: the time budget's deadline would pass
     during another epoch, or early stopping's patience is spent (also said at the last epoch). Every rank takes rank 0's answer."""

@@ -28,6 +28,9 @@ MAX_SKIP_START, MAX_SKIP_END = 10, 5   # torch-lr-finder's plot() defaults, scal
 MIN_POINTS = 5                         # fewer points left after skipping: no meaningful slope
 
 
+LR_FINDER_MODES = ("fast_ai", "tpe", "grid")  # the range test; optuna TPE trials; a grid of trials
+
+
 @dataclass
 class LRFinderResult:
     """The suggested LR and the evidence behind it.
@@ -108,7 +111,7 @@ def range_test(model: nn.Module, optimizer: torch.optim.Optimizer, criterion: nn
     shorter than num_iter. With warmup_epochs > 0, `warmup_fn()` (which should train that many epochs with
     the caller's own loop) runs first so the sweep starts from warmed-up weights instead of the random
     init. Afterwards the model (weights, buffers, train/eval modes, device), the optimizer (state and param
-    groups, including an attached WarmupScheduler's `initial_lr`) and the RNGs are exactly as before the
+    groups, including an attached LRSchedule's `initial_lr`) and the RNGs are exactly as before the
     warm-up, so the real training that follows does not depend on whether the test ran.
     """
     from torch_lr_finder import LRFinder, TrainDataLoaderIter

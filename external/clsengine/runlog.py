@@ -9,7 +9,6 @@ import time
 from pathlib import Path
 
 from .fileio import atomic_output, write_error
-from .plots import plot_training_curves
 
 # val_map and ema_val_map are filled for multi-label runs, the top-1/top-5 columns for the others.
 HISTORY_FIELDS = ("epoch", "train_loss", "val_loss", "val_top1", "val_top5", "val_map", "ema_val_top1", "ema_val_map",
@@ -104,8 +103,8 @@ class RunLog:
             self._close_writer()
 
     def flush(self) -> None:
-        """history.csv after every epoch; the curves at most every PLOT_EVERY_S (a drawing costs about 0.25 s,
-        a few % of a short epoch) and at close."""
+        """history.csv after every epoch; the curves at most every PLOT_EVERY_S (a drawing costs a noticeable
+        share of a short epoch) and at close."""
         if not self.write:
             return
         self._write_csv()
@@ -114,6 +113,8 @@ class RunLog:
 
     def _plot(self) -> None:
         if self.history and (self._plotted is None or self._plotted[1] != len(self.history)):
+            from .plots import plot_training_curves  # matplotlib: imported when a plot is drawn
+
             plot_training_curves(self.history, self.curves_path)
             self._plotted = (time.monotonic(), len(self.history))
 

@@ -320,9 +320,37 @@ def scan_coco(ann_file: PathLike, root: PathLike | None, category_map: Mapping |
             raise DataError(f"COCO file {ann_file}: no '{key}' key")
         if not isinstance(data[key], list):
             raise DataError(f"COCO file {ann_file}: '{key}' must be a list")
+    categories = _coco_categories(data["categories"], ann_file)
+    logit_of, map_text = _coco_logits(categories, category_map, ann_file)
+    classes = ["+".join(categories[cid] for cid in sorted(logit_of) if logit_of[cid] == k)
+               for k in range(len(set(logit_of.values())))]
+    images = _coco_images(data["images"], root, ann_file)
+    labels = _coco_labels(data["annotations"], images, categories, logit_of, ann_file)
+    for iid, path in images.items():
+        if not path.is_file():
+            raise DataError(f"COCO file {ann_file}: image {iid!r}: file {path} does not exist")
+    multilabel = any(len(found) > 1 for found in labels.values())
+    samples: list[tuple[str, int | tuple[int, ...]]] = []
+    skipped: list[tuple[str, str]] = []
+    unlabeled: list[str] = []
+    for iid, path in images.items():
+        found = sorted(labels[iid])
+        if not found:
+            unlabeled.append(str(path))
+            continue
+        _keep_if_readable(path, found, multilabel, verify, samples, skipped)
+    if not samples:
+        detail = f"{len(unlabeled)} unlabeled" + (f", {len(skipped)} unreadable (e.g. {skipped[0][0]})"
+                                                   if skipped else "")
+        raise DataError(f"COCO file {ann_file}{map_text}: no readable image with a label ({detail})")
+    return DatasetScan(root=root, classes=classes, samples=samples, skipped=skipped, multilabel=multilabel,
+                      unlabeled=unlabeled, source=f"COCO file {ann_file}{map_text} under {root}")
 
+
+def _coco_categories(entries: list, ann_file: Path) -> dict[int, str]:
+    """{category id: name}; ids must be unique integers."""
     categories: dict[int, str] = {}
-    for i, category in enumerate(data["categories"]):
+    for i, category in enumerate(entries):
         cid = category.get("id") if isinstance(category, dict) else None
         if isinstance(cid, bool) or not isinstance(cid, int):
             raise DataError(f"COCO file {ann_file}: category #{i} has no integer id")
@@ -331,29 +359,30 @@ def scan_coco(ann_file: PathLike, root: PathLike | None, category_map: Mapping |
         categories[cid] = str(category.get("name", cid))
     if not categories:
         raise DataError(f"COCO file {ann_file}: no categories")
-    by_name: dict[str, int] = {}
-    for cid in sorted(categories):
-        by_name.setdefault(categories[cid], cid)
+    return categories
 
+
+def _coco_logits(categories: dict[int, str], category_map: Mapping | PathLike | None,
+                 ann_file: Path) -> tuple[dict[int, int], str]:
+    """{category id: logit} (every category, in id order, without a map) and the map's words for messages."""
     if category_map is None:
-        logit_of = {cid: i for i, cid in enumerate(sorted(categories))}
-        map_text = ""
+        return {cid: i for i, cid in enumerate(sorted(categories))}, ""
+    if isinstance(category_map, Mapping):
+        map_where = "category map"
+        logit_of = _check_category_map(category_map, map_where)
     else:
-        if isinstance(category_map, Mapping):
-            map_where = "category map"
-            logit_of = _check_category_map(category_map, map_where)
-        else:
-            map_where = f"category map {Path(category_map).expanduser()}"
-            logit_of = read_category_map(category_map)
-        unknown = [cid for cid in logit_of if cid not in categories]
-        if unknown:
-            raise DataError(f"{map_where}: category id {unknown[0]} is not a category of COCO file {ann_file}")
-        map_text = f" with {map_where}"
-    classes = ["+".join(categories[cid] for cid in sorted(logit_of) if logit_of[cid] == k)
-               for k in range(len(set(logit_of.values())))]
+        map_where = f"category map {Path(category_map).expanduser()}"
+        logit_of = read_category_map(category_map)
+    unknown = [cid for cid in logit_of if cid not in categories]
+    if unknown:
+        raise DataError(f"{map_where}: category id {unknown[0]} is not a category of COCO file {ann_file}")
+    return logit_of, f" with {map_where}"
 
+
+def _coco_images(entries: list, root: Path, ann_file: Path) -> dict[Any, Path]:
+    """{image id: file}: an absolute `path`, else `file_name` (or a relative `path`) under `root`."""
     images: dict[Any, Path] = {}
-    for i, image in enumerate(data["images"]):
+    for i, image in enumerate(entries):
         iid = image.get("id") if isinstance(image, dict) else None
         if iid is None or isinstance(iid, (bool, list, dict, float)):
             raise DataError(f"COCO file {ann_file}: image #{i} has no id")
@@ -368,9 +397,17 @@ def scan_coco(ann_file: PathLike, root: PathLike | None, category_map: Mapping |
             images[iid] = root / path
         else:
             raise DataError(f"COCO file {ann_file}: image {iid!r} has neither file_name nor path")
+    return images
 
+
+def _coco_labels(annotations: list, images: dict[Any, Path], categories: dict[int, str], logit_of: dict[int, int],
+                 ann_file: Path) -> dict[Any, set[int]]:
+    """{image id: its logits}, from image-level annotations (no positive-area geometry) and legacy captions."""
+    by_name: dict[str, int] = {}
+    for cid in sorted(categories):
+        by_name.setdefault(categories[cid], cid)
     labels: dict[Any, set[int]] = {iid: set() for iid in images}
-    for i, annotation in enumerate(data["annotations"]):
+    for i, annotation in enumerate(annotations):
         if not isinstance(annotation, dict):
             raise DataError(f"COCO file {ann_file}: annotation #{i} is not an object")
         where = f"COCO file {ann_file}: annotation {annotation.get('id', f'#{i}')!r}"
@@ -396,26 +433,7 @@ def scan_coco(ann_file: PathLike, root: PathLike | None, category_map: Mapping |
         else:
             raise DataError(f"{where}: neither category_id nor caption")
         labels[iid].update(logit_of[cid] for cid in cids if cid in logit_of)
-
-    for iid, path in images.items():
-        if not path.is_file():
-            raise DataError(f"COCO file {ann_file}: image {iid!r}: file {path} does not exist")
-    multilabel = any(len(found) > 1 for found in labels.values())
-    samples: list[tuple[str, int | tuple[int, ...]]] = []
-    skipped: list[tuple[str, str]] = []
-    unlabeled: list[str] = []
-    for iid, path in images.items():
-        found = sorted(labels[iid])
-        if not found:
-            unlabeled.append(str(path))
-            continue
-        _keep_if_readable(path, found, multilabel, verify, samples, skipped)
-    if not samples:
-        detail = f"{len(unlabeled)} unlabeled" + (f", {len(skipped)} unreadable (e.g. {skipped[0][0]})"
-                                                   if skipped else "")
-        raise DataError(f"COCO file {ann_file}{map_text}: no readable image with a label ({detail})")
-    return DatasetScan(root=root, classes=classes, samples=samples, skipped=skipped, multilabel=multilabel,
-                      unlabeled=unlabeled, source=f"COCO file {ann_file}{map_text} under {root}")
+    return labels
 
 
 # --------------------------------------------------------------------------- auto-detection

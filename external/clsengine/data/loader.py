@@ -15,8 +15,7 @@ def auto_workers(device_type: str, processes: int = 1) -> int:
     """Loader processes for `training.workers: auto`.
 
     Training on the CPU, the model already uses every core: loader processes compete with it, and on a
-    2-core machine they cost more than they bring (measured by tools/benchmark_pipeline.py: 0.6-0.7 of the
-    model's training speed with 1 or 2 processes at 32x32, 0.9-1.0 with loading in the training process).
+    2-core machine they cost more than they bring (tools/benchmark_pipeline.py; main README, "Training speed").
     So 0 up to 4 cores per training process, 2 beyond. On a GPU the CPU is free for loading: one process per
     spare core, at most 8 per training process.
     """

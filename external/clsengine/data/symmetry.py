@@ -41,9 +41,8 @@ def _thumbnail(path: str) -> np.ndarray:
 
 def mirror_asymmetry(samples: Sequence[tuple[str, Any]], per_class: int = PER_CLASS,
                      seed: int = 0) -> MirrorAsymmetry | None:
-    """How far the class-mean images are from their mirror images, noise removed. Measured on scikit-learn's
-    digits and 8000 MNIST digits: effect 0.18-0.22 at 9-94x the noise; on five photo sets (ants/bees, cats/dogs,
-    CIFAR-10, clothing, flowers): effect 0-0.06 at 0.6-1.1x. None where it cannot tell: multi-label samples,
+    """How far the class-mean images are from their mirror images, noise removed (what digits and photo sets
+    measure: domain README, `training.augmentation.hflip`). None where it cannot tell: multi-label samples,
     fewer than 4 readable images in every class, or class means with no structure above the noise."""
     by_class: dict[int, list[str]] = {}
     for path, label in samples:

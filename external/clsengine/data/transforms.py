@@ -7,8 +7,8 @@ later blurs, noises or recolours its fill.
 
 AugMix is ours (albumentations 2.0.8 has none), with torchvision's (`torchvision.transforms.v2.AugMix`) operation
 list and magnitude bins, each operation computing what PIL's does (tests compare them) with cv2 look-up tables,
-warps and numpy: about 5x faster than torchvision's tensor ops at 32x32, where augmenting in the training
-process must keep up with the model. It follows Hendrycks et al. (2020): `width` chains of `depth` ops (depth -1:
+warps and numpy: several times faster than torchvision's tensor ops on small images, where augmenting in the
+training process must keep up with the model. It follows Hendrycks et al. (2020): `width` chains of `depth` ops (depth -1:
 1..3 at random), chain weights drawn from Dirichlet(alpha), the mixed chains blended with the original by a
 Beta(alpha, alpha) skip connection, ops from the paper's list (autocontrast, equalize, posterize, solarize, rotate,
 shear, translate, plus brightness/colour/contrast/sharpness: torchvision's all_ops=True, as timm's "augmix-m5-w3"
@@ -294,8 +294,8 @@ class AugMix(A.ImageOnlyTransform):
     """AugMix (Hendrycks et al. 2020) as an albumentations transform on HxWx3 uint8 arrays: `width` chains of
     `depth` random ops (-1: 1..3), chain weights from Dirichlet(alpha), blended with the image by
     Beta(alpha, alpha). torchvision's operation list and magnitude bins, run as PIL does them in numpy and cv2
-    (about 5x faster than torchvision's tensor implementation at 32x32, which matters when images
-    are augmented in the training process). All random draws come from the transform's numpy generator, which
+    (faster than torchvision's tensor implementation on small images, which matters when images are augmented
+    in the training process). All random draws come from the transform's numpy generator, which
     a reseeding Pipeline sets from the torch global RNG on every call."""
 
     def __init__(self, severity: int = 3, width: int = 3, depth: int = -1, alpha: float = 1.0, p: float = 1.0):

@@ -17,6 +17,7 @@ from .convnet import convnet_small
 from .efficientnet_lite import efficientnet_lite0, from_efficientnet_pytorch, is_efficientnet_pytorch, npu_friendly
 from .heads import am_softmax_scale, use_cosine_classifier
 
+HEADS = ("linear", "cosine")  # the classifier: a linear layer, or L2-normalised features and weights (AM-softmax)
 IMAGENET_MEAN = (123.675, 116.28, 103.53)
 IMAGENET_STD = (58.395, 57.12, 57.375)
 LITE_MEAN, LITE_STD = (127.0, 127.0, 127.0), (128.0, 128.0, 128.0)
@@ -123,8 +124,7 @@ def _spec(name: str) -> ArchSpec:
 def _make_small_input(model: nn.Module) -> None:
     """Keep resolution for tiny inputs such as 32x32: stem stride 1, so every architecture downsamples 16x
     instead of 32x and ends on a 2x2 feature map at 32 px. ResNets keep their max-pool: without it (stride 8,
-    the CIFAR ResNet) ResNet-18 trained 5x slower than with the standard stem (41 vs 213 img/s at 32x32 on 2
-    cores) and ResNet-50 7x; with it 1.8x (118 img/s)."""
+    the CIFAR ResNet) every layer runs on 16x the pixels, several times slower per image than keeping it."""
     first_conv = next(m for m in model.modules() if isinstance(m, nn.Conv2d))
     first_conv.stride = (1, 1)
 
@@ -195,7 +195,7 @@ def create_model(name: str, num_classes: int, *, width_mult: float = 1.0, dropou
     if head == "cosine":
         use_cosine_classifier(model, cosine_scale if cosine_scale is not None else am_softmax_scale(num_classes))
     elif head != "linear":
-        raise UserError(f"unknown head '{head}'; known: linear, cosine")
+        raise UserError(f"unknown head '{head}'; known: {', '.join(HEADS)}")
     if pretrained:
         load_pretrained(model, pretrained)
     return model

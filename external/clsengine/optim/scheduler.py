@@ -14,7 +14,11 @@ from ..errors import UserError
 SCHEDULERS = ("cosine", "plateau", "constant")
 
 
-class WarmupScheduler:
+class LRSchedule:
+    """The whole learning-rate schedule of a run: a linear warm-up, then cosine decay, plateau steps or a
+    constant rate; the loop calls `step_iter()` after every optimizer step and `step_epoch(metric)` after
+    validation."""
+
     def __init__(self, optimizer: torch.optim.Optimizer, name: str, epochs: int, iters_per_epoch: int, *,
                  warmup_epochs: float = 0.0, warmup_factor: float = 0.1, min_lr: float = 0.0,
                  factor: float = 0.1, patience: int = 5, threshold: float = 1e-4,
@@ -96,5 +100,5 @@ class WarmupScheduler:
 
 
 def create_scheduler(optimizer: torch.optim.Optimizer, name: str, epochs: int, iters_per_epoch: int,
-                     **kwargs: Any) -> WarmupScheduler:
-    return WarmupScheduler(optimizer, name, epochs, iters_per_epoch, **kwargs)
+                     **kwargs: Any) -> LRSchedule:
+    return LRSchedule(optimizer, name, epochs, iters_per_epoch, **kwargs)

@@ -41,6 +41,7 @@ from clsengine.plots import plot_confusion_matrix
 from workbench import cli
 from workbench.classifier import load_classifier
 from workbench.template import load_template
+from workbench.versions import versions
 
 WORK_DIR = Path(__file__).resolve().parent  # the work dir this script was instantiated into
 
@@ -183,6 +184,7 @@ def main() -> int:
                     "unlabeled_images": len(scan.unlabeled)},
         "classes": classes,
         **task_result,
+        "versions": versions(),
     }
     write_text(metrics_path, yaml.safe_dump(result, sort_keys=False))
 

@@ -31,8 +31,7 @@ from clsengine.data.image import UnreadableImageError
 from clsengine.errors import UserError
 from clsengine.fileio import write_bytes, write_text
 from clsengine.saliency import overlay
-from workbench import builders
-from workbench import cli
+from workbench import cli, factories
 from workbench.classifier import Classifier, load_classifier
 
 WORK_DIR = Path(__file__).resolve().parent  # the work dir this script was instantiated into
@@ -92,7 +91,7 @@ def main() -> int:
     files, skipped = datasets.list_images(args.input)
     out, base = Path(args.save_to), predictions.mirror_base(files, args.input)
     out.mkdir(parents=True, exist_ok=True)
-    transform, batch = model.transform(), min(MAX_BATCH, builders.eval_batch_size(model.template))
+    transform, batch = model.transform(), min(MAX_BATCH, factories.eval_batch_size(model.template))
     rows = []
     bar = tqdm(total=len(files), desc=f"explain ({model.kind})", unit="image", leave=False, dynamic_ncols=True,
                mininterval=0.5 if sys.stderr.isatty() else 30.0)

@@ -33,8 +33,7 @@ from clsengine.ov_core import openvino_core
 from clsengine.compression import is_quantized
 from clsengine.export import (DEFAULT_OPSET, EXPORTERS, INT8_MIN_AGREEMENT, INT8_RTOL, export_onnx, export_openvino,
                               onnx_to_openvino, parity_check)
-from workbench import builders
-from workbench import cli
+from workbench import cli, factories
 from workbench.classifier import load_training_checkpoint, model_from_checkpoint
 
 WORK_DIR = Path(__file__).resolve().parent  # the work dir this script was instantiated into
@@ -90,7 +89,7 @@ def main() -> int:
                         f"model: export the checkpoint it was compressed from with --explain")
 
     shape = tuple(args.input_shape) if args.input_shape else None
-    common = dict(builders.export_kwargs(t, classes, shape, args.static), opset=args.opset, exporter=args.exporter,
+    common = dict(factories.export_kwargs(t, classes, shape, args.static), opset=args.opset, exporter=args.exporter,
                   explain=args.explain)
     size, order = common["input_size"], common["input_order"]
     want_onnx, want_ir = args.onnx, args.openvino

@@ -1,13 +1,13 @@
 #!/usr/bin/env python3
 """Search the learning rate, batch size and weight decay with optuna; the next train.py run uses the best.
 
-  python optimize.py --train-data-roots DATA/train --val-data-roots DATA/val [--time-budget 0.5]
+  python optimize.py --train-data-roots DATA/train --val-data-roots DATA/val [--search-budget 0.5]
                      [--n-trials 20] [--storage sqlite:////shared/hpo.db] [--study-name my_search]
 
 Each trial trains hpo.epochs_per_trial epochs with the template's recipe (LR finder off, no checkpoints)
 at parameters drawn by TPE from the template's hpo ranges, scored by val top-1 (mAP for multi-label);
 a trial below the median of earlier trials at the same epoch is pruned. The search ends after --n-trials
-trials or when its time is spent: --time-budget x the duration of one normal training run
+trials or when its time is spent: --search-budget x the duration of one normal training run
 (hyper_parameters.basic.epochs epochs), estimated from the first epoch. The study lives in --storage
 (default: an SQLite file WORK_DIR/hpo/study.db); workers on several machines share one study through one
 database URL and --study-name. The best parameters (over all workers' trials) go to WORK_DIR/hpo_best.yaml,
@@ -17,6 +17,7 @@ Data flags are train.py's, and fall back to $TRAIN_DATA_ROOT / $VAL_DATA_ROOT.
 from __future__ import annotations
 
 import argparse
+import sys
 import tempfile
 from pathlib import Path
 
@@ -27,16 +28,14 @@ from clsengine.hpo import Budget, SearchSpace, create_study, search
 from clsengine.rundir import claim_run_folder
 from clsengine.runlog import get_logger
 from clsengine.utils import seed_everything, select_device
-from workbench import auto
-from workbench import builders
-from workbench import cli
+from workbench import auto, cli, factories
 from workbench.template import load_template, template_from_dict
 from workbench.training import train
 
 WORK_DIR = Path(__file__).resolve().parent  # the work dir this script was instantiated into
 
-# optimize.py's own flags (its --time-budget is the search's); the common ones are cli.FLAG_KEYS.
-FLAG_KEYS = {"time_budget": "hpo.time_budget", "n_trials": "hpo.n_trials", "epochs_per_trial": "hpo.epochs_per_trial"}
+# optimize.py's own flags; the common ones are cli.FLAG_KEYS.
+FLAG_KEYS = {"search_budget": "hpo.time_budget", "n_trials": "hpo.n_trials", "epochs_per_trial": "hpo.epochs_per_trial"}
 # hpo_best.yaml keys: the template keys train.py overrides with the search's result.
 PARAM_KEYS = {"learning_rate": "hyper_parameters.basic.base_learning_rate",
               "weight_decay": "training.optimizer.weight_decay", "batch_size": "hyper_parameters.basic.batch_size"}
@@ -47,8 +46,10 @@ def parse_args() -> argparse.Namespace:
     cli.add_data_args(p, "train", "TRAIN_DATA_ROOT")
     cli.add_data_args(p, "val", "VAL_DATA_ROOT")
     cli.add_dataset_args(p, training=True)
-    p.add_argument("--time-budget", type=float, default=None,
-                   help="search time as a ratio of one normal training run (hpo.time_budget)")
+    p.add_argument("--search-budget", type=float, default=None, metavar="RATIO",
+                   help="search time as a ratio of one normal training run (hpo.time_budget), e.g. 0.5")
+    p.add_argument("--time-budget", type=float, default=None, dest="old_time_budget",
+                   help=argparse.SUPPRESS)  # its spelling before train.py's --time-budget became a duration
     p.add_argument("--n-trials", type=int, default=None, help="at most this many trials here (hpo.n_trials)")
     p.add_argument("--epochs-per-trial", type=int, default=None, help="epochs of each trial (hpo.epochs_per_trial)")
     p.add_argument("--storage", default=None,
@@ -61,7 +62,12 @@ def parse_args() -> argparse.Namespace:
                    help=f"where the best parameters go (default: WORK_DIR/{cli.HPO_BEST}, read by train.py)")
     cli.add_runtime_args(p)
     cli.add_template_args(p, WORK_DIR)
-    return p.parse_intermixed_args()
+    args = p.parse_intermixed_args()
+    if args.old_time_budget is not None:
+        print(f"note: optimize.py --time-budget is now --search-budget (a ratio of one training run; train.py's "
+              f"--time-budget is a duration): using --search-budget {args.old_time_budget:g}", file=sys.stderr)
+        args.search_budget = args.search_budget if args.search_budget is not None else args.old_time_budget
+    return args
 
 
 def main() -> int:
@@ -93,7 +99,7 @@ def main() -> int:
     epochs = h.epochs_per_trial or max(1, basic.epochs // 5)
     storage = args.storage or f"sqlite:///{out / 'study.db'}"
     name = args.study_name or t.name
-    metric = "mAP" if builders.is_multilabel(t) else "top-1"
+    metric = "mAP" if factories.is_multilabel(t) else "top-1"
     logger.info(f"{t.name}: optuna study '{name}' in {storage}; up to {h.n_trials} trials of {epochs} epoch(s), "
                 f"time budget {h.time_budget:g} x a {basic.epochs}-epoch run; score: val {metric}; "
                 f"learning rate {lr_range[0]:.3g}..{lr_range[1]:.3g}, weight decay {h.weight_decay[0]:.3g}.."

@@ -35,8 +35,7 @@ from clsengine.errors import UserError
 from clsengine.fileio import write_text
 from clsengine.runlog import get_logger
 from clsengine.utils import seed_everything, select_device
-from workbench import builders
-from workbench import cli
+from workbench import cli, factories
 from workbench.template import dump_config, load_template, template_from_dict
 from workbench.training import train
 
@@ -137,9 +136,10 @@ def main() -> int:
     if world.is_main:
         dump_config(report, out / "dataset_report.yaml")
         write_text(out / "dataset_report.txt", text + "\n")
-    if hpo:
-        logger.info(f"Using {hpo_file} (optimize.py): " + ", ".join(f"{k}={v}" for k, v in hpo.items()
-                                                                  if k not in overrides))
+    sources = {**cli.override_sources(args), **{k: (v, "--lr-finder") for k, v in overrides.items()
+                                                if k.startswith("training.lr_finder.")}}
+    if (line := cli.describe_sources(sources, hpo, hpo_file)) is not None:
+        logger.info(line)
     logger.info(f"{t.name}: {len(classes)} classes ({t.task.type}), {len(train_scan.samples)} train / "
                 f"{len(val_scan.samples)} val images, device {device}"
                 + (f", {world.world_size} processes" if world.enabled else ""))
@@ -155,7 +155,7 @@ def main() -> int:
                    aux_weights=args.load_aux_weights, run_info={"resumed_from": args.resume_from},
                    tensorboard_dir=tensorboard_dir, started=started)
     if result is not None:
-        score = "mAP" if builders.is_multilabel(t) else "top-1"
+        score = "mAP" if factories.is_multilabel(t) else "top-1"
         written = [n for n in ("latest.pth", "best.pth", "config.yaml", "train.log", "history.csv",
                                "training_curves.png") if (out / n).is_file()]
         logger.info(f"Done: best val {score} {result['best_score']:.2f} at epoch {result['best_epoch']}. "

@@ -21,7 +21,7 @@ from clsengine.loop import predict
 from clsengine.metrics import multilabel_probs
 from clsengine.utils import select_device
 
-from . import builders
+from . import factories, loaders
 from .template import Template, load_template, template_from_dict
 
 
@@ -71,7 +71,7 @@ class Classifier:
         t = self.template
         dataset = datasets.ImageDataset(samples, self.classes, self.transform(),
                                  multilabel=self.multilabel if multihot is None else multihot)
-        loader = builders.make_loader(dataset, t, builders.eval_batch_size(t), train=False, device=self.device)
+        loader = loaders.make_loader(dataset, t, factories.eval_batch_size(t), train=False, device=self.device)
         return predict(self.run, loader, self.device, desc=f"{desc} ({self.kind}, {self.runtime})")
 
 
@@ -89,7 +89,7 @@ def model_from_checkpoint(checkpoint: dict[str, Any], source: str | Path, overri
     come back with their int8 quantizers in place)."""
     t = template_from_dict(checkpoint["config"]["template"], f"checkpoint {source}", overrides)
     classes = [str(c) for c in checkpoint["classes"]]
-    model = builders.build_model(t, len(classes))
+    model = factories.build_model(t, len(classes))
     if is_quantized(checkpoint):
         model = restore_quantized(model, checkpoint["quantization"]["nncf"])
     load_model_weights(model, checkpoint["model"], str(source))
@@ -152,7 +152,7 @@ def load_classifier(path: str | Path, *, template_path: str, overrides: dict[str
         t = load_template(template_path, overrides)
         if classes is None:
             raise UserError(f"{path} holds bare weights without class names; pass them (--class-id-path)")
-        model = builders.build_model(t, len(classes))
+        model = factories.build_model(t, len(classes))
         state = load_state_dict_file(path)  # the tensors of `checkpoint`, whatever its layout
         n_out = _head_outputs(model, state)
         if n_out is not None and n_out != len(classes):
@@ -164,10 +164,10 @@ def load_classifier(path: str | Path, *, template_path: str, overrides: dict[str
                          train_order=t.input.channel_order).to(device).eval()
     explain = None if quantized else DeployModel(model, t.input.mean, t.input.std, input_order=order,
                                                  train_order=t.input.channel_order, explain=True,
-                                                 multilabel=builders.is_multilabel(t)).to(device).eval()
-    size = builders.input_size(t)
+                                                 multilabel=factories.is_multilabel(t)).to(device).eval()
+    size = factories.input_size(t)
     return Classifier(run=deploy, classes=classes, input_size=size, input_order=order, device=device,
                       files=[path], kind="int8 checkpoint" if quantized else "checkpoint", runtime="PyTorch",
-                      complexity=lambda: complexity(model, size), template=t, task=builders.task_metadata(t),
+                      complexity=lambda: complexity(model, size), template=t, task=factories.task_metadata(t),
                       explain=explain)
 

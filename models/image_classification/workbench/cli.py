@@ -18,7 +18,7 @@ from clsengine.fileio import NO_PERMISSION, NO_SPACE, write_error
 from clsengine.inference import RUNTIMES
 from clsengine.rundir import LOCK_FILE, RunLock, claim_run_folder, release_all
 
-from .builders import report_skipped
+from .loaders import report_skipped
 from .template import Template, TemplateError, parse_override
 
 def add_template_args(parser: argparse.ArgumentParser, work_dir: Path) -> None:
@@ -173,15 +173,30 @@ def hpo_overrides(path: Path) -> dict[str, Any]:
 def collect_overrides(args: argparse.Namespace, own_flag_keys: dict[str, str] | None = None) -> dict[str, Any]:
     """Dotted overrides from KEY=VALUE arguments plus the dedicated flags (the flags win): FLAG_KEYS, with the
     script's own table over it."""
-    overrides: dict[str, Any] = {}
+    return {key: value for key, (value, _) in override_sources(args, own_flag_keys).items()}
+
+
+def override_sources(args: argparse.Namespace, own_flag_keys: dict[str, str] | None = None
+                     ) -> dict[str, tuple[Any, str]]:
+    """{dotted key: (value, where it came from: "KEY=VALUE" or the flag)}, in the order collect_overrides
+    applies them."""
+    found: dict[str, tuple[Any, str]] = {}
     for text in args.overrides:
         key, value = parse_override(text)
-        overrides[key] = value
+        found[key] = (value, "KEY=VALUE")
     for attr, key in {**FLAG_KEYS, **(own_flag_keys or {})}.items():
         value = getattr(args, attr, None)
         if value is not None:
-            overrides[key] = value
-    return overrides
+            found[key] = (value, "--" + attr.replace("_", "-"))
+    return found
+
+
+def describe_sources(sources: dict[str, tuple[Any, str]], hpo: dict[str, Any], hpo_file: Path) -> str | None:
+    """One log line: each template value the run sets and where it came from (None when there is none)."""
+    items = {key: (value, hpo_file.name) for key, value in hpo.items()} | sources
+    if not items:
+        return None
+    return "Settings given: " + ", ".join(f"{key}={value!r} ({source})" for key, (value, source) in items.items())
 
 
 def run(main: Callable[[], int | None]) -> None:

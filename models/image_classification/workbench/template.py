@@ -16,17 +16,28 @@ from typing import Any, Union
 
 import yaml
 
+from clsengine.auto import AMP_MODES, AUGMENTATION_LEVELS
 from clsengine.budget import parse_duration
+from clsengine.compression import MODES as COMPRESSION_MODES, OVERFLOW_FIX, PRESETS
 from clsengine.data import FORMATS, AugmentationConfig
+from clsengine.data.balance import CLASS_WEIGHT_MODES
+from clsengine.distributed import LR_SCALING
 from clsengine.errors import UserError
 from clsengine.fileio import write_text
 from clsengine.inference import TARGET_DEVICES
+from clsengine.losses import LOSSES, MULTILABEL_LOSSES
+from clsengine.losses.am_softmax import MARGIN_TYPES
+from clsengine.lr_finder import LR_FINDER_MODES
+from clsengine.metadata import CHANNEL_ORDERS
+from clsengine.models import HEADS
+from clsengine.optim import OPTIMIZERS, SCHEDULERS
 
 
 # Keys of the historic schema that this one dropped, and what decides instead.
 REMOVED_KEYS = {"training_target": "train.py trains on the first CUDA device when there is one (gpu_num, --gpu-num), "
                                    "else on the CPU"}
 INFERENCE_TARGETS = ("CPU", "iGPU", "GPU", "NPU")
+TASK_TYPES = ("multiclass", "multilabel")
 
 
 class TemplateError(UserError):
@@ -165,8 +176,8 @@ class TrainingSection:
     ema: EmaSection = field(default_factory=EmaSection)
     mutual_learning: MutualLearningSection = field(default_factory=MutualLearningSection)
     lr_finder: LrFinderSection = field(default_factory=LrFinderSection)
-    amp: str = "auto"                       # none | bf16 | fp16 | auto (bf16 on CUDA, none on CPU)
-    channels_last: bool | str = "auto"      # NHWC weights and batches; auto: see builders.memory_format
+    amp: str = "auto"                       # none | bf16 | fp16 | auto: see device_policy.amp_dtype
+    channels_last: bool | str = "auto"      # NHWC weights and batches; auto: see device_policy.memory_format
     compile: bool = False                   # torch.compile the training forward passes (minutes to compile)
     early_stopping_patience: int | None = None
     freeze_backbone: bool = False
@@ -426,119 +437,20 @@ def _lookup(t: Template, path: str) -> Any:
     return node
 
 
+def _one_of(names) -> str:
+    return f"one of {', '.join(map(str, names))}"
+
+
 def _check_semantics(t: Template, v: _Validator) -> None:
-    """Constraints a type alone cannot express."""
+    """Constraints a type alone cannot express; names are checked against the engine's own lists."""
     from clsengine.models import list_models
 
-    checks = [
-        ("input.size", len(t.input.size) == 2 and all(s >= 8 for s in t.input.size), "two sizes >= 8 [height, width]"),
-        ("input.mean", len(t.input.mean) == 3, "three values"),
-        ("input.std", len(t.input.std) == 3 and all(s > 0 for s in t.input.std), "three positive values"),
-        ("input.channel_order", t.input.channel_order in ("RGB", "BGR"), "RGB or BGR"),
-        ("hyper_parameters.basic.batch_size", _auto_or(t.hyper_parameters.basic.batch_size, lambda v: v >= 1),
-         "auto or an integer of at least 1"),
-        ("hyper_parameters.basic.epochs", t.hyper_parameters.basic.epochs >= 1, "at least 1"),
-        ("hyper_parameters.basic.time_budget", _is_duration(t.hyper_parameters.basic.time_budget),
-         "null or a positive duration: seconds, or a number with s, m or h (180, 3m, 1.5h)"),
-        ("hyper_parameters.basic.base_learning_rate",
-         _auto_or(t.hyper_parameters.basic.base_learning_rate, lambda v: v > 0), "auto or a positive number"),
-        ("training.optimizer.name", t.training.optimizer.name in ("auto", "sgd", "asgd", "adam", "adamw"),
-         "one of auto, sgd, asgd, adam, adamw"),
-        ("training.optimizer.weight_decay", _auto_or(t.training.optimizer.weight_decay, lambda v: v >= 0),
-         "auto or 0 or more"),
-        ("training.scheduler.name", t.training.scheduler.name in ("auto", "cosine", "plateau", "constant"),
-         "one of auto, cosine, plateau, constant"),
-        ("training.scheduler.warmup_epochs", _auto_or(t.training.scheduler.warmup_epochs, lambda v: v >= 0),
-         "auto or 0 or more"),
-        ("training.optimizer.sam.enabled", _auto_or(t.training.optimizer.sam.enabled, _is_bool), "true, false or auto"),
-        ("training.mutual_learning.enabled", _auto_or(t.training.mutual_learning.enabled, _is_bool),
-         "true, false or auto"),
-        ("training.lr_finder.enabled", _auto_or(t.training.lr_finder.enabled, _is_bool), "true, false or auto"),
-        ("training.transfer.linear_probe", _auto_or(t.training.transfer.linear_probe, _is_bool), "true, false or auto"),
-        ("training.transfer.trainable_stages", t.training.transfer.trainable_stages in ("auto", "all") or (
-            type(t.training.transfer.trainable_stages) is int and t.training.transfer.trainable_stages >= 0),
-         "auto, all or an integer of at least 0"),
-        ("training.transfer.freeze_bn", _auto_or(t.training.transfer.freeze_bn, _is_bool), "true, false or auto"),
-        ("training.lr_finder.num_iter", _auto_or(t.training.lr_finder.num_iter, lambda v: v >= 1),
-         "auto or at least 1"),
-        ("training.optimizer.sam.rho", t.training.optimizer.sam.rho >= 0, "0 or more"),
-        ("training.ema.decay", 0 < t.training.ema.decay < 1, "between 0 and 1"),
-        ("training.augmentation_level", t.training.augmentation_level in ("auto", "light", "full"),
-         "one of auto, light, full"),
-        ("training.amp", t.training.amp in ("none", "bf16", "fp16", "auto"), "one of none, bf16, fp16, auto"),
-        ("compression.max_accuracy_drop", t.compression.max_accuracy_drop >= 0, "0 or more"),
-        ("compression.calibration_subset", t.compression.calibration_subset >= 1, "at least 1"),
-        ("compression.preset", t.compression.preset in ("performance", "mixed"), "performance or mixed"),
-        ("compression.overflow_fix", t.compression.overflow_fix in ("enable", "first_layer", "disable"),
-         "one of enable, first_layer, disable"),
-        ("compression.qat_epochs", t.compression.qat_epochs is None or t.compression.qat_epochs >= 0,
-         "0 or more (null: computed)"),
-        ("compression.mode", t.compression.mode in ("auto", "ptq", "qat"), "one of auto, ptq, qat"),
-        ("compression.qat_epochs", t.compression.mode != "qat" or t.compression.qat_epochs != 0,
-         "at least 1 when compression.mode is qat (null: computed)"),
-        ("compression.qat_lr_factor", t.compression.qat_lr_factor > 0, "positive"),
-        ("training.lr_finder.mode", t.training.lr_finder.mode in ("fast_ai", "tpe", "grid"),
-         "one of fast_ai, tpe, grid"),
-        ("training.lr_finder.max_lr", 0 < t.training.lr_finder.min_lr < t.training.lr_finder.max_lr,
-         "greater than training.lr_finder.min_lr (both positive)"),
-        ("training.mutual_learning.aux_models",
-         t.training.mutual_learning.enabled is False or t.training.mutual_learning.aux_models,
-         "a non-empty list when mutual learning is enabled"),
-        ("training.workers", t.training.workers == "auto" or (isinstance(t.training.workers, int)
-                                                              and t.training.workers >= 0), "auto or 0 or more"),
-        ("training.channels_last", t.training.channels_last in (True, False, "auto"), "true, false or auto"),
-        ("training.scale_lr", t.training.scale_lr in ("none", "linear", "sqrt"), "one of none, linear, sqrt"),
-        ("hpo.learning_rate", t.hpo.learning_rate is None or (len(t.hpo.learning_rate) == 2
-                                                              and 0 < t.hpo.learning_rate[0] <= t.hpo.learning_rate[1]),
-         "null or [low, high] with 0 < low <= high"),
-        ("hpo.weight_decay", len(t.hpo.weight_decay) == 2 and 0 < t.hpo.weight_decay[0] <= t.hpo.weight_decay[1],
-         "[low, high] with 0 < low <= high"),
-        ("hpo.batch_size", all(b >= 1 for b in t.hpo.batch_size), "a list of batch sizes >= 1"),
-        ("hpo.epochs_per_trial", t.hpo.epochs_per_trial is None or t.hpo.epochs_per_trial >= 1, "null or at least 1"),
-        ("hpo.time_budget", t.hpo.time_budget > 0, "positive"),
-        ("inference_target", bool(t.inference_target) and all(str(d).upper() in TARGET_DEVICES for d in t.inference_target),
-         f"a non-empty list of {', '.join(INFERENCE_TARGETS)}"),
-        ("hpo.n_trials", t.hpo.n_trials >= 1, "at least 1"),
-        ("gpu_num", t.gpu_num >= 0, "0 or more"),
-        ("output_format.openvino_input_format", t.output_format.openvino_input_format in ("RGB", "BGR"), "RGB or BGR"),
-        ("task.type", t.task.type in ("multiclass", "multilabel"), "multiclass or multilabel"),
-        ("task.threshold", 0 < t.task.threshold < 1, "between 0 and 1"),
-        ("task.background_label", t.task.background_label is None or t.task.type == "multilabel",
-         "null unless task.type is multilabel (background suppression is a multi-label feature)"),
-        ("data.format", t.data.format in FORMATS, f"one of {', '.join(FORMATS)}"),
-        ("data.class_weights", not isinstance(t.data.class_weights, str) or t.data.class_weights in ("none", "auto"),
-         "none, auto or a list of numbers (one per class)"),
-        ("data.classes", len(set(t.data.classes)) == len(t.data.classes), "a list without repeated names"),
-        ("data.cache_mb", t.data.cache_mb >= 0, "0 or more"),
-        ("training.augmentation.mixup_alpha", not (t.task.type == "multilabel" and t.training.augmentation.mixes),
-         "0 for task.type multilabel (as training.augmentation.cutmix_alpha): MixUp and CutMix take one label "
-         "per image"),
-    ]
-    multilabel = t.task.type == "multilabel"
-    loss_names = ("bce", "asl") if multilabel else ("softmax", "am_softmax")
-    heads = [("model", t.model, "training.loss", t.training.loss)] + [
-        (f"training.mutual_learning.aux_models[{i}].model", aux.model,
-         f"training.mutual_learning.aux_models[{i}].loss", aux.loss)
-        for i, aux in enumerate(t.training.mutual_learning.aux_models)]
-    for model_path, model, loss_path, loss in heads:
-        checks += [
-            (f"{model_path}.small_input", _auto_or(model.small_input, _is_bool), "true, false or auto"),
-            (f"{model_path}.drop_path_rate", _auto_or(model.drop_path_rate, lambda r: 0 <= r < 1),
-             "auto or a number from 0 to below 1"),
-            (f"{model_path}.head", model.head in ("linear", "cosine"), "linear or cosine"),
-            (f"{loss_path}.name", loss.name in loss_names,
-             f"{' or '.join(loss_names)} for task.type {t.task.type}"),
-            (f"{loss_path}.asl_clip", 0 <= loss.asl_clip < 1, "between 0 and 1"),
-            (f"{loss_path}.asl_gamma_neg", loss.asl_gamma_neg >= 0 and loss.asl_gamma_pos >= 0,
-             "0 or more (as asl_gamma_pos)"),
-            (f"{loss_path}.margin_type", loss.margin_type in ("cos", "arc"), "cos or arc"),
-            (f"{loss_path}.name", loss.name != "am_softmax" or model.head == "cosine",
-             f"softmax unless {model_path}.head is cosine (am_softmax needs a cosine head)"),
-        ]
+    for model_path, model in [("model", t.model)] + [(f"training.mutual_learning.aux_models[{i}].model", aux.model)
+                                                     for i, aux in enumerate(t.training.mutual_learning.aux_models)]:
         if model.architecture not in list_models():
             raise v.fail(f"{model_path}.architecture", f"unknown architecture '{model.architecture}' "
                                                       f"(known: {', '.join(list_models())})")
-    for path, ok, expected in checks:
+    for path, ok, expected in [*_input_checks(t), *_training_checks(t), *_head_checks(t), *_other_checks(t)]:
         if not ok:
             raise v.fail(path, f"'{path}' must be {expected}, got {_lookup(t, path)!r}")
     try:
@@ -546,6 +458,126 @@ def _check_semantics(t: Template, v: _Validator) -> None:
         (dataclasses.replace(aug, hflip=0.5) if aug.hflip == AUTO else aug).validate()  # auto: workbench.auto
     except UserError as exc:
         raise v.fail(f"training.augmentation.{exc.field}", f"training.{exc}") from None
+
+
+Check = tuple[str, bool, str]  # (dotted key, whether its value is valid, what it must be)
+
+
+def _input_checks(t: Template) -> list[Check]:
+    basic = t.hyper_parameters.basic
+    return [
+        ("input.size", len(t.input.size) == 2 and all(s >= 8 for s in t.input.size), "two sizes >= 8 [height, width]"),
+        ("input.mean", len(t.input.mean) == 3, "three values"),
+        ("input.std", len(t.input.std) == 3 and all(s > 0 for s in t.input.std), "three positive values"),
+        ("input.channel_order", t.input.channel_order in CHANNEL_ORDERS, " or ".join(CHANNEL_ORDERS)),
+        ("hyper_parameters.basic.batch_size", _auto_or(basic.batch_size, lambda v: v >= 1),
+         "auto or an integer of at least 1"),
+        ("hyper_parameters.basic.epochs", basic.epochs >= 1, "at least 1"),
+        ("hyper_parameters.basic.time_budget", _is_duration(basic.time_budget),
+         "null or a positive duration: seconds, or a number with s, m or h (180, 3m, 1.5h)"),
+        ("hyper_parameters.basic.base_learning_rate", _auto_or(basic.base_learning_rate, lambda v: v > 0),
+         "auto or a positive number"),
+    ]
+
+
+def _training_checks(t: Template) -> list[Check]:
+    tr = t.training
+    tf = tr.transfer
+    flags = [("training.optimizer.sam.enabled", tr.optimizer.sam.enabled),
+             ("training.mutual_learning.enabled", tr.mutual_learning.enabled),
+             ("training.lr_finder.enabled", tr.lr_finder.enabled), ("training.transfer.linear_probe", tf.linear_probe),
+             ("training.transfer.freeze_bn", tf.freeze_bn), ("training.channels_last", tr.channels_last)]
+    return [(key, _auto_or(value, _is_bool), "true, false or auto") for key, value in flags] + [
+        ("training.optimizer.name", tr.optimizer.name in (AUTO, *OPTIMIZERS), _one_of((AUTO, *OPTIMIZERS))),
+        ("training.optimizer.weight_decay", _auto_or(tr.optimizer.weight_decay, lambda v: v >= 0), "auto or 0 or more"),
+        ("training.scheduler.name", tr.scheduler.name in (AUTO, *SCHEDULERS), _one_of((AUTO, *SCHEDULERS))),
+        ("training.scheduler.warmup_epochs", _auto_or(tr.scheduler.warmup_epochs, lambda v: v >= 0),
+         "auto or 0 or more"),
+        ("training.transfer.trainable_stages", tf.trainable_stages in (AUTO, "all") or (
+            type(tf.trainable_stages) is int and tf.trainable_stages >= 0), "auto, all or an integer of at least 0"),
+        ("training.lr_finder.num_iter", _auto_or(tr.lr_finder.num_iter, lambda v: v >= 1), "auto or at least 1"),
+        ("training.optimizer.sam.rho", tr.optimizer.sam.rho >= 0, "0 or more"),
+        ("training.ema.decay", 0 < tr.ema.decay < 1, "between 0 and 1"),
+        ("training.augmentation_level", tr.augmentation_level in (AUTO, *AUGMENTATION_LEVELS),
+         _one_of((AUTO, *AUGMENTATION_LEVELS))),
+        ("training.amp", tr.amp in (*AMP_MODES, AUTO), _one_of((*AMP_MODES, AUTO))),
+        ("training.lr_finder.mode", tr.lr_finder.mode in LR_FINDER_MODES, _one_of(LR_FINDER_MODES)),
+        ("training.lr_finder.max_lr", 0 < tr.lr_finder.min_lr < tr.lr_finder.max_lr,
+         "greater than training.lr_finder.min_lr (both positive)"),
+        ("training.mutual_learning.aux_models", tr.mutual_learning.enabled is False or tr.mutual_learning.aux_models,
+         "a non-empty list when mutual learning is enabled"),
+        ("training.workers", tr.workers == AUTO or (isinstance(tr.workers, int) and tr.workers >= 0),
+         "auto or 0 or more"),
+        ("training.scale_lr", tr.scale_lr in LR_SCALING, _one_of(LR_SCALING)),
+        ("training.augmentation.mixup_alpha", not (t.task.type == "multilabel" and tr.augmentation.mixes),
+         "0 for task.type multilabel (as training.augmentation.cutmix_alpha): MixUp and CutMix take one label "
+         "per image"),
+    ]
+
+
+def _head_checks(t: Template) -> list[Check]:
+    """The main model's and each auxiliary model's architecture options and loss."""
+    multilabel = t.task.type == "multilabel"
+    loss_names = MULTILABEL_LOSSES if multilabel else tuple(n for n in LOSSES if n not in MULTILABEL_LOSSES)
+    heads = [("model", t.model, "training.loss", t.training.loss)] + [
+        (f"training.mutual_learning.aux_models[{i}].model", aux.model,
+         f"training.mutual_learning.aux_models[{i}].loss", aux.loss)
+        for i, aux in enumerate(t.training.mutual_learning.aux_models)]
+    checks = []
+    for model_path, model, loss_path, loss in heads:
+        checks += [
+            (f"{model_path}.small_input", _auto_or(model.small_input, _is_bool), "true, false or auto"),
+            (f"{model_path}.drop_path_rate", _auto_or(model.drop_path_rate, lambda r: 0 <= r < 1),
+             "auto or a number from 0 to below 1"),
+            (f"{model_path}.head", model.head in HEADS, " or ".join(HEADS)),
+            (f"{loss_path}.name", loss.name in loss_names, f"{' or '.join(loss_names)} for task.type {t.task.type}"),
+            (f"{loss_path}.asl_clip", 0 <= loss.asl_clip < 1, "between 0 and 1"),
+            (f"{loss_path}.asl_gamma_neg", loss.asl_gamma_neg >= 0 and loss.asl_gamma_pos >= 0,
+             "0 or more (as asl_gamma_pos)"),
+            (f"{loss_path}.margin_type", loss.margin_type in MARGIN_TYPES, " or ".join(MARGIN_TYPES)),
+            (f"{loss_path}.name", loss.name != "am_softmax" or model.head == "cosine",
+             f"softmax unless {model_path}.head is cosine (am_softmax needs a cosine head)"),
+        ]
+    return checks
+
+
+def _other_checks(t: Template) -> list[Check]:
+    c, hpo = t.compression, t.hpo
+    return [
+        ("compression.max_accuracy_drop", c.max_accuracy_drop >= 0, "0 or more"),
+        ("compression.calibration_subset", c.calibration_subset >= 1, "at least 1"),
+        ("compression.preset", c.preset in PRESETS, " or ".join(PRESETS)),
+        ("compression.overflow_fix", c.overflow_fix in OVERFLOW_FIX, _one_of(OVERFLOW_FIX)),
+        ("compression.qat_epochs", c.qat_epochs is None or c.qat_epochs >= 0, "0 or more (null: computed)"),
+        ("compression.mode", c.mode in COMPRESSION_MODES, _one_of(COMPRESSION_MODES)),
+        ("compression.qat_epochs", c.mode != "qat" or c.qat_epochs != 0,
+         "at least 1 when compression.mode is qat (null: computed)"),
+        ("compression.qat_lr_factor", c.qat_lr_factor > 0, "positive"),
+        ("hpo.learning_rate", hpo.learning_rate is None or (len(hpo.learning_rate) == 2
+                                                            and 0 < hpo.learning_rate[0] <= hpo.learning_rate[1]),
+         "null or [low, high] with 0 < low <= high"),
+        ("hpo.weight_decay", len(hpo.weight_decay) == 2 and 0 < hpo.weight_decay[0] <= hpo.weight_decay[1],
+         "[low, high] with 0 < low <= high"),
+        ("hpo.batch_size", all(b >= 1 for b in hpo.batch_size), "a list of batch sizes >= 1"),
+        ("hpo.epochs_per_trial", hpo.epochs_per_trial is None or hpo.epochs_per_trial >= 1, "null or at least 1"),
+        ("hpo.time_budget", hpo.time_budget > 0, "positive"),
+        ("inference_target", bool(t.inference_target) and all(str(d).upper() in TARGET_DEVICES
+                                                               for d in t.inference_target),
+         f"a non-empty list of {', '.join(INFERENCE_TARGETS)}"),
+        ("hpo.n_trials", hpo.n_trials >= 1, "at least 1"),
+        ("gpu_num", t.gpu_num >= 0, "0 or more"),
+        ("output_format.openvino_input_format", t.output_format.openvino_input_format in CHANNEL_ORDERS,
+         " or ".join(CHANNEL_ORDERS)),
+        ("task.type", t.task.type in TASK_TYPES, " or ".join(TASK_TYPES)),
+        ("task.threshold", 0 < t.task.threshold < 1, "between 0 and 1"),
+        ("task.background_label", t.task.background_label is None or t.task.type == "multilabel",
+         "null unless task.type is multilabel (background suppression is a multi-label feature)"),
+        ("data.format", t.data.format in FORMATS, _one_of(FORMATS)),
+        ("data.class_weights", not isinstance(t.data.class_weights, str) or t.data.class_weights in CLASS_WEIGHT_MODES,
+         f"{', '.join(CLASS_WEIGHT_MODES)} or a list of numbers (one per class)"),
+        ("data.classes", len(set(t.data.classes)) == len(t.data.classes), "a list without repeated names"),
+        ("data.cache_mb", t.data.cache_mb >= 0, "0 or more"),
+    ]
 
 
 def set_dotted(data: dict, dotted: str, value: Any) -> None:

@@ -1,31 +1,25 @@
-"""Template -> engine objects. The only place that knows both the template schema and the engine's API."""
+"""Template sections -> the engine's factories: each section's adapter (`*_kwargs`) beside the builder that
+calls the factory with it (create_model, create_loss, create_optimizer, create_scheduler, the recipe's parts).
+The one place that knows both the template schema and the engine's API."""
 from __future__ import annotations
 
-import dataclasses
-import logging
-import os
-import shutil
 from typing import Any
-from pathlib import Path
 
 import torch
 import torch.nn as nn
 
-from clsengine import auto as rules
 from clsengine import data as datasets
-from clsengine import distributed as dist
-from clsengine.fileio import write_text
 from clsengine.checkpoint import load_checkpoint, load_model_weights, load_state_dict_file
-from clsengine.complexity import complexity
 from clsengine.ema import create_ema
 from clsengine.errors import UserError
-from clsengine.loop import Recipe
 from clsengine.losses import create_loss
 from clsengine.models import am_softmax_scale, backbone_stages, create_model, freeze_stages
 from clsengine.optim import create_optimizer, create_scheduler
-from clsengine.optim.scheduler import WarmupScheduler
+from clsengine.optim.scheduler import LRSchedule
+from clsengine.recipe import Recipe
 
 from . import auto
+from .device_policy import amp_dtype, check_compiler, memory_format
 from .template import AUTO, LossSection, ModelSection, Template
 
 
@@ -37,9 +31,6 @@ def cosine_scale(loss: LossSection, num_classes: int) -> float:
     """The scale shared by a cosine head and its AM-softmax loss."""
     return loss.scale if loss.scale is not None else am_softmax_scale(num_classes)
 
-
-# One adapter per template section: it reads the section's keys (the only place they are read to build
-# something) and returns the engine factory's arguments, as timm's optimizer_kwargs feeds create_optimizer_v2.
 
 def model_kwargs(t: Template, m: ModelSection, loss: LossSection, num_classes: int) -> dict[str, Any]:
     """create_model's arguments from a model section (the main model's or an auxiliary one's) and its loss
@@ -137,44 +128,11 @@ def build_aux(t: Template, num_classes: int, device: torch.device, class_counts:
                     for aux in ml.aux_models]
 
 
-def amp_dtype(t: Template, device: torch.device) -> torch.dtype | None:
-    """The autocast dtype; 'auto' is decided by auto.resolve (clsengine.auto.mixed_precision) before training."""
-    amp = t.training.amp
-    if amp == AUTO:
-        amp = auto.mixed_precision(t, device.type).value
-    if amp == "fp16":
-        if device.type != "cuda":
-            raise UserError("training.amp=fp16 needs a CUDA device; use bf16 on CPU")
-        if t.training.optimizer.sam.enabled:
-            raise UserError("training.amp=fp16 cannot be combined with SAM (its loss scaling needs one "
-                            "step per backward); use training.amp=bf16")
-        return torch.float16
-    return torch.bfloat16 if amp == "bf16" else None
-
-
-# Smallest input side from which channels_last was measured faster on a CPU without AVX-512
-# (tools/benchmark_speed_options.py, 2-core AVX2 CPU: 1.1-1.9x from 128 px, 0.88-1.19x at 32 and 64).
-CHANNELS_LAST_MIN_SIDE_CPU = 128
-
-
-def memory_format(t: Template, device: torch.device) -> torch.memory_format:
-    """Layout of weights and batches in training. `auto`: channels_last on CUDA (cuDNN's NHWC kernels); on an
-    AVX-512 CPU at every size (2-core AMD EPYC, torch 2.14: 1.0-2.0x for every template at 32, 64 and 224 px,
-    depthwise networks 1.3-2.0x); on other CPUs from CHANNELS_LAST_MIN_SIDE_CPU pixels up."""
-    on = t.training.channels_last
-    if on == AUTO:
-        on = (device.type == "cuda" or min(input_size(t)) >= CHANNELS_LAST_MIN_SIDE_CPU
-              or (device.type == "cpu" and rules.cpu_has_avx512()))
-    return torch.channels_last if on else torch.contiguous_format
-
-
 def build_recipe(t: Template, model: nn.Module, num_classes: int, device: torch.device,
                  class_counts: list[int] | None = None) -> Recipe:
     """The in-loop parts of the recipe: auxiliary models, mutual loss, EMA and mixed precision, and the memory
     layout, into which `model` is converted here (before its EMA copy is taken)."""
-    if t.training.compile and not any(shutil.which(c) for c in (os.environ.get("CXX", "c++"), "g++", "clang++")):
-        raise UserError("training.compile: torch.compile needs a C++ compiler (c++, g++ or clang++ on the PATH, "
-                        "or $CXX); install one or set training.compile=false")
+    check_compiler(t)
     layout = memory_format(t, device)
     model.to(memory_format=layout)
     aux_models, aux_criteria = build_aux(t, num_classes, device, class_counts)
@@ -191,63 +149,6 @@ def build_recipe(t: Template, model: nn.Module, num_classes: int, device: torch.
                   mix=datasets.build_batch_mix(t.training.augmentation, num_classes))
 
 
-def eval_transform(t: Template) -> datasets.transforms.Pipeline:
-    return datasets.build_eval_transform(input_size(t), t.input.mean, t.input.std, bgr=t.input.channel_order == "BGR")
-
-
-def train_transform(t: Template) -> datasets.transforms.Pipeline:
-    aug = t.training.augmentation
-    if aug.hflip == AUTO:  # a template not resolved against its data: the photo default
-        aug = dataclasses.replace(aug, hflip=rules.HFLIP_P)
-    return datasets.build_train_transform(input_size(t), t.input.mean, t.input.std, aug,
-                                          bgr=t.input.channel_order == "BGR")
-
-
-def report_skipped(scan: datasets.DatasetScan, logger: logging.Logger, out_file: Path | None = None) -> None:
-    """Log unreadable files (skipped, never fatal) and list them all in out_file."""
-    if not scan.skipped:
-        return
-    logger.warning(f"{scan.source}: skipped {len(scan.skipped)} unreadable file(s), e.g. {scan.skipped[0][0]}"
-                   + (f"; full list in {out_file}" if out_file else ""))
-    if out_file is not None:
-        out_file.parent.mkdir(parents=True, exist_ok=True)
-        with open(out_file, "a", encoding="utf-8") as f:
-            f.writelines(f"{path}\t{reason}\n" for path, reason in scan.skipped)
-
-
-def loader_workers(t: Template, device: torch.device) -> int:
-    """training.workers, with auto resolved for this device and the processes sharing the machine."""
-    if t.training.workers != "auto":
-        return int(t.training.workers)
-    return datasets.auto_workers(device.type, dist.info().world_size)
-
-
-def make_loader(dataset: datasets.ImageDataset, t: Template, batch_size: int, train: bool, device: torch.device,
-                sample_weights: list[float] | None = None) -> datasets.EpochLoader:
-    return datasets.EpochLoader(dataset, batch_size=batch_size, shuffle=train, workers=loader_workers(t, device),
-                         seed=t.training.seed, drop_last=train, pin_memory=device.type == "cuda",
-                         sample_weights=sample_weights)
-
-
-def dataset(t: Template, samples: list, classes: list[str], transform, cache: bool = False) -> datasets.ImageDataset:
-    """Images with labels as the task wants them: class indices, or multi-hot vectors for multi-label;
-    `cache`: decoded once and kept in memory when they fit in data.cache_mb (datasets read every epoch)."""
-    return datasets.ImageDataset(samples, classes, transform, multilabel=is_multilabel(t),
-                          cache_bytes=t.data.cache_mb * 2 ** 20 if cache else 0)
-
-
-def train_loader(t: Template, scan: datasets.DatasetScan, device: torch.device) -> datasets.EpochLoader:
-    """Augmented, shuffled training batches; class-balanced draws with data.balanced_sampler."""
-    weights = datasets.sample_weights(scan.samples, scan.counts()) if t.data.balanced_sampler else None
-    return make_loader(dataset(t, scan.samples, scan.classes, train_transform(t), cache=True), t,
-                       t.hyper_parameters.basic.batch_size, train=True, device=device, sample_weights=weights)
-
-
-def val_loader(t: Template, scan: datasets.DatasetScan, device: torch.device) -> datasets.EpochLoader:
-    return make_loader(dataset(t, scan.samples, scan.classes, eval_transform(t), cache=True), t,
-                       eval_batch_size(t), train=False, device=device)
-
-
 def prepare_finetuning(t: Template, model: nn.Module) -> str:
     """Freeze what training.transfer keeps of initial weights (a model trained from scratch trains whole);
     returns the log line."""
@@ -260,12 +161,6 @@ def prepare_finetuning(t: Template, model: nn.Module) -> str:
             + ("keeps its pretrained statistics and weights" if tf.freeze_bn is True else "trains"))
 
 
-def probe_loader(t: Template, scan: datasets.DatasetScan, device: torch.device) -> datasets.EpochLoader:
-    """The training images as the linear probe sees them: evaluation transform, in order, decoded once."""
-    return make_loader(dataset(t, scan.samples, scan.classes, eval_transform(t)), t, eval_batch_size(t), train=False,
-                       device=device)
-
-
 def build_optimizer(t: Template, models: nn.Module | list[nn.Module], lr: float | None = None,
                     sam: bool = True) -> torch.optim.Optimizer:
     """The template's optimizer; `lr` replaces the base LR, sam=False gives the plain one (for the LR finder)."""
@@ -275,13 +170,8 @@ def build_optimizer(t: Template, models: nn.Module | list[nn.Module], lr: float 
     return create_optimizer(models, **kwargs)
 
 
-def build_scheduler(t: Template, optimizer: torch.optim.Optimizer, iters_per_epoch: int) -> WarmupScheduler:
+def build_scheduler(t: Template, optimizer: torch.optim.Optimizer, iters_per_epoch: int) -> LRSchedule:
     return create_scheduler(optimizer, iters_per_epoch=iters_per_epoch, **scheduler_kwargs(t))
-
-
-def model_complexity(t: Template, num_classes: int) -> dict[str, float]:
-    """Size and GFLOPs of the template's model at its input size with `num_classes` outputs."""
-    return complexity(build_model(t, num_classes), input_size(t))
 
 
 def load_aux_weights(aux_models: list[nn.Module], paths: list[str]) -> None:
@@ -342,24 +232,4 @@ def describe_recipe(t: Template, recipe: Recipe) -> str:
     return "Recipe: " + ", ".join(parts)
 
 
-def find_learning_rate(t: Template, model: nn.Module, criterion: nn.Module, train_loader, val_loader,
-                       device: torch.device, out_dir: Path, logger: logging.Logger) -> float:
-    """Run the template's LR finder (clsengine.lr_finder.find_lr) on the main model, which comes back
-    unchanged; the result goes to lr_finder.yaml and a PNG in `out_dir`."""
-    import yaml
-
-    from clsengine.lr_finder import find_lr
-
-    f = t.training.lr_finder
-    plot_path = out_dir / "lr_finder.png"
-    result = find_lr(model, lambda m, lr: build_optimizer(t, m, lr, sam=False), criterion, train_loader, val_loader,
-                     device, mode=f.mode, min_lr=f.min_lr, max_lr=f.max_lr, num_iter=f.num_iter,
-                     smooth_f=f.smooth_f, warmup_epochs=f.warmup_epochs, n_trials=f.n_trials,
-                     trial_epochs=f.trial_epochs, seed=t.training.seed, plot_path=plot_path)
-    summary = {"lr": float(result.lr), "mode": f.mode, "min_lr": f.min_lr, "max_lr": f.max_lr,
-               "note": result.note, "plot": str(result.plot_path) if result.plot_path else None,
-               "trials": result.trials}
-    write_text(out_dir / "lr_finder.yaml", yaml.safe_dump(summary, sort_keys=False))
-    logger.info(f"LR finder ({f.mode}): learning rate {result.lr:.4g}" + (f" ({result.note})" if result.note else "")
-                + f"; plot {plot_path}")
-    return float(result.lr)
+__all__ = ["EVAL_BATCH_SIZE", "build_aux", "build_loss", "build_model", "build_optimizer", "build_recipe", "build_scheduler", "class_weights", "cosine_scale", "describe_optimizer", "describe_recipe", "eval_batch_size", "export_kwargs", "input_size", "is_multilabel", "load_aux_weights", "loss_kwargs", "model_kwargs", "optimizer_kwargs", "prepare_finetuning", "scheduler_kwargs", "task_metadata"]
