@@ -67,6 +67,14 @@ def write_multilabel_coco(root: Path, items: list[tuple[str, list[int]]], name: 
     return path
 
 
+def pytest_configure(config) -> None:
+    """Under pytest-xdist (pytest.ini: two workers) each worker takes one core: the scripts and tools it starts
+    run one intra-op thread (its own tests already do, see _one_torch_thread), so two workers never
+    oversubscribe a 2-core machine, where torch then runs many times slower."""
+    if os.environ.get("PYTEST_XDIST_WORKER"):
+        os.environ["OMP_NUM_THREADS"] = "1"
+
+
 def run_in_process(wd: Path, script: str, *args: str, monkeypatch) -> int:
     """Run a work-dir script's main() in this process, as `python script args` from the work dir would,
     without paying torch's import time again; returns the exit status (2 for a user error)."""

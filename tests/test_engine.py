@@ -23,7 +23,7 @@ from clsengine.loop import FitConfig, fit
 from clsengine.metrics import classification_report, confusion_matrix, topk_correct
 from clsengine.models import classifier, create_model, freeze_backbone, list_models, load_pretrained
 from clsengine.optim import LRSchedule, create_optimizer, param_groups
-from clsengine import runlog
+from clsengine import plots, runlog
 from clsengine.runlog import HISTORY_FIELDS, get_logger
 from clsengine.utils import seed_everything
 
@@ -718,7 +718,7 @@ def _comparable(row: dict) -> dict:
 
 def test_runlog_redraws_the_curves_at_most_every_plot_every_s_and_at_close(tmp_path: Path, monkeypatch):
     drawn: list[int] = []
-    monkeypatch.setattr(runlog, "plot_training_curves", lambda history, path: drawn.append(len(history)))
+    monkeypatch.setattr(plots, "plot_training_curves", lambda history, path: drawn.append(len(history)))
     log = runlog.RunLog(tmp_path, None)
     for epoch in (1, 2, 3):
         log.add_epoch({"epoch": epoch, "train_loss": 1.0 / epoch, "val_loss": 1.0, "lr": 0.1})

@@ -15,7 +15,7 @@ from torch.utils.data import TensorDataset
 
 import clsengine.auto as A
 import clsengine.loop as loop
-import clsengine.runlog as runlog
+import clsengine.plots as plots
 from clsengine.checkpoint import load_checkpoint
 from clsengine.data.loader import EpochLoader
 from clsengine.ema import ModelEma, create_ema
@@ -40,7 +40,7 @@ LOGGER = get_logger(name="clsengine.test_recipe")
 @pytest.fixture
 def no_plots(monkeypatch):
     """Many-epoch fits: skip the matplotlib curves (not under test here) to keep the file fast."""
-    monkeypatch.setattr(runlog, "plot_training_curves", lambda history, path: None)
+    monkeypatch.setattr(plots, "plot_training_curves", lambda history, path: None)  # runlog imports it per drawing
 
 
 # ------------------------------------------------------------------------------------------------ helpers
