@@ -138,3 +138,31 @@ def test_fit_keeps_the_starting_model_as_epoch_0_until_an_epoch_beats_it(tmp_pat
     best = load_checkpoint(tmp_path / "best.pth")
     assert best["epoch"] == 0 and all(torch.equal(best["model"][k], v) for k, v in start.items())
     assert load_checkpoint(tmp_path / "latest.pth")["epoch"] == 2
+
+
+def test_with_the_start_competing_an_epoch_wins_only_with_a_higher_score_and_no_higher_loss(tmp_path: Path):
+    """CheckpointSaver(loss_guard=True), which fit uses with score_start: one validation image more with a
+    worse validation loss is noise, not a better model; without the guard the score alone decides."""
+    import logging
+
+    from clsengine.checkpoint import load_checkpoint
+    from clsengine.checkpoint_saver import CheckpointSaver, ResumableState
+    from clsengine.optim import create_optimizer
+    from clsengine.optim.scheduler import LRSchedule
+    from clsengine.recipe import Recipe
+
+    model = nn.Linear(4, 3)
+    optimizer = create_optimizer(model, "sgd", lr=0.1, weight_decay=0.0)
+    state = ResumableState(optimizer, LRSchedule(optimizer, "constant", 1, 1), Recipe())
+    logger = logging.getLogger("clsengine.test_transfer")
+    guarded = CheckpointSaver(tmp_path / "g", {}, write=True, logger=logger, loss_guard=True)
+    plain = CheckpointSaver(tmp_path / "p", {}, write=False, logger=logger)
+    (tmp_path / "g").mkdir()
+    epochs = [(94.81, 0.3142), (96.10, 0.3589), (96.10, 0.3000), (97.40, 0.3100), (97.40, 0.2000)]
+    won = [(guarded.save(model, e, score, "model", state, loss=loss), plain.save(model, e, score, "model", state,
+                                                                                   loss=loss))
+           for e, (score, loss) in enumerate(epochs)]
+    assert [g for g, _ in won] == [True, False, True, False, True]  # epochs 1 and 3: higher score, higher loss
+    assert [p for _, p in won] == [True, True, False, True, False]
+    assert (guarded.best_epoch, guarded.best_score, guarded.best_loss) == (4, 97.40, 0.2000)
+    assert load_checkpoint(tmp_path / "g" / "latest.pth")["best_loss"] == 0.2000  # what a resumed run compares with

@@ -4,6 +4,7 @@ the dict with `checkpoint_state`; `CheckpointSaver` adds the bookkeeping of the 
 from __future__ import annotations
 
 import logging
+import math
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -104,11 +105,15 @@ def repair_best(latest: dict[str, Any], best_path: Path, logger: logging.Logger)
 
 class CheckpointSaver:
     """Tracks the best epoch and writes latest.pth / best.pth into `output_dir` (when `write`; a search trial
-    or a non-main rank only tracks). `extra` (class names, effective config...) goes into every checkpoint."""
+    or a non-main rank only tracks). `extra` (class names, effective config...) goes into every checkpoint.
+    With `loss_guard` an epoch is the best only with a higher score and a validation loss no higher than the
+    best's (FitConfig.score_start)."""
 
-    def __init__(self, output_dir: Path, extra: dict[str, Any], write: bool, logger: logging.Logger):
+    def __init__(self, output_dir: Path, extra: dict[str, Any], write: bool, logger: logging.Logger,
+                 loss_guard: bool = False):
         self.output_dir, self.extra, self.write, self.logger = Path(output_dir), extra, write, logger
-        self.best_score, self.best_epoch = -1.0, 0
+        self.best_score, self.best_epoch, self.best_loss = -1.0, 0, math.inf
+        self.loss_guard = loss_guard
 
     def resume(self, checkpoint: dict[str, Any], model: nn.Module, resumable: ResumableState) -> int:
         """Restore a latest.pth into the run's objects; returns the epochs it had done. best.pth is repaired
@@ -116,23 +121,27 @@ class CheckpointSaver:
         restore_training_state(checkpoint, model, resumable)
         done = int(checkpoint["epoch"])
         self.best_score, self.best_epoch = checkpoint_score(checkpoint, best=True), int(checkpoint["best_epoch"])
+        self.best_loss = float(checkpoint.get("best_loss", math.inf))  # older checkpoints: no guard yet
         resumable.history[:] = list(checkpoint.get("history", []))
         self.logger.info(f"Resuming after epoch {done} (best score {self.best_score:.2f} at epoch {self.best_epoch})")
         if self.write:
             repair_best(checkpoint, self.output_dir / "best.pth", self.logger)
         return done
 
-    def save(self, model: nn.Module, epoch: int, score: float, scored_by: str, resumable: ResumableState) -> bool:
-        """Record epoch `epoch` (1-based) scored `score` by `scored_by` ("model" or "ema"); returns whether it
-        is the best so far. latest.pth is written first: a kill between the two writes leaves a latest.pth of
-        the best epoch, from which resuming rebuilds best.pth."""
-        improved = score > self.best_score
+    def save(self, model: nn.Module, epoch: int, score: float, scored_by: str, resumable: ResumableState,
+             loss: float = math.inf) -> bool:
+        """Record epoch `epoch` (1-based) scored `score` by `scored_by` ("model" or "ema"), whose validation
+        loss is `loss`; returns whether it is the best so far. latest.pth is written first: a kill between the
+        two writes leaves a latest.pth of the best epoch, from which resuming rebuilds best.pth."""
+        improved = score > self.best_score and (not self.loss_guard or loss <= self.best_loss)
         if improved:
-            self.best_score, self.best_epoch = score, epoch
+            self.best_score, self.best_epoch, self.best_loss = score, epoch, loss
         if self.write:
             state = checkpoint_state(model, epoch=epoch, score=score, best_score=self.best_score,
                                      best_epoch=self.best_epoch, extra=self.extra, resumable=resumable,
                                      best_from=scored_by if improved else None)
+            if self.loss_guard:
+                state["best_loss"] = self.best_loss
             save_checkpoint(state, self.output_dir / "latest.pth")
             if improved:
                 save_checkpoint(best_from_latest(state), self.output_dir / "best.pth")

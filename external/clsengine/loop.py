@@ -49,7 +49,9 @@ class FitConfig:
     # schedule then follow.
     replan: Callable[[int, float], int] | None = None
     # Validate the model before the first epoch and keep it as epoch 0: best.pth until an epoch beats it (a
-    # fine-tuning that starts from a fitted head must not end below where it started).
+    # fine-tuning that starts from a fitted head must not end below where it started). An epoch then beats the
+    # best only with a higher score and a validation loss no higher: on a validation set of a hundred images
+    # a score one image higher is noise, and an early epoch that wins it with a worse loss lost test images.
     score_start: bool = False
 
 
@@ -210,6 +212,11 @@ class EpochScore:
     score: float
     scored_by: str  # "model" or "ema"
 
+    @property
+    def loss(self) -> float:
+        """The validation loss of the model that scored (the model's or its EMA's)."""
+        return float((self.ema if self.scored_by == "ema" and self.ema is not None else self.val)["loss"])
+
 
 def evaluate(model: nn.Module, recipe: Recipe, loader, criterion: nn.Module, device: torch.device,
              progress: bool = True) -> EpochScore:
@@ -273,7 +280,8 @@ def fit(model: nn.Module, train_loader, val_loader, criterion: nn.Module, optimi
     main = dist.info().is_main  # only rank 0 writes checkpoints, logs and curves
     output_dir = Path(cfg.output_dir)
     output_dir.mkdir(parents=True, exist_ok=True)
-    saver = CheckpointSaver(output_dir, cfg.checkpoint_extra, write=main and cfg.checkpoints, logger=logger)
+    saver = CheckpointSaver(output_dir, cfg.checkpoint_extra, write=main and cfg.checkpoints, logger=logger,
+                            loss_guard=cfg.score_start)
     state = ResumableState(optimizer, scheduler, recipe)
     start_epoch = saver.resume(resume, model, state) if resume is not None else 0
     runlog = RunLog(output_dir, cfg.tensorboard_dir if main else None, state.history, write=main)
@@ -306,7 +314,7 @@ def fit(model: nn.Module, train_loader, val_loader, criterion: nn.Module, optimi
             scheduler.step_epoch(result.score)
             row = _history_row(epoch, train_stats, result, lr)
             runlog.add_epoch(row)
-            improved = saver.save(model, epoch, result.score, result.scored_by, state)
+            improved = saver.save(model, epoch, result.score, result.scored_by, state, loss=result.loss)
             runlog.flush()
             now = time.monotonic()
             epoch_s = now - epoch_started
@@ -339,7 +347,7 @@ def _score_start(model: nn.Module, recipe: Recipe, val_loader, criterion: nn.Mod
     result = evaluate(model, dataclasses.replace(recipe, ema=None), val_loader, criterion, device, progress=progress)
     if cfg.score_fn is not None:
         result.score = float(cfg.score_fn(model))
-    saver.save(model, 0, result.score, "model", state)
+    saver.save(model, 0, result.score, "model", state, loss=result.loss)
     logger.info(f"epoch   0 (before training)  val loss {result.val['loss']:.4f}  {_metrics_text(result.val)}"
                 f"  score {result.score:6.2f}: best.pth until an epoch beats it")
 
