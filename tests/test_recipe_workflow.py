@@ -69,6 +69,9 @@ def test_lr_finder_stop_after_and_bad_aux_weights(tmp_path: Path, tiny_dataset: 
                         "training.lr_finder.n_trials=2", "training.lr_finder.trial_epochs=1")
     assert result.returncode == 0, result.stderr
     assert "stop_after: the learning rate is" in result.stdout
+    settings = next(line for line in result.stdout.splitlines() if "Settings given: " in line)
+    assert "training.lr_finder.mode='grid' (--lr-finder)" in settings  # each value named with its own source
+    assert "training.lr_finder.n_trials=2 (KEY=VALUE)" in settings
     finder = yaml.safe_load((wd / "outputs" / "lr_finder.yaml").read_text())
     assert finder["mode"] == "grid" and len(finder["trials"]) == 2
     assert finder["lr"] in [trial["lr"] for trial in finder["trials"]] and 0.001 <= finder["lr"] <= 0.01

@@ -340,8 +340,8 @@ def freeze_bn(facts: RunFacts) -> Choice:
     return Choice(key, False, f"initial weights and {facts.train_images} training images: BatchNorm adapts to them")
 
 
-__all__ = ["AMP_MODES", "AUGMENTATION_LEVELS", "Choice", "FINETUNE_STAGES", "FREEZE_BN_BELOW", "LIGHT_AUGMENTATION", "RunFacts", "augmentation_level",
-           "batch_size", "costly_technique", "cpu_has_avx512", "drop_path_rate", "epochs_for_budget", "freeze_bn",
+__all__ = ["AMP_MODES", "AUGMENTATION_LEVELS", "Choice", "FINETUNE_STAGES", "FREEZE_BN_BELOW", "LIGHT_AUGMENTATION",
+           "RunFacts", "augmentation_level", "batch_size", "costly_technique", "cpu_has_avx512", "drop_path_rate", "epochs_for_budget", "freeze_bn",
            "hflip", "is_long", "learning_rate", "linear_probe", "lr_finder", "mixed_precision", "native_bf16",
            "optimizer", "planned_steps", "scheduler", "small_input", "steps_per_epoch", "trainable_stages",
            "warmup_epochs", "weight_decay"]

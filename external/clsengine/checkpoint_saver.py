@@ -17,6 +17,7 @@ from .errors import UserError
 from .optim.scheduler import LRSchedule
 from .recipe import Recipe
 
+
 @dataclass
 class ResumableState:
     """What a checkpoint needs beyond the weights for training to continue where it stopped."""
@@ -28,13 +29,15 @@ class ResumableState:
 
 def checkpoint_state(model: nn.Module, *, epoch: int, score: float, best_score: float, best_epoch: int,
                      extra: dict[str, Any], weights_from: str = "model", best_from: str | None = None,
-                     resumable: ResumableState | None = None) -> dict[str, Any]:
+                     resumable: ResumableState | None = None, best_loss: float | None = None) -> dict[str, Any]:
     """The one checkpoint dict (plain types and tensors, loadable with weights_only=True). `score` and
     `best_score` are the run's validation score: top-1, or mAP for a multi-label model. `resumable` adds
     what --resume-from continues with (optimizer, scheduler, EMA, auxiliary models, grad scaler, history,
-    RNG state)."""
+    RNG state); `best_loss`, the best epoch's validation loss where it decides (CheckpointSaver's loss_guard)."""
     state = {"format": CHECKPOINT_FORMAT, "model": model.state_dict(), "weights_from": weights_from,
              "epoch": epoch, "score": score, "best_score": best_score, "best_epoch": best_epoch}
+    if best_loss is not None:
+        state["best_loss"] = best_loss
     if resumable is not None:
         recipe = resumable.recipe
         state.update(optimizer=resumable.optimizer.state_dict(), scheduler=resumable.scheduler.state_dict(),
@@ -139,9 +142,8 @@ class CheckpointSaver:
         if self.write:
             state = checkpoint_state(model, epoch=epoch, score=score, best_score=self.best_score,
                                      best_epoch=self.best_epoch, extra=self.extra, resumable=resumable,
-                                     best_from=scored_by if improved else None)
-            if self.loss_guard:
-                state["best_loss"] = self.best_loss
+                                     best_from=scored_by if improved else None,
+                                     best_loss=self.best_loss if self.loss_guard else None)
             save_checkpoint(state, self.output_dir / "latest.pth")
             if improved:
                 save_checkpoint(best_from_latest(state), self.output_dir / "best.pth")

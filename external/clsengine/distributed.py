@@ -130,14 +130,16 @@ def wrap(model: nn.Module) -> nn.Module:
     return nn.parallel.DistributedDataParallel(model, device_ids=[device] if device.type == "cuda" else None)
 
 
-LR_SCALING = ("none", "linear", "sqrt")
+# training.scale_lr: the learning-rate factor for N processes, each taking a batch of batch_size
+_LR_FACTORS = {"none": lambda n: 1.0, "linear": lambda n: float(n), "sqrt": lambda n: float(n) ** 0.5}
+LR_SCALING = tuple(_LR_FACTORS)
 
 
 def scale_learning_rate(lr: float, rule: str, world_size: int) -> float:
     """The base LR for `world_size` processes: each takes a batch of batch_size, so the global batch grows
     with the world; `rule` linear (x N) or sqrt (x sqrt N) follows it, none keeps the LR."""
-    return lr * {"none": 1.0, "linear": float(world_size), "sqrt": float(world_size) ** 0.5}[rule]
+    return lr * _LR_FACTORS[rule](world_size)
 
 
-__all__ = ["LR_SCALING", "DistInfo", "env_info", "launched_by_torchrun", "info", "init_from_env", "shutdown", "barrier", "gather", "all_sum",
-           "broadcast_buffers", "broadcast_object", "scale_learning_rate", "wrap"]
+__all__ = ["LR_SCALING", "DistInfo", "env_info", "launched_by_torchrun", "info", "init_from_env", "shutdown",
+           "barrier", "gather", "all_sum", "broadcast_buffers", "broadcast_object", "scale_learning_rate", "wrap"]

@@ -23,8 +23,8 @@ from .losses.mutual import mutual_losses
 from .metrics import primary_score, topk_accuracy
 from .models.batchnorm import batchnorms, train_mode, update_momentum as update_bn_momentum
 from .optim.sam import SAM
-from .recipe import Recipe
 from .optim.scheduler import LRSchedule
+from .recipe import Recipe
 from .runlog import RunLog
 from .utils import autocast
 

@@ -8,8 +8,8 @@ later blurs, noises or recolours its fill.
 AugMix is ours (albumentations 2.0.8 has none), with torchvision's (`torchvision.transforms.v2.AugMix`) operation
 list and magnitude bins, each operation computing what PIL's does (tests compare them) with cv2 look-up tables,
 warps and numpy: several times faster than torchvision's tensor ops on small images, where augmenting in the
-training process must keep up with the model. It follows Hendrycks et al. (2020): `width` chains of `depth` ops (depth -1:
-1..3 at random), chain weights drawn from Dirichlet(alpha), the mixed chains blended with the original by a
+training process must keep up with the model. It follows Hendrycks et al. (2020): `width` chains of `depth`
+ops (depth -1: 1..3 at random), chain weights drawn from Dirichlet(alpha), the mixed chains blended with the original by a
 Beta(alpha, alpha) skip connection, ops from the paper's list (autocontrast, equalize, posterize, solarize, rotate,
 shear, translate, plus brightness/colour/contrast/sharpness: torchvision's all_ops=True, as timm's "augmix-m5-w3"
 recipe also uses them; the paper left those four out only to keep clear of the ImageNet-C corruptions).

@@ -95,11 +95,12 @@ def launch_processes(n: int) -> int:
 def main() -> int:
     started = time.monotonic()
     args = parse_args()
-    overrides = cli.collect_overrides(args)
+    sources = cli.override_sources(args)
     if args.lr_finder is not None:
-        overrides["training.lr_finder.enabled"] = args.lr_finder != "off"
+        sources["training.lr_finder.enabled"] = (args.lr_finder != "off", "--lr-finder")
         if args.lr_finder != "off":
-            overrides["training.lr_finder.mode"] = args.lr_finder
+            sources["training.lr_finder.mode"] = (args.lr_finder, "--lr-finder")
+    overrides = {key: value for key, (value, _) in sources.items()}
     resume = load_checkpoint(args.resume_from) if args.resume_from else None
     hpo_file = WORK_DIR / cli.HPO_BEST
     if resume is not None:
@@ -136,8 +137,6 @@ def main() -> int:
     if world.is_main:
         dump_config(report, out / "dataset_report.yaml")
         write_text(out / "dataset_report.txt", text + "\n")
-    sources = {**cli.override_sources(args), **{k: (v, "--lr-finder") for k, v in overrides.items()
-                                                if k.startswith("training.lr_finder.")}}
     if (line := cli.describe_sources(sources, hpo, hpo_file)) is not None:
         logger.info(line)
     logger.info(f"{t.name}: {len(classes)} classes ({t.task.type}), {len(train_scan.samples)} train / "

@@ -202,8 +202,8 @@ def find_learning_rate(t: Template, model: nn.Module, criterion: nn.Module, trai
 
     f = t.training.lr_finder
     plot_path = out_dir / "lr_finder.png"
-    result = find_lr(model, lambda m, lr: factories.build_optimizer(t, m, lr, sam=False), criterion, train_loader, val_loader,
-                     device, mode=f.mode, min_lr=f.min_lr, max_lr=f.max_lr, num_iter=f.num_iter,
+    result = find_lr(model, lambda m, lr: factories.build_optimizer(t, m, lr, sam=False), criterion, train_loader,
+                     val_loader, device, mode=f.mode, min_lr=f.min_lr, max_lr=f.max_lr, num_iter=f.num_iter,
                      smooth_f=f.smooth_f, warmup_epochs=f.warmup_epochs, n_trials=f.n_trials,
                      trial_epochs=f.trial_epochs, seed=t.training.seed, plot_path=plot_path)
     summary = {"lr": float(result.lr), "mode": f.mode, "min_lr": f.min_lr, "max_lr": f.max_lr,
