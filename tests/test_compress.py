@@ -30,12 +30,40 @@ def data_args(trained: dict) -> list[str]:
     return ["--train-data-roots", str(trained["train"]), "--val-data-roots", str(trained["val"]), "--workers", "0"]
 
 
+def test_ptq_of_the_ir_ships_an_int8_ir_judged_against_the_budget(trained, monkeypatch, capsys):
+    """The default path: NNCF's OpenVINO backend quantizes the exported float IR, the IR it writes is scored on
+    the validation images and shipped; no PyTorch quantization runs (no .pth written)."""
+    wd = trained["wd"]
+    result = run_captured(wd, "compress.py", "--load-weights", "outputs/best.pth", "--save-checkpoints-to", "ov",
+                          "--max-accuracy-drop", "100", "--calibration-subset", "12", "--benchmark-seconds", "0",
+                          *data_args(trained), monkeypatch=monkeypatch, capsys=capsys)
+    assert result.returncode == 0, result.stderr
+    out = wd / "ov"
+    metrics = yaml.safe_load((out / "metrics.yaml").read_text())
+    assert metrics["steps"]["ptq_backend"] == "openvino" and metrics["steps"]["shipped"] == "ptq"
+    assert metrics["steps"]["best_checkpoint"] is None and not list(out.glob("*.pth"))
+    assert metrics["int8"]["top1"] == metrics["steps"]["ptq_top1"]  # the IR judged is the IR shipped
+    assert metrics["budget"]["drop"] == round(metrics["float"]["top1"] - metrics["int8"]["top1"], 2)
+    assert (out / "export" / "model.xml").read_bytes() == (out / "export_ptq" / "model.xml").read_bytes()
+    assert (out / "export" / "model.bin").read_bytes() == (out / "export_ptq" / "model.bin").read_bytes()
+    assert set(metrics["steps"]["seconds"]) == {"float_ir", "ptq", "ship"}
+    log = (out / "compress.log").read_text()
+    assert "Post-training quantization of the float IR (NNCF, OpenVINO backend): 12 calibration images" in log
+    from clsengine.ov_core import openvino_core
+
+    ops = {op.get_type_name() for op in openvino_core().read_model(str(out / "export" / "model.xml")).get_ordered_ops()}
+    assert "FakeQuantize" in ops
+    assert read_metadata(out / "export" / "model.xml")["labels"] == ["class_0", "class_1", "class_2"]
+
+
 def test_ptq_within_budget_then_int8_files_work_everywhere(trained, monkeypatch, capsys):
-    """In process (one import of torch, NNCF and OpenVINO for the five script runs)."""
+    """--int8-onnx: the PyTorch path as well (best.pth, model.onnx). In process (one import of torch, NNCF and
+    OpenVINO for the five script runs)."""
     wd = trained["wd"]
     result = run_captured(wd, "compress.py", "--load-weights", "outputs/best.pth", "--save-checkpoints-to", "int8",
                           "--nncf-quantization", "--max-accuracy-drop", "100", "--calibration-subset", "12",
-                          "--benchmark-seconds", "0.2", *data_args(trained), monkeypatch=monkeypatch, capsys=capsys)
+                          "--benchmark-seconds", "0.2", "--int8-onnx", *data_args(trained),
+                          monkeypatch=monkeypatch, capsys=capsys)
     assert result.returncode == 0, result.stderr
     out = wd / "int8"
     metrics = yaml.safe_load((out / "metrics.yaml").read_text())
@@ -44,9 +72,15 @@ def test_ptq_within_budget_then_int8_files_work_everywhere(trained, monkeypatch,
     assert metrics["int8"]["size_bytes"] < 0.5 * metrics["float"]["size_bytes"]  # int8 weights, not float
     assert metrics["int8"]["throughput_img_s"] > 0 and metrics["float"]["throughput_img_s"] > 0
     assert not (out / "history.csv").exists()  # the budget was met by PTQ: no fine-tuning ran
-    for name in ("best.pth", "latest.pth", "ptq.pth", "config.yaml", "compress.log"):
+    for name in ("best.pth", "latest.pth", "ptq.pth", "config.yaml", "compress.log", "export/model.onnx"):
         assert (out / name).is_file(), name
     assert "--nncf-quantization: accepted for the seed's command lines" in (out / "compress.log").read_text()
+    onnx_row = metrics["int8_onnx"]
+    assert 0 <= onnx_row["top1"] <= 100 and onnx_row["size_bytes"] > 0  # float weights with Q/DQ pairs: no smaller
+    import onnx
+
+    ops = {node.op_type for node in onnx.load(str(out / "export" / "model.onnx")).graph.node}
+    assert {"QuantizeLinear", "DequantizeLinear"} <= ops
 
     # The int8 IR holds quantization (FakeQuantize ops), loads and predicts.
     from clsengine.ov_core import openvino_core
@@ -210,12 +244,12 @@ def test_compress_into_a_folder_with_a_compression_run_is_refused_unless_overwri
     args = ["--load-weights", "outputs/best.pth", "--save-checkpoints-to", "twice", "--calibration-subset", "6",
             "--benchmark-seconds", "0", "--max-accuracy-drop", "1", *data_args(trained)]
     assert run_compress(monkeypatch, wd, 90.0, 89.5, *args) == 0
-    before = (wd / "twice" / "ptq.pth").read_bytes()
+    before = (wd / "twice" / "metrics.yaml").read_bytes()
     with pytest.raises(UserError) as info:
         run_compress(monkeypatch, wd, 90.0, 89.5, *args)
     message = str(info.value)
-    assert "already holds a run" in message and "ptq.pth" in message and "--overwrite" in message
-    assert (wd / "twice" / "ptq.pth").read_bytes() == before
+    assert "already holds a run" in message and "metrics.yaml" in message and "--overwrite" in message
+    assert (wd / "twice" / "metrics.yaml").read_bytes() == before
     assert run_compress(monkeypatch, wd, 90.0, 89.5, *args, "--overwrite") == 0
     assert "--overwrite: removed the earlier run's" in (wd / "twice" / "compress.log").read_text()
 

@@ -36,14 +36,25 @@ SHORT_RECIPE = ["--lr-finder", "off", "training.scheduler.name=cosine", "trainin
                 "training.mutual_learning.enabled=false", "training.early_stopping_patience=null"]
 
 
-def throughput_at(checkpoint: Path, size: int, out: Path, seconds: float) -> float:
-    """Images/s of a checkpoint's model exported at size x size (weights and quantizers as trained)."""
+def throughput_at(checkpoint: Path, size: int, out: Path, seconds: float, val: Path) -> dict[str, float]:
+    """Images/s of a checkpoint's model exported at size x size, as a float IR and as that IR quantized the way
+    compress.py quantizes (NNCF's OpenVINO backend; calibrated on 32 validation images at that size: speed
+    only, accuracy is not measured there)."""
+    from clsengine import data as datasets
+    from clsengine.compression import quantize_ir
     from clsengine.ov_core import openvino_core
 
     t, classes, model = model_from_checkpoint(load_checkpoint(checkpoint), checkpoint)
-    xml = export_openvino(model, out / "model.xml",
-                          **factories.export_kwargs(t, classes, (size, size), static_batch=False))
-    return ov_throughput(openvino_core(), xml, "CPU", (size, size), seconds)[0]
+    float_xml = export_openvino(model, out / "float" / "model.xml",
+                                **factories.export_kwargs(t, classes, (size, size), static_batch=False))
+    scan = datasets.scan_folder(val)
+    images = datasets.ImageDataset(scan.samples[::max(1, len(scan.samples) // 32)][:32], scan.classes,
+                                   datasets.build_deploy_transform((size, size),
+                                                                   bgr=t.output_format.openvino_input_format == "BGR"))
+    int8_xml = quantize_ir(float_xml, out / "int8" / "model.xml", [(images[i][0][None], 0) for i in range(len(images))],
+                           subset_size=len(images))
+    return {kind: ov_throughput(openvino_core(), xml, "CPU", (size, size), seconds)[0]
+            for kind, xml in (("float", float_xml), ("int8", int8_xml))}
 
 
 def main() -> int:
@@ -87,9 +98,8 @@ def main() -> int:
         metrics = yaml.safe_load((work_dir / "outputs_int8" / "metrics.yaml").read_text())
         history = work_dir / "outputs_int8" / "history.csv"
         qat = len(history.read_text().splitlines()) - 1 if history.is_file() else 0
-        speed = {kind: throughput_at(work_dir / ckpt, args.speed_size, args.out / f"{name}_{kind}_{args.speed_size}",
-                                     args.benchmark_seconds)
-                 for kind, ckpt in (("float", "outputs/best.pth"), ("int8", "outputs_int8/best.pth"))}
+        speed = throughput_at(work_dir / "outputs" / "best.pth", args.speed_size,
+                              args.out / f"{name}_{args.speed_size}", args.benchmark_seconds, data / "val")
         rows.append((name, metrics, qat, speed, compress_s))
         print(f"{name}: float {metrics['float']['top1']:.2f}, int8 {metrics['int8']['top1']:.2f}, "
               f"{qat} fine-tuning epoch(s), {speed['float']:.0f} vs {speed['int8']:.0f} img/s at {args.speed_size}",

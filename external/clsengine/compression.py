@@ -8,12 +8,15 @@ NNCF's configuration (`quantization_state`), and ONNX / OpenVINO export turns th
 """
 from __future__ import annotations
 
+import logging
 import math
 import os
 import sys
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any, Iterable
 
+import numpy as np
 import torch
 import torch.nn as nn
 
@@ -23,6 +26,31 @@ from .errors import UserError
 # exceed; init_venv.sh builds them ahead, and without a limit a first build here is slow, not fatal.
 os.environ.setdefault("NNCF_EXTENSION_LOAD_TIMEOUT", "0")
 
+# Lines printed from inside NNCF's imports that a user can do nothing about (the CUDA probe of torch's extension
+# builder on a machine without CUDA; a deprecation inside torchao, which NNCF's PyTorch backend imports).
+THIRD_PARTY_NOISE = {"torch.utils.cpp_extension": "No CUDA runtime is found",
+                     "torch.utils._pytree": "is an Enum subclass and is now natively supported"}
+
+
+class _DropMessage(logging.Filter):
+    def __init__(self, text: str) -> None:
+        super().__init__()
+        self.text = text
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return self.text not in record.getMessage()
+
+
+def quiet_third_party_logs() -> None:
+    """Drop exactly the THIRD_PARTY_NOISE messages at their loggers (every other record of those loggers, and
+    every warning of ours, still shows). Idempotent."""
+    for name, text in THIRD_PARTY_NOISE.items():
+        log = logging.getLogger(name)
+        if not any(isinstance(f, _DropMessage) and f.text == text for f in log.filters):
+            log.addFilter(_DropMessage(text))
+
+
+quiet_third_party_logs()  # before anything here imports NNCF
 PRESETS = ("performance", "mixed")
 # When quantization-aware training follows PTQ (see runs_qat).
 MODES = ("auto", "ptq", "qat")
@@ -32,37 +60,77 @@ QAT_TARGET_STEPS = 300
 QAT_MAX_EPOCHS = 10
 
 
-def quantize(model: nn.Module, batches: Iterable, *, subset_size: int = 300, preset: str = "performance",
-             fast_bias_correction: bool = True, ignored_patterns: Iterable[str] = (), overflow_fix: str = "enable",
-             device: torch.device | str = "cpu") -> nn.Module:
-    """Post-training int8 quantization: NNCF collects activation ranges on `subset_size` calibration items
-    of `batches` (an iterable of (images, labels); batch size 1 gives NNCF exactly `subset_size` images) and
-    applies bias correction. Layers whose NNCF node name matches a regex of `ignored_patterns` stay float.
-    `overflow_fix` "enable" stores weights in 7 bits so that CPUs without VNNI (AVX2 only), whose int8
-    kernels accumulate pairs in saturating int16, compute what the PyTorch simulation computes.
-    The model is returned quantized (the same module, modified in place, in eval mode)."""
+def _nncf_settings(subset_size: int, preset: str, fast_bias_correction: bool, ignored_patterns: Iterable[str],
+                   overflow_fix: str, strict_scope: bool = True) -> dict[str, Any]:
+    """nncf.quantize's keyword arguments, checked: the same for the PyTorch and the OpenVINO backend
+    (`strict_scope`: an ignored pattern that matches no operation is an error)."""
     import nncf
     from nncf.quantization.advanced_parameters import AdvancedQuantizationParameters, OverflowFix
 
     if overflow_fix not in OVERFLOW_FIX:
         raise UserError(f"overflow_fix must be one of {', '.join(OVERFLOW_FIX)}, got '{overflow_fix}'")
-
     if preset not in PRESETS:
         raise UserError(f"quantization preset must be one of {', '.join(PRESETS)}, got '{preset}'")
     if subset_size < 1:
         raise UserError(f"calibration subset size must be positive, got {subset_size}")
     patterns = list(ignored_patterns)
-    model.eval()
-    dataset = nncf.Dataset(batches, lambda batch: batch[0].to(device))
+    return dict(subset_size=subset_size, fast_bias_correction=fast_bias_correction,
+                preset=nncf.QuantizationPreset(preset),
+                ignored_scope=nncf.IgnoredScope(patterns=patterns, validate=strict_scope) if patterns else None,
+                advanced_parameters=AdvancedQuantizationParameters(
+                    overflow_fix=OverflowFix(OVERFLOW_FIX[overflow_fix])))
+
+
+def _run_nncf(model: Any, dataset: Any, settings: dict[str, Any]) -> Any:
+    import nncf
+
     try:
-        return nncf.quantize(model, dataset, subset_size=subset_size, fast_bias_correction=fast_bias_correction,
-                             preset=nncf.QuantizationPreset(preset),
-                             ignored_scope=nncf.IgnoredScope(patterns=patterns) if patterns else None,
-                             advanced_parameters=AdvancedQuantizationParameters(
-                                 overflow_fix=OverflowFix(OVERFLOW_FIX[overflow_fix])))
+        return nncf.quantize(model, dataset, **settings)
     except nncf.ValidationError as exc:  # e.g. an ignored pattern that matches no layer
         first = (str(exc).strip().splitlines() or ["invalid quantization settings"])[0]
         raise UserError(f"quantization: {first}") from None
+
+
+def quantize(model: nn.Module, batches: Iterable, *, subset_size: int = 300, preset: str = "performance",
+             fast_bias_correction: bool = True, ignored_patterns: Iterable[str] = (), overflow_fix: str = "enable",
+             device: torch.device | str = "cpu", strict_scope: bool = True) -> nn.Module:
+    """Post-training int8 quantization of a PyTorch model (the start of quantization-aware training): NNCF
+    collects activation ranges on `subset_size` calibration items of `batches` (an iterable of (images,
+    labels); batch size 1 gives NNCF exactly `subset_size` images) and applies bias correction. Layers whose
+    NNCF node name matches a regex of `ignored_patterns` stay float (`strict_scope`: a pattern that matches
+    none is an error; off where the patterns were written for the IR's names, see quantize_ir). `overflow_fix` "enable" stores weights in
+    7 bits so that CPUs without VNNI (AVX2 only), whose int8 kernels accumulate pairs in saturating int16,
+    compute what the PyTorch simulation computes.
+    The model is returned quantized (the same module, modified in place, in eval mode)."""
+    import nncf
+
+    settings = _nncf_settings(subset_size, preset, fast_bias_correction, ignored_patterns, overflow_fix, strict_scope)
+    model.eval()
+    return _run_nncf(model, nncf.Dataset(batches, lambda batch: batch[0].to(device)), settings)
+
+
+def quantize_ir(xml_in: str | os.PathLike, xml_out: str | os.PathLike, batches: Iterable, *, subset_size: int = 300,
+                preset: str = "performance", fast_bias_correction: bool = True, ignored_patterns: Iterable[str] = (),
+                overflow_fix: str = "enable") -> Path:
+    """Post-training int8 quantization of an OpenVINO IR with NNCF's OpenVINO backend: the deployed model is
+    the one quantized, and OpenVINO computes the statistics several times faster than NNCF's PyTorch hooks.
+    `batches` yields (images, labels) in the IR's own input format (0..255 images in its channel order);
+    `ignored_patterns` match the IR's operation names. The IR's metadata (rt_info) is carried over; written
+    atomically (.bin, then .xml) to `xml_out`."""
+    import nncf
+    import openvino as ov
+
+    from .fileio import atomic_outputs
+    from .ov_core import openvino_core
+
+    settings = _nncf_settings(subset_size, preset, fast_bias_correction, ignored_patterns, overflow_fix)
+    xml_out = Path(xml_out)
+    xml_out.parent.mkdir(parents=True, exist_ok=True)
+    model = openvino_core().read_model(str(xml_in))
+    quantized = _run_nncf(model, nncf.Dataset(batches, lambda batch: np.asarray(batch[0], dtype=np.float32)), settings)
+    with atomic_outputs(xml_out.with_suffix(".bin"), xml_out) as (_, tmp_xml):
+        ov.save_model(quantized, str(tmp_xml), compress_to_fp16=False)
+    return xml_out
 
 
 def quantization_state(model: nn.Module) -> dict[str, Any]:
@@ -147,5 +215,5 @@ class AccuracyBudget:
                 f"(drop {drop:.2f} points, budget {self.max_drop:.2f})")
 
 
-__all__ = ["quantize", "quantization_state", "restore_quantized", "is_quantized", "qat_epochs", "runs_qat",
+__all__ = ["quiet_third_party_logs", "quantize", "quantize_ir", "quantization_state", "restore_quantized", "is_quantized", "qat_epochs", "runs_qat",
            "AccuracyBudget", "PRESETS", "MODES"]

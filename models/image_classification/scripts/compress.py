@@ -5,21 +5,27 @@
                      --val-ann-files '' --val-data-roots DATA/val --save-checkpoints-to outputs_int8 \\
                      --nncf-quantization
 
-1. Measures the float model's top-1 (mAP for multi-label models) on the validation data.
-2. Post-training quantization (nncf.quantize): activation ranges from compression.calibration_subset
-   training images, fast bias correction, the template's preset and ignored scope.
-3. Quantization-aware fine-tuning from the PTQ model, as compression.mode (--mode) says: auto (default)
-   only if the int8 model loses more than compression.max_accuracy_drop points, stopping as soon as the
-   budget is met; qat always, for all its epochs, keeping the epoch whose int8 IR scores best; ptq never.
-   It uses the template's loss and optimizer at base_learning_rate x compression.qat_lr_factor, for
-   compression.qat_epochs epochs (--epochs; null: computed from the dataset size); --epochs is ignored,
-   and the log says so, when no fine-tuning runs. Resumable: --resume-from <dir>/latest.pth.
-4. Exports the best int8 model as OpenVINO IR (<dir>/export/model.xml) and the float one beside it
-   (<dir>/export_fp32/), measures both IRs on the validation data and their throughput on this machine,
-   and writes <dir>/metrics.yaml. Exit status 3 when the budget cannot be met (outputs are still written).
+1. Exports the float model as OpenVINO IR (<dir>/export_fp32/) and measures its top-1 (mAP for multi-label
+   models) on the validation data.
+2. Post-training quantization of that IR with NNCF's OpenVINO backend (the model that ships is the model
+   quantized): activation ranges from compression.calibration_subset training images, fast bias correction,
+   the template's preset and ignored scope; the int8 IR is measured on the validation data (<dir>/export_ptq/).
+3. Quantization-aware fine-tuning, as compression.mode (--mode) says: auto (default) only if the int8 IR loses
+   more than compression.max_accuracy_drop points, stopping as soon as the budget is met; qat always, for all
+   its epochs, keeping the epoch whose int8 IR scores best; ptq never. It starts from NNCF's PyTorch
+   post-training quantization of the float model (ptq.pth) and uses the template's loss and optimizer at
+   base_learning_rate x compression.qat_lr_factor, for compression.qat_epochs epochs (--epochs; null: computed
+   from the dataset size); --epochs is ignored, and the log says so, when no fine-tuning runs. Resumable:
+   --resume-from <dir>/latest.pth. The PTQ IR ships unless fine-tuning beats it.
+4. Ships the winning int8 IR in <dir>/export/model.xml, measures the float and int8 IRs' throughput on this
+   machine and writes <dir>/metrics.yaml (scores, sizes, speed, the seconds of each step). With --int8-onnx
+   (compression.int8_onnx) also an int8 ONNX (<dir>/export/model.onnx, standard QuantizeLinear/
+   DequantizeLinear, scored with onnxruntime) from NNCF's PyTorch backend, for other runtimes and NPU
+   compilers: OpenVINO cannot write ONNX. Exit status 3 when the budget cannot be met (outputs still written).
 
-Data roots fall back to $TRAIN_DATA_ROOT / $VAL_DATA_ROOT. The int8 checkpoint (<dir>/best.pth) and IR work
-with eval.py, export.py and predict.py as they are.
+Data roots fall back to $TRAIN_DATA_ROOT / $VAL_DATA_ROOT. The int8 IR works with eval.py and predict.py as it
+is; so does the int8 PyTorch checkpoint (<dir>/best.pth, written when fine-tuning runs or with --int8-onnx),
+with export.py too.
 """
 from __future__ import annotations
 
@@ -40,13 +46,13 @@ WORK_DIR = Path(__file__).resolve().parent  # the work dir this script was insta
 # compress.py's own flags (its --epochs are the QAT epochs); the common ones are cli.FLAG_KEYS.
 FLAG_KEYS = {"mode": "compression.mode", "epochs": "compression.qat_epochs",
              "max_accuracy_drop": "compression.max_accuracy_drop",
-             "calibration_subset": "compression.calibration_subset"}
+             "calibration_subset": "compression.calibration_subset", "int8_onnx": "compression.int8_onnx"}
 BUDGET_NOT_MET = 3
 # What makes a folder a compression run's (refused to a fresh run without --overwrite), and what --overwrite
 # clears with it.
-RUN_FILES = ("latest.pth", "best.pth", "ptq.pth")
-CLEARED_ON_OVERWRITE = ("history.csv", "config.yaml", "compress.log", "metrics.yaml", "training_curves.png",
-                        "tensorboard", "export", "export_fp32", "skipped_images.txt")
+RUN_FILES = ("latest.pth", "best.pth", "ptq.pth", "metrics.yaml", "export_ptq")
+CLEARED_ON_OVERWRITE = ("history.csv", "config.yaml", "compress.log", "training_curves.png", "tensorboard",
+                        "export", "export_fp32", "skipped_images.txt")
 
 
 def parse_args() -> argparse.Namespace:
@@ -72,6 +78,9 @@ def parse_args() -> argparse.Namespace:
                    help="accuracy budget: top-1 points int8 may lose (compression.max_accuracy_drop)")
     p.add_argument("--calibration-subset", type=int, default=None,
                    help="training images for calibration (compression.calibration_subset)")
+    p.add_argument("--int8-onnx", action="store_true", default=None,
+                   help="also write an int8 ONNX (export/model.onnx) through NNCF's PyTorch backend, for "
+                        "onnxruntime and NPU compilers (compression.int8_onnx)")
     p.add_argument("--benchmark-seconds", type=float, default=3.0,
                    help="seconds of OpenVINO throughput measurement per IR (0: skip)")
     p.add_argument("--tensorboard-dir", default=None, help="TensorBoard folder (default: <output>/tensorboard)")

@@ -1,15 +1,20 @@
 """Int8 compression of a trained classifier inside an accuracy budget: what compress.py runs.
 
-Post-training quantization first, quantization-aware fine-tuning when compression.mode asks for it, and every
-decision judged on the OpenVINO IR that ships (IRJudge), not on PyTorch's fake quantization, whose numbers can
-differ from real int8 kernels by a point or so. The score is top-1, or mAP for multi-label models.
+Post-training quantization of the float OpenVINO IR with NNCF's OpenVINO backend (the model that ships is the
+model quantized and judged, and OpenVINO collects the statistics several times faster than NNCF's PyTorch
+hooks); quantization-aware fine-tuning, which needs the PyTorch model, only when compression.mode asks for it,
+starting from NNCF's PyTorch post-training quantization. Every decision is judged on an OpenVINO IR (IRJudge),
+not on PyTorch's fake quantization, whose numbers can differ from real int8 kernels by a point or so. The score
+is top-1, or mAP for multi-label models.
 """
 from __future__ import annotations
 
 import copy
 import logging
 import os
+import shutil
 import tempfile
+import time
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -21,9 +26,10 @@ import yaml
 from clsengine import data as datasets
 from clsengine.checkpoint import load_checkpoint, save_checkpoint
 from clsengine.checkpoint_saver import checkpoint_state
-from clsengine.compression import AccuracyBudget, qat_epochs, quantization_state, quantize, runs_qat
-from clsengine.export import export_openvino
-from clsengine.fileio import write_text
+from clsengine.compression import (AccuracyBudget, qat_epochs, quantization_state, quantize, quantize_ir,
+                                   runs_qat)
+from clsengine.export import export_onnx, export_openvino
+from clsengine.fileio import atomic_outputs, write_text
 from clsengine.loop import FitConfig, fit
 from clsengine.metrics import primary_score
 from clsengine.optim import create_scheduler
@@ -105,12 +111,14 @@ class CompressionJob:
 
 
 def compress(job: CompressionJob) -> dict[str, Any]:
-    """Quantize `job`'s float model inside compression.max_accuracy_drop, write best.pth, the int8 IR
-    (export/) beside the float IR (export_fp32/) and metrics.yaml in job.out; returns the metrics, whose
+    """Quantize `job`'s float IR inside compression.max_accuracy_drop and ship the int8 IR (export/) beside the
+    float IR (export_fp32/) with metrics.yaml in job.out; quantization-aware training (best.pth) when the mode
+    asks for it, an int8 ONNX (export/model.onnx) when compression.int8_onnx does. Returns the metrics, whose
     ["budget"]["met"] says whether the shipped int8 IR meets the budget."""
     t, c, out, logger = job.t, job.t.compression, job.out, job.logger
     judge = IRJudge(t, job.classes, job.val_scan.samples, job.template_path, job.overrides)
     job.float_model.to(job.device)
+    clock = Stopwatch()
     float_xml = judge.export(job.float_model, out / "export_fp32" / "model.xml")
     float_score = judge.score(float_xml)
     metric = job.metric[1]
@@ -118,63 +126,118 @@ def compress(job: CompressionJob) -> dict[str, Any]:
     logger.info(f"{t.name}: float IR {metric} {float_score:.2f} on {len(job.val_scan.samples)} val images; budget: "
                 f"at most {c.max_accuracy_drop:g} points lost (int8 IR {metric} >= {budget.target:.2f}); "
                 f"device {job.device}")
-    model, ptq_score = _post_training(job, judge, budget)
-    quant_info = {"nncf": quantization_state(model), "float_weights": str(job.float_weights.resolve()),
-                  "float_score": float_score, "ptq_score": ptq_score, "max_accuracy_drop": c.max_accuracy_drop}
+    clock.lap("float_ir")
+    ptq_xml, ptq_score = _post_training_ir(job, judge, float_xml, budget)
+    clock.lap("ptq")
+    quant_info = {"float_weights": str(job.float_weights.resolve()), "float_score": float_score,
+                  "ptq_score": ptq_score, "max_accuracy_drop": c.max_accuracy_drop}
     config = {"template": t.to_dict(), "classes": job.classes,
               "run": {"compressed_from": str(job.float_weights.resolve()), "device": str(job.device),
                       "versions": versions()}}
     dump_config(config, out / "config.yaml")
-    extra = {"config": config, "classes": job.classes, "arch": t.model.architecture, "quantization": quant_info}
-    ptq_state = checkpoint_state(model, epoch=0, score=ptq_score, best_score=ptq_score, best_epoch=0, extra=extra,
-                                 weights_from="ptq")
-    if job.resume is None:
-        save_checkpoint(ptq_state, out / "ptq.pth")  # kept: fine-tuning may end below it
-    epochs_run = _fine_tune(job, model, judge, budget, ptq_score, extra)
-    if epochs_run is None:  # no fine-tuning: the PTQ model is the result
-        for name in ("best.pth", "latest.pth"):
-            save_checkpoint(ptq_state, out / name)
-    return _ship(job, judge, float_xml, float_score, ptq_score, epochs_run or 0)
+    epochs = _qat_epochs(job, budget, ptq_score)
+    qat_won, epochs_run = False, 0
+    if epochs is not None or c.int8_onnx:
+        model, extra = _torch_post_training(job, quant_info, config, for_qat=epochs is not None)
+        if epochs is not None:
+            epochs_run, qat_won = _fine_tune(job, model, judge, budget, ptq_score, extra, epochs)
+        clock.lap("qat")
+    return _ship(job, judge, float_xml, float_score, ptq_xml, ptq_score, epochs_run, qat_won, clock)
 
 
-def _post_training(job: CompressionJob, judge: IRJudge, budget: AccuracyBudget) -> tuple[torch.nn.Module, float]:
-    """The post-training quantized model and its int8 IR's score (or the resumed quantized model's)."""
+class Stopwatch:
+    """Wall seconds of each step, for metrics.yaml."""
+
+    def __init__(self) -> None:
+        self.last, self.seconds = time.perf_counter(), {}
+
+    def lap(self, name: str) -> None:
+        now = time.perf_counter()
+        self.seconds[name] = round(self.seconds.get(name, 0.0) + now - self.last, 1)
+        self.last = now
+
+
+def _post_training_ir(job: CompressionJob, judge: IRJudge, float_xml: Path, budget: AccuracyBudget
+                      ) -> tuple[Path, float]:
+    """The float IR quantized by NNCF's OpenVINO backend (export_ptq/) and its score; a resumed run keeps its
+    earlier PTQ IR."""
     t, c = job.t, job.t.compression
-    if job.resume is not None:
+    xml = job.out / "export_ptq" / "model.xml"
+    if job.resume is not None and xml.is_file():
         info = job.resume["quantization"]
+        return xml, float(info["ptq_score"] if "ptq_score" in info else info["ptq_top1"])  # older runs: ptq_top1
+    subset = calibration_samples(job.train_scan.samples, c.calibration_subset, t.training.seed)
+    calibration = loaders.make_loader(loaders.dataset(t, subset, job.classes, loaders.deploy_transform(t)), t, 1,
+                                      train=False, device=torch.device("cpu"))
+    job.logger.info(f"Post-training quantization of the float IR (NNCF, OpenVINO backend): {len(calibration)} "
+                    f"calibration images, preset {c.preset}, overflow fix {c.overflow_fix}"
+                    + (f", float operations matching {c.ignored_scope}" if c.ignored_scope else ""))
+    quantize_ir(float_xml, xml, calibration, **_nncf_args(c))
+    score = judge.score(xml)
+    job.logger.info(f"PTQ: {budget.describe(score)}")
+    return xml, score
+
+
+def _nncf_args(c) -> dict[str, Any]:
+    return dict(subset_size=c.calibration_subset, preset=c.preset, fast_bias_correction=c.fast_bias_correction,
+                ignored_patterns=c.ignored_scope, overflow_fix=c.overflow_fix)
+
+
+def _torch_post_training(job: CompressionJob, quant_info: dict, config: dict, for_qat: bool
+                         ) -> tuple[torch.nn.Module, dict]:
+    """NNCF's PyTorch post-training quantization, where quantization-aware training starts and where the int8
+    ONNX comes from (ptq.pth, best.pth), or the resumed run's quantized model; with what its checkpoints
+    carry besides the weights. compression.ignored_scope was
+    checked against the IR's names; here it applies where it matches NNCF's PyTorch node names."""
+    t, c = job.t, job.t.compression
+    def extra(model: torch.nn.Module) -> dict:
+        return {"config": config, "classes": job.classes, "arch": t.model.architecture,
+                "quantization": {**quant_info, "nncf": quantization_state(model)}}
+
+    if job.resume is not None:
         model = model_from_checkpoint(job.resume, job.resume_path, job.overrides)[2].to(job.device)
-        return model, float(info["ptq_score"] if "ptq_score" in info else info["ptq_top1"])  # older runs: ptq_top1
+        return model, extra(model)
     subset = calibration_samples(job.train_scan.samples, c.calibration_subset, t.training.seed)
     calibration = loaders.make_loader(loaders.dataset(t, subset, job.classes, loaders.eval_transform(t)), t, 1,
-                                       train=False, device=job.device)
-    job.logger.info(f"Post-training quantization: {len(calibration)} calibration images, preset {c.preset}, "
-                    f"overflow fix {c.overflow_fix}"
-                    + (f", float layers matching {c.ignored_scope}" if c.ignored_scope else ""))
-    model = quantize(copy.deepcopy(job.float_model), calibration, subset_size=c.calibration_subset,
-                     preset=c.preset, fast_bias_correction=c.fast_bias_correction,
-                     ignored_patterns=c.ignored_scope, overflow_fix=c.overflow_fix, device=job.device)
-    ptq_score = judge(model)
-    job.logger.info(f"PTQ: {budget.describe(ptq_score)}")
-    return model, ptq_score
+                                      train=False, device=job.device)
+    uses = [use for use, wanted in (("quantization-aware training starts from it", for_qat),
+                                    ("the int8 ONNX comes from it (compression.int8_onnx)", c.int8_onnx)) if wanted]
+    job.logger.info(f"PyTorch model quantized too (NNCF, PyTorch backend, {len(calibration)} calibration images): "
+                    + " and ".join(uses))
+    model = quantize(copy.deepcopy(job.float_model), calibration, device=job.device, strict_scope=False,
+                     **_nncf_args(c))
+    carried = extra(model)
+    state = checkpoint_state(model, epoch=0, score=quant_info["ptq_score"], best_score=quant_info["ptq_score"],
+                             best_epoch=0, extra=carried, weights_from="ptq")
+    for name in ("ptq.pth", "best.pth", "latest.pth"):  # best and latest: replaced by fine-tuning when it runs
+        save_checkpoint(state, job.out / name)
+    return model, carried
+
+
+def _qat_epochs(job: CompressionJob, budget: AccuracyBudget, ptq_score: float) -> int | None:
+    """The quantization-aware training epochs to run, or None (logged why) when none are."""
+    c, logger = job.t.compression, job.logger
+    basic = job.t.hyper_parameters.basic
+    epochs = c.qat_epochs if c.qat_epochs is not None else qat_epochs(len(job.train_scan.samples), basic.batch_size)
+    wanted = runs_qat(c.mode, budget.met(ptq_score))
+    if job.resume is not None or (wanted and epochs > 0):
+        return epochs
+    reason = ("compression.qat_epochs is 0" if wanted else "compression.mode is ptq" if c.mode == "ptq"
+              else "PTQ met the accuracy budget")
+    if job.epochs_flag is not None and not wanted:
+        logger.info(f"--epochs {job.epochs_flag} ignored: no quantization-aware training runs ({reason})")
+    elif not budget.met(ptq_score):
+        logger.info(f"Quantization-aware training skipped ({reason})")
+    return None
 
 
 def _fine_tune(job: CompressionJob, model: torch.nn.Module, judge: IRJudge, budget: AccuracyBudget,
-               ptq_score: float, extra: dict) -> int | None:
-    """Quantization-aware training as compression.mode says, each epoch judged by its int8 IR; the epochs
-    run, or None when none was to run (the caller then ships the PTQ model)."""
+               ptq_score: float, extra: dict, epochs: int) -> tuple[int, bool]:
+    """Quantization-aware training as compression.mode says, each epoch judged by its int8 IR; (the epochs
+    run, whether its best epoch beat the OpenVINO PTQ IR)."""
     t, c, out, logger = job.t, job.t.compression, job.out, job.logger
-    basic, metric = t.hyper_parameters.basic, job.metric[1]
-    epochs = c.qat_epochs if c.qat_epochs is not None else qat_epochs(len(job.train_scan.samples), basic.batch_size)
-    wanted = runs_qat(c.mode, budget.met(ptq_score))
-    if job.resume is None and not (wanted and epochs > 0):
-        reason = ("compression.qat_epochs is 0" if wanted else "compression.mode is ptq" if c.mode == "ptq"
-                  else "PTQ met the accuracy budget")
-        if job.epochs_flag is not None and not wanted:
-            logger.info(f"--epochs {job.epochs_flag} ignored: no quantization-aware training runs ({reason})")
-        elif not budget.met(ptq_score):
-            logger.info(f"Quantization-aware training skipped ({reason})")
-        return None
-    lr = basic.base_learning_rate * c.qat_lr_factor
+    metric = job.metric[1]
+    lr = t.hyper_parameters.basic.base_learning_rate * c.qat_lr_factor
     stop_at_budget = c.mode == "auto"
     plan = (f"up to {epochs} epoch(s) at LR {lr:.3g}, stopping once the int8 IR's {metric} >= {budget.target:.2f}"
             if stop_at_budget else f"{epochs} epoch(s) at LR {lr:.3g} (compression.mode qat), keeping the epoch "
@@ -195,20 +258,34 @@ def _fine_tune(job: CompressionJob, model: torch.nn.Module, judge: IRJudge, budg
     result = fit(model, train_loader, loaders.val_loader(t, job.val_scan, job.device), criterion, optimizer,
                  qat_scheduler(optimizer, epochs, len(train_loader)), job.device, fit_cfg, logger, resume=job.resume,
                  on_epoch_end=budget_reached)
-    if result["best_score"] <= ptq_score:  # fine-tuning did not beat PTQ: ship the PTQ model
+    if result["best_score"] <= ptq_score:
         logger.info(f"Fine-tuning did not beat PTQ (int8 IR {metric} {result['best_score']:.2f} <= "
-                    f"{ptq_score:.2f}): the PTQ model is the result")
+                    f"{ptq_score:.2f}): the PTQ IR ships, best.pth is the PyTorch PTQ model")
         save_checkpoint(load_checkpoint(out / "ptq.pth"), out / "best.pth")
-    return result["epochs_run"]
+    return result["epochs_run"], result["best_score"] > ptq_score
 
 
-def _ship(job: CompressionJob, judge: IRJudge, float_xml: Path, float_score: float, ptq_score: float,
-          epochs_run: int) -> dict[str, Any]:
-    """The int8 IR of best.pth beside the float IR, both scored and timed; metrics.yaml and the summary lines."""
-    t, c, out, logger = job.t, job.t.compression, job.out, job.logger
+def _copy_ir(src: Path, dst: Path) -> Path:
+    with atomic_outputs(dst.with_suffix(".bin"), dst) as (tmp_bin, tmp_xml):
+        shutil.copyfile(src.with_suffix(".bin"), tmp_bin)
+        shutil.copyfile(src, tmp_xml)
+    return dst
+
+
+def _ship(job: CompressionJob, judge: IRJudge, float_xml: Path, float_score: float, ptq_xml: Path, ptq_score: float,
+          epochs_run: int, qat_won: bool, clock: Stopwatch) -> dict[str, Any]:
+    """The int8 IR that won (the PTQ IR, or best.pth's after fine-tuning) in export/ beside the float IR, both
+    scored and timed, the int8 ONNX on request; metrics.yaml and the summary lines."""
+    t, c, out = job.t, job.t.compression, job.out
     key, metric = job.metric
-    _, _, best_model = model_from_checkpoint(load_checkpoint(out / "best.pth"), out / "best.pth", job.overrides)
-    int8_xml = judge.export(best_model, out / "export" / "model.xml")
+    int8_xml = out / "export" / "model.xml"
+    best_model = None
+    if qat_won or c.int8_onnx:
+        best_model = model_from_checkpoint(load_checkpoint(out / "best.pth"), out / "best.pth", job.overrides)[2]
+    if qat_won:
+        judge.export(best_model, int8_xml)
+    else:
+        _copy_ir(ptq_xml, int8_xml)
     rows = {}
     core = openvino_core()
     for name, xml, score in (("float", float_xml, float_score), ("int8", int8_xml, judge.score(int8_xml))):
@@ -216,29 +293,47 @@ def _ship(job: CompressionJob, judge: IRJudge, float_xml: Path, float_score: flo
                  if job.benchmark_seconds > 0 else None)
         rows[name] = {key: round(score, 2), "ir": str(xml), "size_bytes": files_size(xml),
                       "throughput_img_s": round(speed, 1) if speed else None}
+    if best_model is not None and c.int8_onnx:
+        onnx_file = export_onnx(best_model, out / "export" / "model.onnx", **factories.export_kwargs(t, job.classes))
+        rows["int8_onnx"] = {key: round(judge.score(onnx_file), 2), "onnx": str(onnx_file),
+                             "size_bytes": onnx_file.stat().st_size, "from": "best.pth (NNCF, PyTorch backend)"}
+    clock.lap("ship")
     final = AccuracyBudget(rows["float"][key], c.max_accuracy_drop, metric)
     summary = {
         "budget": {"metric": key, "max_accuracy_drop": c.max_accuracy_drop, "met": final.met(rows["int8"][key]),
                    "drop": round(rows["float"][key] - rows["int8"][key], 2)},
-        "float": rows["float"], "int8": rows["int8"],
-        "steps": {"mode": c.mode, f"ptq_{key}": round(ptq_score, 2), "qat_epochs_run": epochs_run,
-                  "best_checkpoint": str(out / "best.pth")},
+        **rows,
+        "steps": {"mode": c.mode, f"ptq_{key}": round(ptq_score, 2), "ptq_backend": "openvino",
+                  "qat_epochs_run": epochs_run, "shipped": "qat" if qat_won else "ptq",
+                  "best_checkpoint": str(out / "best.pth") if (out / "best.pth").is_file() else None,
+                  "seconds": clock.seconds},
         "machine": {"cpu_count": os.cpu_count(), "benchmark_seconds": job.benchmark_seconds},
         "versions": versions(),
     }
     write_text(out / "metrics.yaml", yaml.safe_dump(summary, sort_keys=False))
+    _log_summary(job, summary, int8_xml)
+    return summary
+
+
+def _log_summary(job: CompressionJob, summary: dict[str, Any], int8_xml: Path) -> None:
+    c, out, logger = job.t.compression, job.out, job.logger
+    key, metric = job.metric
     for name in ("float", "int8"):
-        r = rows[name]
+        r = summary[name]
         logger.info(f"{name:5s} IR: {metric} {r[key]:6.2f}  size {r['size_bytes'] / 1e6:7.2f} MB"
                     + (f"  {r['throughput_img_s']:.1f} img/s" if r["throughput_img_s"] else ""))
-    message = final.describe(rows["int8"][key])
-    logger.info(f"{message[0].upper()}{message[1:]}. Int8 IR in {int8_xml}, checkpoint {out / 'best.pth'}, "
-                f"metrics in {out / 'metrics.yaml'}")
+    if "int8_onnx" in summary:
+        r = summary["int8_onnx"]
+        logger.info(f"int8 ONNX (onnxruntime): {metric} {r[key]:6.2f}  size {r['size_bytes'] / 1e6:7.2f} MB  "
+                    f"{r['onnx']}")
+    final = AccuracyBudget(summary["float"][key], c.max_accuracy_drop, metric)
+    message = final.describe(summary["int8"][key])
+    logger.info(f"{message[0].upper()}{message[1:]}. Int8 IR in {int8_xml}, metrics in {out / 'metrics.yaml'} "
+                f"({', '.join(f'{k} {v:g} s' for k, v in summary['steps']['seconds'].items())})")
     if not summary["budget"]["met"]:
         fine_tune = "allow fine-tuning (--mode auto)" if c.mode == "ptq" else "fine-tune longer (--epochs)"
         logger.warning(f"The int8 model misses the accuracy budget; raise compression.max_accuracy_drop, {fine_tune}, "
                        f"or keep sensitive layers in float (compression.ignored_scope)")
-    return summary
 
 
 __all__ = ["CompressionJob", "IRJudge", "calibration_samples", "compress", "files_size", "qat_scheduler"]

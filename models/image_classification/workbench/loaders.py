@@ -19,6 +19,12 @@ def eval_transform(t: Template) -> datasets.transforms.Pipeline:
     return datasets.build_eval_transform(input_size(t), t.input.mean, t.input.std, bgr=t.input.channel_order == "BGR")
 
 
+def deploy_transform(t: Template) -> datasets.transforms.Pipeline:
+    """Images as the exported model takes them: 0..255, in the IR's input channel order (compress.py
+    calibrates the IR on these)."""
+    return datasets.build_deploy_transform(input_size(t), bgr=t.output_format.openvino_input_format == "BGR")
+
+
 def train_transform(t: Template) -> datasets.transforms.Pipeline:
     aug = t.training.augmentation
     if aug.hflip == AUTO:  # a template not resolved against its data: the photo default

@@ -206,15 +206,16 @@ class OutputFormat:
 
 @dataclass
 class CompressionSection:
-    """Int8 quantization by compress.py: NNCF post-training quantization, then (mode auto) quantization-aware
-    fine-tuning only while the int8 model misses the accuracy budget."""
+    """Int8 quantization by compress.py: NNCF post-training quantization of the float IR (OpenVINO backend),
+    then (mode auto) quantization-aware fine-tuning (PyTorch) only while the int8 IR misses the accuracy budget."""
     mode: str = "auto"                      # auto: QAT only when PTQ misses the budget | ptq: never | qat: always
     max_accuracy_drop: float = 1.0          # top-1 points the int8 model may lose against the float one
     calibration_subset: int = 300           # training images used to calibrate activation ranges
     preset: str = "performance"             # performance (symmetric) | mixed (asymmetric activations)
     fast_bias_correction: bool = True
     overflow_fix: str = "enable"            # enable | first_layer | disable: 7-bit weights for CPUs without VNNI
-    ignored_scope: list[str] = field(default_factory=list)   # regexes of NNCF node names kept in float
+    ignored_scope: list[str] = field(default_factory=list)   # regexes of operation names kept in float
+    int8_onnx: bool = False                 # also an int8 ONNX (NNCF's PyTorch backend) for other runtimes
     qat_epochs: int | None = None           # null: computed from the dataset size (clsengine.compression.qat_epochs)
     qat_lr_factor: float = 0.01             # fine-tuning LR = base_learning_rate x this
 
