@@ -64,7 +64,12 @@ def main() -> int:
     if work_dir.is_dir() and any(work_dir.iterdir()) and not args.overwrite:
         print(f"error: {work_dir} is not empty; choose another folder or pass --overwrite", file=sys.stderr)
         return 2
-    work_dir.mkdir(parents=True, exist_ok=True)
+    try:
+        work_dir.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:  # a path under a file, a read-only or full disk
+        error = importlib.import_module("clsengine.fileio").write_error(work_dir, exc)
+        print(f"error: {error or f'cannot create {work_dir}: {exc.strerror}'}", file=sys.stderr)
+        return 2
 
     for item in template_path.parent.iterdir():  # the template and anything shipped beside it
         if item.is_file():

@@ -9,6 +9,7 @@ from __future__ import annotations
 import copy
 import io
 import logging
+import math
 import os
 import re
 import tempfile
@@ -25,8 +26,10 @@ from .compression import has_quantizers, strip_quantizers
 from .errors import UserError
 from .fileio import atomic_output, atomic_outputs
 from .inference import ExportedClassifier, runtimes_for
-from .metadata import (INPUT_NAME, MULTICLASS, OUTPUT_NAME, RT_SECTION, SALIENCY_NAME, build_metadata,
-                       check_input_size, check_order, check_task, read_metadata, read_raw_metadata)
+from .calibration import Calibration
+from .metadata import (INPUT_NAME, MULTICLASS, OUTPUT_NAME, PREDICTED_NAME, PROBS_NAME, RT_SECTION, SALIENCY_NAME,
+                       UNKNOWN_NAME, build_metadata, check_input_size, check_order, check_task, read_metadata,
+                       read_raw_metadata)
 from .saliency import METHOD as SALIENCY_METHOD
 from .saliency import check_explainable, logits_and_saliency
 
@@ -47,13 +50,17 @@ class DeployModel(nn.Module):
     """Image 0..255 in `input_order` -> logits: channel reorder and (x - mean) / std run inside the graph,
     as constant buffers, so the exported file carries the training preprocessing with it.
 
-    With `explain`, it returns (logits, saliency): the Recipro-CAM maps (N, classes, h, w) in [0, 1] beside
-    the same logits (clsengine.saliency; sigmoid scores when `multilabel`), so a deployed model explains
-    itself."""
+    With `calibration` (clsengine.calibration), the calibrated probabilities and the answer follow the logits
+    (output_names): softmax(logits / T) and "unknown" (1.0 below the rejection threshold) for a single-label
+    model, per-class sigmoid(logits / T_c) and "predicted" (1.0 at or above each class's threshold) for a
+    multi-label one, so that any runtime gets the scores and the decision the checkpoint gives.
+    With `explain`, the Recipro-CAM maps (N, classes, h, w) in [0, 1] come last (clsengine.saliency; sigmoid
+    scores when `multilabel`), so a deployed model explains itself."""
 
     def __init__(self, model: nn.Module, mean: Sequence[float], std: Sequence[float],
                  input_order: str = "BGR", train_order: str = "RGB", explain: bool = False,
-                 multilabel: bool = False) -> None:
+                 multilabel: bool = False, calibration: Calibration | None = None,
+                 threshold: float = 0.5) -> None:
         super().__init__()
         input_order, train_order = check_order(input_order), check_order(train_order)
         if len(mean) != 3 or len(std) != 3:
@@ -74,15 +81,48 @@ class DeployModel(nn.Module):
         self.register_buffer("mean", torch.tensor([float(v) for v in mean]).view(1, 3, 1, 1), persistent=False)
         self.register_buffer("inv_std", (1.0 / torch.tensor([float(v) for v in std], dtype=torch.float64))
                              .float().view(1, 3, 1, 1), persistent=False)
+        self.calibration = calibration
+        if calibration is not None:
+            t = torch.as_tensor(calibration.temperature, dtype=torch.float32)
+            self.register_buffer("inv_t", (1.0 / t).reshape(1, -1), persistent=False)   # (1, 1) or (1, classes)
+            self.register_buffer("bias", torch.as_tensor(calibration.bias or 0.0, dtype=torch.float32).reshape(1, -1),
+                                 persistent=False)
+            cut = (calibration.thresholds if multilabel and calibration.thresholds else
+                   threshold if multilabel else calibration.reject_below)
+            self.register_buffer("cut", torch.as_tensor(-math.inf if cut is None else cut, dtype=torch.float32)
+                                 .reshape(1, -1), persistent=False)
 
-    def forward(self, image: torch.Tensor) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
+    @property
+    def output_names(self) -> list[str]:
+        calibrated = [PROBS_NAME, PREDICTED_NAME if self.multilabel else UNKNOWN_NAME] if self.calibration else []
+        return [OUTPUT_NAME, *calibrated, *([SALIENCY_NAME] if self.explain else [])]
+
+    def calibrated(self, logits: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """(calibrated probabilities, the answer: "unknown" per image or "predicted" per class)."""
+        scaled = logits * self.inv_t
+        if self.multilabel:
+            scaled = scaled + self.bias
+            probs = torch.sigmoid(scaled)
+            return probs, (probs >= self.cut).float()
+        probs = scaled.softmax(dim=1)
+        if self.calibration.rejection_score == "energy":
+            score = torch.logsumexp(scaled, dim=1) / self.inv_t[:, 0]
+        else:
+            score = probs.max(dim=1).values
+        return probs, (score < self.cut[:, 0]).float()
+
+    def forward(self, image: torch.Tensor) -> torch.Tensor | tuple[torch.Tensor, ...]:
         x = image.float()
         if self.flip:
             x = x.index_select(1, self.perm)
         x = (x - self.mean) * self.inv_std
         if self.explain:
-            return logits_and_saliency(self.model, x, multilabel=self.multilabel)
-        return self.model(x)
+            logits, maps = logits_and_saliency(self.model, x, multilabel=self.multilabel)
+        else:
+            logits, maps = self.model(x), None
+        outputs = (logits, *(self.calibrated(logits) if self.calibration is not None else ()),
+                   *((maps,) if maps is not None else ()))
+        return outputs if len(outputs) > 1 else logits
 
 
 @contextmanager
@@ -185,12 +225,13 @@ def _write_graph(deploy: nn.Module, example: torch.Tensor, file: Path, opset: in
 def export_onnx(model: nn.Module, path: str | os.PathLike, *, input_size: tuple[int, int], mean, std,
                 input_order: str = "BGR", train_order: str = "RGB", labels: list[str], opset: int | None = None,
                 static_batch: bool = False, task: Mapping[str, Any] | None = None, exporter: str = "auto",
-                explain: bool = False) -> Path:
+                explain: bool = False, calibration: Calibration | None = None) -> Path:
     """Write `model` wrapped in DeployModel to ONNX, with labels, task, preprocessing and the exporter used in
     metadata_props.
 
-    `explain` adds the saliency maps as a second output, SALIENCY_NAME (DeployModel), and says so in the
-    metadata ("saliency"); the logits output is the same either way.
+    `calibration` adds the calibrated probabilities and the answer as outputs after the logits, and the
+    calibration to the metadata; `explain` adds the saliency maps as the last output, SALIENCY_NAME
+    (DeployModel), and says so in the metadata ("saliency"); the logits output is the same either way.
 
     exporter: "dynamo" (torch.onnx.export(dynamo=True), the current exporter), "torchscript" (the legacy one),
     or "auto": dynamo, and TorchScript where dynamo fails (NNCF's int8 models), with the reason in the log and
@@ -201,21 +242,23 @@ def export_onnx(model: nn.Module, path: str | os.PathLike, *, input_size: tuple[
     if exporter not in EXPORTERS:
         raise UserError(f"unknown ONNX exporter '{exporter}': expected one of {', '.join(EXPORTERS)}")
     h, w = check_input_size(input_size)
+    task = check_task(task)
     meta = build_metadata(input_size, mean, std, input_order, labels, task,
-                          {"output": SALIENCY_NAME, "method": SALIENCY_METHOD} if explain else None)
-    outputs = [OUTPUT_NAME, SALIENCY_NAME] if explain else [OUTPUT_NAME]
+                          {"output": SALIENCY_NAME, "method": SALIENCY_METHOD} if explain else None,
+                          calibration.to_dict() if calibration is not None else None)
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     with _eval_cpu_copy(model) as clone:
         int8 = has_quantizers(clone)
         if int8:  # standard QuantizeLinear/DequantizeLinear nodes instead of NNCF's own op
             clone = strip_quantizers(clone, torch.zeros(1, 3, h, w)).eval()
-        deploy = DeployModel(clone, mean, std, input_order, train_order, explain,
-                             check_task(task)["type"] == "multilabel").eval()
+        deploy = DeployModel(clone, mean, std, input_order, train_order, explain, task["type"] == "multilabel",
+                             calibration, float(task.get("threshold", 0.5))).eval()
+        outputs = deploy.output_names
         example = torch.full((1, 3, h, w), 127.0)
         with torch.no_grad():
             out = deploy(example)
-        _check_outputs(out[0] if explain else out, labels)
+        _check_outputs(out[0] if len(outputs) > 1 else out, labels)
         with torch.no_grad(), warnings.catch_warnings():
             warnings.filterwarnings("ignore", message=".*legacy TorchScript-based ONNX export.*")
             warnings.filterwarnings("ignore", category=DeprecationWarning)
@@ -235,7 +278,7 @@ def export_onnx(model: nn.Module, path: str | os.PathLike, *, input_size: tuple[
 def export_openvino(model: nn.Module, xml_path: str | os.PathLike, *, input_size: tuple[int, int], mean, std,
                     input_order: str = "BGR", train_order: str = "RGB", labels: list[str], opset: int | None = None,
                     static_batch: bool = False, precision: str = "FP32", task: Mapping[str, Any] | None = None,
-                    exporter: str = "auto", explain: bool = False) -> Path:
+                    exporter: str = "auto", explain: bool = False, calibration: Calibration | None = None) -> Path:
     """Write OpenVINO IR (.xml + .bin) with the same metadata in rt_info["model_info"] (and, with `explain`,
     the same saliency output as export_onnx).
 
@@ -249,7 +292,7 @@ def export_openvino(model: nn.Module, xml_path: str | os.PathLike, *, input_size
         onnx_path = export_onnx(model, Path(tmp) / "model.onnx", input_size=input_size, mean=mean, std=std,
                                 input_order=input_order, train_order=train_order, labels=labels,
                                 opset=opset, static_batch=static_batch, task=task, exporter=exporter,
-                                explain=explain)
+                                explain=explain, calibration=calibration)
         return onnx_to_openvino(onnx_path, xml_path, precision=precision)
 
 
@@ -347,6 +390,9 @@ def parity_check(model: nn.Module, exported: list[str | os.PathLike], images: to
                 runs[name] = dict(max_abs_diff=float("inf"), top1_agreement=0.0, ok=False, error=_first_line(exc))
                 continue
             runs[name] = _compare(logits, reference, tolerance, min_top1_agreement)
+            if runner.calibration is not None:
+                runs[name].update(_calibration_parity(runner, images, reference, tolerance / scale))
+                runs[name]["ok"] = runs[name]["ok"] and runs[name]["probabilities_ok"]
             if maps is not None:
                 runs[name].update(_saliency_parity(
                     model, images, maps, reference.argmax(axis=1), runner.task["type"] == "multilabel",
@@ -361,6 +407,32 @@ def parity_check(model: nn.Module, exported: list[str | os.PathLike], images: to
             entry["error"] = "; ".join(errors)
         report[str(file)] = entry
     return report
+
+
+def _calibration_parity(runner: ExportedClassifier, images: torch.Tensor, reference: np.ndarray,
+                        rtol: float) -> dict:
+    """`probabilities_max_abs_diff` of the file's calibrated probabilities from those of PyTorch's logits under
+    the same calibration (its metadata's, written from the checkpoint's), with `probabilities_tolerance`
+    (the logits' relative tolerance, in probability units) and `answer_agreement` (the share of images whose
+    "unknown" or "predicted" answer is the same); `probabilities_ok`."""
+    multilabel = runner.task["type"] == "multilabel"
+    try:
+        probs, answer = runner.calibrated(images.numpy())
+    except Exception as exc:  # report, never raise
+        return {"probabilities_ok": False, "probabilities_error": _first_line(exc)}
+    expected_logits = torch.from_numpy(reference)
+    expected = runner.calibration.probabilities(expected_logits, multilabel).numpy()
+    if multilabel:
+        cut = np.asarray(runner.calibration.thresholds or runner.task.get("threshold", 0.5), dtype=np.float32)
+        expected_answer = (expected >= cut).astype(np.float32)
+        agreement = float((answer == expected_answer).all(axis=1).mean())
+    else:
+        expected_answer = runner.calibration.unknown(expected_logits).numpy().astype(np.float32)
+        agreement = float((answer.reshape(-1) == expected_answer).mean())
+    diff = float(np.abs(probs - expected).max()) if probs.shape == expected.shape else float("inf")
+    tolerance = max(1e-4, min(0.5, rtol))
+    return {"probabilities_max_abs_diff": diff, "probabilities_tolerance": tolerance, "answer_agreement": agreement,
+            "probabilities_ok": diff <= tolerance}
 
 
 def _saliency_parity(model: nn.Module, images: torch.Tensor, maps: np.ndarray, top1: np.ndarray, multilabel: bool,

@@ -19,6 +19,8 @@ from .errors import DataError, UserError
 # Errors of the medium, not of the program: the user frees space or fixes permissions.
 NO_SPACE = (errno.ENOSPC, errno.EDQUOT, errno.EFBIG)
 NO_PERMISSION = (errno.EACCES, errno.EPERM, errno.EROFS)
+NOT_A_FOLDER = (errno.ENOTDIR, errno.EEXIST)   # a folder wanted where a file is (mkdir under or over a file)
+WRITE_ERRNOS = NO_SPACE + NO_PERMISSION + NOT_A_FOLDER  # what a script reports as one line
 LOW_SPACE_BYTES = 1 << 20  # after a failed write by a library that hides the OSError: the disk is full
 
 # Test hook: CLSENGINE_FAULT="kill:best.pth,enospc:latest.pth:3" kills this process (SIGKILL) or fails with
@@ -73,6 +75,11 @@ def write_error(path: str | os.PathLike, exc: BaseException, needed: int | None 
     if code in NO_PERMISSION:
         return WriteError(f"cannot write {path}: {os.strerror(code).lower()}; write to a folder you own, or fix "
                           f"its permissions")
+    if code in NOT_A_FOLDER:
+        blocking = next((p for p in (Path(path), *Path(path).parents) if p.is_file()), None)
+        if blocking is not None:
+            return WriteError(f"cannot write {path}: {blocking} is a file, not a folder; choose an output path "
+                              f"that is a folder or does not exist yet")
     if isinstance(exc, OSError) and code is not None:
         return WriteError(f"cannot write {path}: {exc.strerror or os.strerror(code)}")
     return None

@@ -12,6 +12,7 @@ from dataclasses import dataclass, field
 from typing import Any, Callable
 
 from .errors import UserError
+from .loop import Diverged
 from .fileio import write_error
 
 Report = Callable[[int, float], None]                        # (epoch, score): called after every epoch
@@ -140,6 +141,9 @@ def search(study, train_trial: TrainTrial, space: SearchSpace, budget: Budget, n
         except OutOfTime:
             logger.info(f"trial {trial.number}: stopped, the time budget ({budget.seconds:.0f} s) is spent")
             trial.study.stop()
+            raise optuna.TrialPruned() from None
+        except Diverged as exc:  # a learning rate the search should leave, not the end of the search
+            logger.info(f"trial {trial.number}: pruned, {str(exc).split(';')[0]}")
             raise optuna.TrialPruned() from None
         logger.info(f"trial {trial.number}: score {score:.2f}")
         return score

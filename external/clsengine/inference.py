@@ -15,8 +15,9 @@ from typing import Any, Callable
 import numpy as np
 import torch
 
+from .calibration import Calibration
 from .errors import UserError
-from .metadata import OUTPUT_NAME, SALIENCY_NAME, read_metadata
+from .metadata import OUTPUT_NAME, PREDICTED_NAME, PROBS_NAME, SALIENCY_NAME, UNKNOWN_NAME, read_metadata
 from .ov_core import openvino_core
 
 EXPORTED_SUFFIXES = (".xml", ".onnx")
@@ -168,6 +169,8 @@ class ExportedClassifier:
         self.mean, self.std = meta["mean"], meta["std"]
         self.task: dict = meta["task"]   # {"type": "multiclass"} or multilabel with threshold / background_label
         self.saliency: dict | None = meta["saliency"]   # {"output", "method"} when it has a saliency output
+        # Fitted on the validation set (clsengine.calibration); the file then has calibrated outputs too
+        self.calibration: Calibration | None = Calibration.from_dict(meta["calibration"])
         opener: Callable[[Path, str], Any] = _OnnxRuntimeSession if self.runtime == "onnxruntime" else _OpenVINOSession
         self._session = opener(self.path, device)
         self.static_batch: int | None = self._session.static_batch
@@ -212,6 +215,16 @@ class ExportedClassifier:
         logits, maps = self._run(images.detach().cpu().numpy() if as_tensor else np.asarray(images),
                                  [self._logits, name])
         return (torch.from_numpy(logits), torch.from_numpy(maps)) if as_tensor else (logits, maps)
+
+    def calibrated(self, images: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """(calibrated probabilities, the answer: "unknown" (N,) or multi-label "predicted" (N, classes)) as the
+        file's own graph computes them (export with a calibration)."""
+        answer = PREDICTED_NAME if self.task["type"] == "multilabel" else UNKNOWN_NAME
+        missing = [n for n in (PROBS_NAME, answer) if n not in self.output_names]
+        if self.calibration is None or missing:
+            raise UserError(f"{self.path} has no calibrated outputs (exported from an uncalibrated checkpoint)")
+        probs, decided = self._run(np.asarray(images), [PROBS_NAME, answer])
+        return probs, decided
 
     def complexity(self) -> dict[str, float]:
         """Counted on the graph OpenVINO reads from the file, whichever runtime runs it."""

@@ -29,6 +29,35 @@ from .runlog import RunLog
 from .utils import autocast
 
 
+# A batch loss this many times the run's first one (taken as at least 1) means the run diverged: a healthy run's
+# loss falls from its start; a learning rate far too high sends it up by orders of magnitude within an epoch.
+DIVERGENCE_FACTOR = 1e3
+
+
+class Diverged(UserError):
+    """The training or validation loss became non-finite or grew by orders of magnitude."""
+
+
+@dataclass
+class DivergenceGuard:
+    """Stops a diverging run at the batch where it shows, instead of after epochs of a meaningless loss."""
+    factor: float = DIVERGENCE_FACTOR
+    reference: float | None = None   # the run's first finite batch loss (at least 1)
+
+    def check(self, loss: float, lr: float, where: str) -> None:
+        if self.reference is None and math.isfinite(loss):
+            self.reference = max(loss, 1.0)
+        elif not math.isfinite(loss) or loss > self.factor * self.reference:
+            start = f" (it began at {self.reference:.3g})" if self.reference is not None else ""
+            raise Diverged(f"training diverged in {where}: the loss reached {loss:.3g}{start} at learning rate "
+                           f"{lr:.3g}")
+
+    def check_validation(self, loss: float, lr: float, epoch: int) -> None:
+        if not math.isfinite(loss):
+            raise Diverged(f"training diverged in epoch {epoch}: the validation loss is {loss} at learning rate "
+                           f"{lr:.3g}")
+
+
 @dataclass
 class FitConfig:
     epochs: int
@@ -77,26 +106,41 @@ def _frozen_bn_stats(models: list[nn.Module]):
 
 def _losses(models: list[nn.Module], criteria: list[nn.Module], images: torch.Tensor, labels: torch.Tensor,
             recipe: Recipe, mutual_weight: float) -> list[torch.Tensor]:
-    """One loss per model: its own criterion plus, with mutual learning, the weighted KL to the others."""
+    """One loss per model: its own criterion plus, with mutual learning, the weighted KL to the others; the main
+    model's also the weighted KL to a fixed teacher (recipe.teacher: distillation, the one-directional case)."""
+    teacher = recipe.teacher if recipe.teacher is not None and recipe.teacher.weight > 0 else None
     with autocast(images.device.type, recipe.amp_dtype):
         logits = [m(images) for m in models]
+        target = teacher.logits(images) if teacher is not None else None
     losses = [criterion(x.float(), labels) for criterion, x in zip(criteria, logits)]
+    if teacher is not None:
+        losses[0] = losses[0] + teacher.loss(logits[0], target)
     if mutual_weight > 0:
         losses = [loss + mutual_weight * kl
                   for loss, kl in zip(losses, mutual_losses(logits, recipe.mutual_temperature, recipe.multilabel))]
     return losses
 
 
+def _with_what_was_kept(exc: Diverged, saver: CheckpointSaver) -> Diverged:
+    kept = ("no epoch finished before it, so no checkpoint of this run was written" if saver.best_score < 0
+            else f"best.pth keeps {f'epoch {saver.best_epoch}' if saver.best_epoch else 'the starting model'} "
+                 f"(score {saver.best_score:.2f})")
+    return Diverged(f"{exc}; lower the learning rate (a tenth is a good next try); {kept}")
+
+
 def train_one_epoch(model: nn.Module, loader, criterion: nn.Module, optimizer: torch.optim.Optimizer,
                     scheduler: LRSchedule, device: torch.device, desc: str = "train",
                     max_grad_norm: float | None = None, progress: bool = True, recipe: Recipe | None = None,
-                    epoch: int = 0, forward_models: list[nn.Module] | None = None) -> dict[str, float]:
-    """One pass over `loader`. With a SAM optimizer every step takes two forward/backward passes.
+                    epoch: int = 0, forward_models: list[nn.Module] | None = None,
+                    guard: DivergenceGuard | None = None) -> dict[str, float]:
+    """One pass over `loader`. With a SAM optimizer every step takes two forward/backward passes. `guard`
+    (the run's) raises Diverged when the loss explodes (default: one for this epoch).
 
     `forward_models` (the model and auxiliary models wrapped in DistributedDataParallel) run the forward
     passes in a distributed run, so that gradients are averaged over the ranks.
     """
     recipe = recipe or Recipe()
+    guard = guard if guard is not None else DivergenceGuard()
     models = [model, *recipe.aux_models]
     forward = forward_models or models
     criteria = [criterion, *recipe.aux_criteria]
@@ -128,8 +172,7 @@ def train_one_epoch(model: nn.Module, loader, criterion: nn.Module, optimizer: t
         update_bn_momentum(models)
         losses = _losses(forward, criteria, images, labels, recipe, mutual_weight)
         main_loss = losses[0].item()
-        if not math.isfinite(main_loss):
-            raise UserError(f"{desc}: the loss became {main_loss} (learning rate {scheduler.lr:.3g} too high?)")
+        guard.check(main_loss, scheduler.lr, desc)
         backward(sum(losses))
         if sam:
             optimizer.first_step(zero_grad=True)
@@ -294,6 +337,7 @@ def fit(model: nn.Module, train_loader, val_loader, criterion: nn.Module, optimi
     stop = None  # why the run ended before its last epoch
     epochs, epoch = cfg.epochs, start_epoch
     loop_started = time.monotonic()
+    guard = DivergenceGuard()
     try:
         while epoch < epochs and stop is None:
             epoch += 1  # 1-based from here on
@@ -304,10 +348,11 @@ def fit(model: nn.Module, train_loader, val_loader, criterion: nn.Module, optimi
             train_stats = train_one_epoch(model, train_loader, criterion, optimizer, scheduler, device,
                                           desc=f"epoch {epoch}/{epochs}", max_grad_norm=cfg.max_grad_norm,
                                           progress=progress, recipe=recipe, epoch=epoch - 1,
-                                          forward_models=forward_models)
+                                          forward_models=forward_models, guard=guard)
             for m in (model, *recipe.aux_models, *([recipe.ema] if recipe.ema is not None else [])):
                 dist.broadcast_buffers(m)  # BatchNorm statistics: rank 0's everywhere, as in the checkpoint
             result = evaluate(model, recipe, val_loader, criterion, device, progress=progress)
+            guard.check_validation(result.loss, scheduler.lr, epoch)
             if cfg.score_fn is not None:
                 result.score, result.scored_by = float(cfg.score_fn(model)), "model"
             lr = scheduler.lr
@@ -334,6 +379,8 @@ def fit(model: nn.Module, train_loader, val_loader, criterion: nn.Module, optimi
                 stop = _stop_reason(cfg, scheduler, epoch, epochs, max(epoch_s, mean_epoch_s), saver.best_epoch)
                 if stop is not None:
                     logger.info(stop)
+    except Diverged as exc:
+        raise _with_what_was_kept(exc, saver) from None
     finally:
         runlog.close()
     return {"best_score": saver.best_score, "best_epoch": saver.best_epoch, "epochs_run": len(runlog.history),

@@ -15,13 +15,19 @@ from .ov_core import openvino_core
 
 INPUT_NAME = "image"
 OUTPUT_NAME = "logits"
-SALIENCY_NAME = "saliency"  # second output of an explain=True export: (N, classes, h, w) saliency maps in [0, 1]
+SALIENCY_NAME = "saliency"  # last output of an explain=True export: (N, classes, h, w) saliency maps in [0, 1]
+# Outputs of a calibrated export (after the logits): calibrated probabilities (N, classes), and the answer:
+# single-label "unknown" (N,), 1.0 where the image is rejected; multi-label "predicted" (N, classes), 1.0 where a
+# label reaches its own threshold.
+PROBS_NAME = "probabilities"
+UNKNOWN_NAME = "unknown"
+PREDICTED_NAME = "predicted"
 CHANNEL_ORDERS = ("RGB", "BGR")
 RT_SECTION = "model_info"
 MULTICLASS = {"type": "multiclass"}
 # Written by export; "exporter" is "dynamo" or "torchscript", "exporter_note" why the fallback was used.
 _KEYS = ("labels", "input_size", "mean", "std", "input_order", "model_type", "task", "exporter", "exporter_note",
-         "opset", "saliency")
+         "opset", "saliency", "calibration")
 
 
 def check_order(order: str) -> str:
@@ -47,12 +53,15 @@ def check_input_size(input_size: tuple[int, int]) -> tuple[int, int]:
 
 
 def build_metadata(input_size: tuple[int, int], mean, std, input_order: str, labels: list[str],
-                   task: Mapping[str, Any] | None = None, saliency: Mapping[str, str] | None = None) -> dict[str, str]:
+                   task: Mapping[str, Any] | None = None, saliency: Mapping[str, str] | None = None,
+                   calibration: Mapping[str, Any] | None = None) -> dict[str, str]:
     """The string key/values every exported file carries (the exporter keys are added by export_onnx);
-    `saliency` ({"output": name, "method": ...}) for a file with a saliency output."""
+    `saliency` ({"output": name, "method": ...}) for a file with a saliency output, `calibration`
+    (clsengine.calibration.Calibration.to_dict()) for one with calibrated outputs."""
     h, w = check_input_size(input_size)
     return {
         **({"saliency": json.dumps(dict(saliency))} if saliency else {}),
+        **({"calibration": json.dumps(dict(calibration))} if calibration else {}),
         "task": json.dumps(check_task(task)),
         "labels": json.dumps([str(label) for label in labels]),
         "input_size": f"{h},{w}",
@@ -106,8 +115,10 @@ def _parse(raw: dict[str, str]) -> dict:
         "opset": int(raw["opset"]) if raw.get("opset", "").isdigit() else None,
         # {"output": name, "method": "recipro_cam"} for a file exported with explain=True, else None
         "saliency": json.loads(raw["saliency"]) if "saliency" in raw else None,
+        # clsengine.calibration.Calibration as a dict for a file with calibrated outputs, else None
+        "calibration": json.loads(raw["calibration"]) if "calibration" in raw else None,
     }
 
 
-__all__ = ["INPUT_NAME", "MULTICLASS", "OUTPUT_NAME", "SALIENCY_NAME", "build_metadata", "check_input_size", "check_order",
+__all__ = ["INPUT_NAME", "MULTICLASS", "OUTPUT_NAME", "PREDICTED_NAME", "PROBS_NAME", "SALIENCY_NAME", "UNKNOWN_NAME", "build_metadata", "check_input_size", "check_order",
            "check_task", "read_metadata"]

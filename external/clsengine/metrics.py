@@ -2,7 +2,7 @@
 and for multi-label data AP/mAP with thresholded P/R/F1."""
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, Sequence
 
 import numpy as np
 import torch
@@ -86,11 +86,11 @@ def average_precision(scores: np.ndarray, positives: np.ndarray) -> float:
 
 
 def multilabel_probs(logits: torch.Tensor, background_index: int | None = None,
-                     threshold: float = 0.5) -> torch.Tensor:
-    """Independent per-class probabilities (sigmoid, float32).
+                     threshold: float | Sequence[float] = 0.5) -> torch.Tensor:
+    """Independent per-class probabilities (sigmoid, float32; of calibrated logits where the caller scaled them).
 
     With `background_index`, the background probability is zeroed wherever another class reaches
-    `threshold`: an image with a detected object is not also "background".
+    `threshold` (its own, with per-class thresholds): an image with a detected object is not also "background".
     """
     probs = torch.sigmoid(logits.detach().float())
     if background_index is None:
@@ -99,8 +99,10 @@ def multilabel_probs(logits: torch.Tensor, background_index: int | None = None,
     if not -num_classes <= background_index < num_classes:
         raise UserError(f"background index {background_index} is out of range for {num_classes} classes")
     background_index %= num_classes
+    cut = torch.as_tensor(threshold, dtype=torch.float32).expand(num_classes)
     others = torch.cat([probs[:, :background_index], probs[:, background_index + 1:]], dim=1)
-    probs[(others >= threshold).any(dim=1), background_index] = 0.0
+    others_cut = torch.cat([cut[:background_index], cut[background_index + 1:]])
+    probs[(others >= others_cut).any(dim=1), background_index] = 0.0
     return probs
 
 
@@ -122,12 +124,14 @@ def _prf(tp: np.ndarray, fp: np.ndarray, fn: np.ndarray) -> tuple[np.ndarray, np
     return precision, recall, f1
 
 
-def multilabel_report(logits: torch.Tensor, targets: torch.Tensor, classes: list[str], threshold: float = 0.5,
-                      background_index: int | None = None) -> dict[str, Any]:
+def multilabel_report(logits: torch.Tensor, targets: torch.Tensor, classes: list[str],
+                      threshold: float | Sequence[float] = 0.5, background_index: int | None = None
+                      ) -> dict[str, Any]:
     """The multi-label counterpart of classification_report, as plain Python types ready for YAML.
 
     `targets` is (N, C) multi-hot. mAP is threshold-free; precision/recall/F1 and exact match use
-    `threshold`. Percentages throughout; per-class "ap" is None for a class without positives.
+    `threshold` (one, or one per class; of calibrated logits where the caller scaled them). Percentages
+    throughout; per-class "ap" is None for a class without positives.
     """
     if logits.dim() != 2 or tuple(targets.shape) != tuple(logits.shape):
         raise UserError(f"multi-label targets of shape {tuple(targets.shape)} do not match logits of shape "
@@ -136,7 +140,7 @@ def multilabel_report(logits: torch.Tensor, targets: torch.Tensor, classes: list
         raise UserError(f"logits have {logits.shape[1]} columns for {len(classes)} classes")
     probs = multilabel_probs(logits, background_index, threshold).cpu().numpy()
     truth = targets.detach().cpu().float().numpy() > 0.5
-    preds = probs >= threshold
+    preds = probs >= np.asarray(threshold, dtype=np.float32)
     tp = (preds & truth).sum(axis=0)
     fp = (preds & ~truth).sum(axis=0)
     fn = (~preds & truth).sum(axis=0)
@@ -152,7 +156,7 @@ def multilabel_report(logits: torch.Tensor, targets: torch.Tensor, classes: list
 
     return {
         "num_samples": int(n),
-        "threshold": float(threshold),
+        "threshold": float(threshold) if np.ndim(threshold) == 0 else [round(float(v), 4) for v in threshold],
         "mAP": 100.0 * mean_ap,
         "micro": {"precision": 100.0 * micro_p, "recall": 100.0 * micro_r, "f1": 100.0 * micro_f1},
         "macro": {"precision": macro(precision), "recall": macro(recall), "f1": macro(f1)},

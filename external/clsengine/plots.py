@@ -1,4 +1,4 @@
-"""PNG plots: confusion matrix and training curves (matplotlib, headless)."""
+"""PNG plots: confusion matrix, training curves, reliability diagram (matplotlib, headless)."""
 from __future__ import annotations
 
 import os
@@ -32,6 +32,30 @@ def plot_confusion_matrix(cm: Sequence[Sequence[int]], classes: list[str], path:
             for j in range(n):
                 ax.text(j, i, str(cm[i, j]), ha="center", va="center", fontsize=8,
                         color="white" if normalised[i, j] > 0.5 else "black")
+    return save_figure(fig, path)
+
+
+def plot_reliability(curves: dict[str, list[dict]], path: str | os.PathLike, title: str = "") -> Path:
+    """Reliability diagram: per confidence bin, accuracy against mean confidence (the diagonal is perfect
+    calibration), one curve per entry of `curves` (e.g. "before" and "after" calibration; the bins of
+    clsengine.calibration.reliability), with each bin's share of the images below."""
+    fig, (ax, counts) = plt.subplots(2, 1, figsize=(5.5, 6.5), gridspec_kw={"height_ratios": [3, 1]}, sharex=True)
+    ax.plot([0, 1], [0, 1], color="grey", linestyle="--", linewidth=1, label="perfect calibration")
+    width = 1.0 / max(1, len(next(iter(curves.values()), [])))
+    for n, (name, bins) in enumerate(curves.items()):
+        used = [b for b in bins if b["count"] > 0]
+        ax.plot([b["confidence"] for b in used], [b["accuracy"] for b in used], marker="o", label=name)
+        total = sum(b["count"] for b in bins) or 1
+        offset = (n - (len(curves) - 1) / 2) * width / max(1, len(curves))
+        counts.bar([(b["low"] + b["high"]) / 2 + offset for b in bins], [b["count"] / total for b in bins],
+                   width=width / max(1, len(curves)), label=name)
+    ax.set_xlim(0, 1)
+    ax.set_ylim(0, 1)
+    ax.set_ylabel("accuracy in the bin")
+    ax.set_title(title or "Reliability diagram")
+    ax.legend(loc="upper left")
+    counts.set_xlabel("confidence")
+    counts.set_ylabel("share of images")
     return save_figure(fig, path)
 
 

@@ -12,7 +12,7 @@ import os
 from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Sequence
 
 import numpy as np
 
@@ -23,6 +23,7 @@ from .metrics import confusion_matrix, meaningful_ks, precision_recall_f1
 
 PRED_KEY = "0_0"
 CLASSES_FILE = "classes.json"
+UNKNOWN_LABEL = "unknown"   # summary.csv's answer for an image a calibrated model rejects
 SUMMARY_FILE = "summary.csv"
 
 
@@ -33,10 +34,12 @@ def top_k(probs: np.ndarray, classes: list[str], k: int) -> list[list]:
     return [[round(float(probs[i]), 6), classes[i]] for i in order]
 
 
-def above_threshold(probs: np.ndarray, classes: list[str], threshold: float) -> list[list]:
-    """[[score, label], ...] of every label whose probability reaches `threshold` (multi-label), best first."""
+def above_threshold(probs: np.ndarray, classes: list[str], threshold: float | Sequence[float]) -> list[list]:
+    """[[score, label], ...] of every label whose probability reaches `threshold` (multi-label; one for all, or
+    one per class), best first."""
     order = np.argsort(-probs, kind="stable")
-    return [[round(float(probs[i]), 6), classes[i]] for i in order if probs[i] >= threshold]
+    cut = np.broadcast_to(np.asarray(threshold, dtype=np.float64), probs.shape)
+    return [[round(float(probs[i]), 6), classes[i]] for i in order if probs[i] >= cut[i]]
 
 
 def prediction_file(out_dir: Path, image: str, base: Path, suffix: str = ".json") -> Path:
@@ -57,11 +60,14 @@ def mirror_base(images: list[str], root: str | os.PathLike | None = None) -> Pat
 
 
 def write_predictions(out_dir: str | os.PathLike, images: list[str], probs: np.ndarray, classes: list[str],
-                      k: int, root: str | os.PathLike | None = None, threshold: float | None = None) -> Path:
+                      k: int, root: str | os.PathLike | None = None, threshold: float | Sequence[float] | None = None,
+                      unknown: Sequence[bool] | None = None) -> Path:
     """One prediction JSON per image, plus summary.csv (top-1 per image) and classes.json in `out_dir`.
 
-    With `threshold` (multi-label models) each JSON lists every label whose probability reaches it,
-    possibly none, and is marked "multilabel": true; summary.csv then holds all of them, ';'-separated.
+    With `threshold` (multi-label models; one, or one per class) each JSON lists every label whose probability
+    reaches it, possibly none, and is marked "multilabel": true; summary.csv then holds all of them,
+    ';'-separated. With `unknown` (a calibrated single-label model's rejections) each JSON says "unknown":
+    true or false, its top-k scores unchanged, and summary.csv's label is "unknown" for a rejected image.
     """
     import csv
 
@@ -71,13 +77,14 @@ def write_predictions(out_dir: str | os.PathLike, images: list[str], probs: np.n
     with atomic_output(out_dir / SUMMARY_FILE) as tmp, open(tmp, "w", newline="", encoding="utf-8") as summary:
         writer = csv.writer(summary)
         writer.writerow(["img_path", "label", "score"] if threshold is None else ["img_path", "labels", "scores"])
-        for image, p in zip(images, probs):
+        for n, (image, p) in enumerate(zip(images, probs)):
             path = prediction_file(out_dir, image, base)
             path.parent.mkdir(parents=True, exist_ok=True)
             if threshold is None:
                 best = top_k(p, classes, k)
-                write_text(path, json.dumps({"img_path": image, PRED_KEY: best}))
-                writer.writerow([image, best[0][1], f"{best[0][0]:.6f}"])
+                rejected = {"unknown": bool(unknown[n])} if unknown is not None else {}
+                write_text(path, json.dumps({"img_path": image, PRED_KEY: best, **rejected}))
+                writer.writerow([image, UNKNOWN_LABEL if rejected.get("unknown") else best[0][1], f"{best[0][0]:.6f}"])
             else:
                 found = above_threshold(p, classes, threshold)
                 write_text(path, json.dumps({"img_path": image, PRED_KEY: found, "multilabel": True}))

@@ -1,12 +1,16 @@
 """The optional parts of the training recipe that live inside the loop (mutual learning, EMA, mixed precision,
-batch mixing); checkpoint_saver stores their state and loop.fit runs them. SAM is the optimizer (optim.SAM)."""
+batch mixing, a distillation teacher); checkpoint_saver stores their state (never the teacher's) and loop.fit runs
+them. SAM is the optimizer (optim.SAM)."""
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Callable
+from typing import TYPE_CHECKING, Callable
 
 import torch
 import torch.nn as nn
+
+if TYPE_CHECKING:
+    from .losses.distillation import Teacher
 
 
 @dataclass
@@ -28,6 +32,8 @@ class Recipe:
                                                                       # by the caller)
     compile: bool = False                                             # fit: training forwards via torch.compile
     mix: Callable | None = None                                       # batch MixUp / CutMix (data.build_batch_mix)
+    teacher: Teacher | None = None                                    # fixed distillation teacher of the main
+                                                                      # model (losses.distillation); never saved
 
     def mutual_weight_at(self, epoch: int) -> float:
         """Weight of the mutual term in (0-based) epoch `epoch`."""

@@ -122,6 +122,7 @@ def main() -> int:
     summary = compress(CompressionJob(
         t, classes, float_model, Path(weights), train_scan, val_scan, out, device, logger, args.template, overrides,
         resume=resume, resume_path=args.resume_from, epochs_flag=args.epochs, benchmark_seconds=args.benchmark_seconds,
+        calibration=float_ckpt.get("calibration"),
         tensorboard_dir=Path(args.tensorboard_dir or out / "tensorboard") if t.tensorboard else None))
     return 0 if summary["budget"]["met"] else BUDGET_NOT_MET
 

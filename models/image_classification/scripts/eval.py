@@ -18,6 +18,13 @@ the sha256 and size of the files evaluated. For a multi-label model it holds mAP
 precision/recall/F1 at the model's threshold (micro and macro) and the exact-match ratio instead. A model
 trained on some of the classes (--classes) is evaluated on the test images of those classes.
 
+A calibrated model (train.py calibrates best.pth on the validation set; --calibrate refits on the test data
+and stores the result in the checkpoint) adds a "calibration" block: NLL, Brier score and ECE (15 bins)
+before and after, a reliability diagram (reliability.png beside metrics.yaml), and for a single-label model
+the share of images answered "unknown" with the top-1 on the rest (and, with --ood-data-roots, the AUROC of
+the rejection score on images of none of its classes), for a multi-label one F1 at the global threshold and
+at the per-class thresholds.
+
 With --preds, the folder holds one JSON per image as predict.py writes them
 ({"img_path": ..., "0_0": [[score, label], ...]}) and --gts one JSON object {image_path: label};
 integer labels are class ids, named by --class-id-path or the folder's classes.json.
@@ -38,7 +45,9 @@ from clsengine.fileio import atomic_output, write_text
 from clsengine.hub import sha256_of
 from clsengine.metrics import classification_report, multilabel_report
 from clsengine.plots import plot_confusion_matrix
+from clsengine.runlog import get_logger
 from workbench import cli
+from workbench.calibrate import calibrate_checkpoint, calibration_report
 from workbench.classifier import load_classifier
 from workbench.template import load_template
 from workbench.versions import versions
@@ -58,6 +67,13 @@ def parse_args() -> argparse.Namespace:
     p.add_argument("--save-output-to", default=None,
                    help="folder for per-image predictions (predictions.csv); with --preds, for eval_results.txt")
     cli.add_exported_model_args(p)
+    cal = p.add_argument_group("calibrated scores and the \"unknown\" answer")
+    cal.add_argument("--calibrate", action="store_true",
+                     help="fit the calibration (template section `calibration`) on these images and store it in the "
+                          "checkpoint (train.py does so on the validation set after training)")
+    cal.add_argument("--ood-data-roots", default=None, metavar="DIR",
+                     help="images of none of the model's classes (searched recursively): the AUROC of the "
+                          "rejection score and the share of them answered unknown")
     e2e = p.add_argument_group("end-to-end evaluation of prediction files")
     e2e.add_argument("--preds", default=None, help="folder of per-image prediction JSON files (from predict.py)")
     e2e.add_argument("--gts", default=None, help="ground-truth JSON {image_path: label}")
@@ -169,12 +185,22 @@ def main() -> int:
     if classes != scan.classes:  # a model trained on some of the classes: evaluated on those
         print(f"note: the model knows {len(classes)} of the {len(scan.classes)} test classes; evaluating on those")
         scan = datasets.select_classes(scan, classes, what=f"classes of {args.load_weights}")
+    if args.calibrate:
+        calibrate_checkpoint(Path(args.load_weights), scan, args.template, overrides, get_logger(None))
+        model = load_classifier(args.load_weights, template_path=args.template, overrides=overrides,
+                                classes=scan.classes, classes_source=f"test data ({scan.source})", allow_subset=True)
     logits, labels = model.predict(scan.samples, "test")
 
     metrics_path = Path(args.save_metrics_to)
     metrics_path.parent.mkdir(parents=True, exist_ok=True)
     results = multilabel_results if model.multilabel else multiclass_results
     task_result, summary = results(model, logits, labels, metrics_path)
+    if model.calibration is not None:
+        task_result["calibration"], line = calibration_report(
+            model, logits, labels, metrics_path.with_name("reliability.png"), ood_logits(model, args.ood_data_roots))
+        summary += f"\n  {line}"
+    elif args.ood_data_roots:
+        print("note: --ood-data-roots needs a calibrated model (eval.py --calibrate, or train.py's best.pth)")
     result = {
         "model": {"path": str(Path(args.load_weights).resolve()), "format": model.kind, "runtime": model.runtime,
                   "input_size": list(model.input_size), "input_order": model.input_order, "task": model.task["type"]},
@@ -194,6 +220,16 @@ def main() -> int:
         print(f"warning: skipped {len(scan.skipped)} unreadable file(s), e.g. {scan.skipped[0][0]}")
     print(f"{model.kind} ({model.runtime}): {summary}")
     return 0
+
+
+def ood_logits(model, roots: str | None):
+    """Logits of the images under `roots` (none of the model's classes), or None."""
+    if not roots:
+        return None
+    files, _ = datasets.list_images(roots)
+    if not files:
+        raise UserError(f"--ood-data-roots {roots}: no images found")
+    return model.predict([(f, i) for i, f in enumerate(files)], "out-of-distribution", multihot=False)[0]
 
 
 def write_per_image(out_dir: Path, model, samples: list, probs) -> None:

@@ -89,8 +89,8 @@ def main() -> int:
                         f"model: export the checkpoint it was compressed from with --explain")
 
     shape = tuple(args.input_shape) if args.input_shape else None
-    common = dict(factories.export_kwargs(t, classes, shape, args.static), opset=args.opset, exporter=args.exporter,
-                  explain=args.explain)
+    common = dict(factories.export_kwargs(t, classes, shape, args.static, checkpoint.get("calibration")),
+                  opset=args.opset, exporter=args.exporter, explain=args.explain)
     size, order = common["input_size"], common["input_order"]
     want_onnx, want_ir = args.onnx, args.openvino
     if not (want_onnx or want_ir):
@@ -127,14 +127,18 @@ def main() -> int:
         for runtime, run in r["runtimes"].items():
             detail = f" ({run['error']})" if "error" in run else ""
             saliency = f", max |saliency diff| {run['saliency_max_abs_diff']:.3g}" if "saliency_max_abs_diff" in run else ""
+            probs = (f", max |calibrated probability diff| {run['probabilities_max_abs_diff']:.3g}"
+                     if "probabilities_max_abs_diff" in run else "")
             print(f"  {runtime}: max |logit diff| {run['max_abs_diff']:.3g}, top-1 agreement "
-                  f"{100 * run['top1_agreement']:.1f}%{saliency} [{'ok' if run['ok'] else 'FAILED'}]{detail}")
+                  f"{100 * run['top1_agreement']:.1f}%{saliency}{probs} [{'ok' if run['ok'] else 'FAILED'}]{detail}")
     failed = [Path(p).name for p, r in report.items() if not r["ok"]]
     if failed:
         raise UserError(f"exported {', '.join(failed)} differ from the PyTorch model beyond tolerance "
                         f"(details in {out / 'parity.yaml'})")
-    print(f"Exported {', '.join(p.name for p in written)} to {out} ({size[0]}x{size[1]}, {order} 0-255 input"
-          f"{'; outputs logits and saliency' if args.explain else ''}); parity on {source}: ok")
+    outputs = ["logits", *(["calibrated probabilities", "unknown" if t.task.type == "multiclass" else "predicted"]
+                           if common["calibration"] else []), *(["saliency"] if args.explain else [])]
+    print(f"Exported {', '.join(p.name for p in written)} to {out} ({size[0]}x{size[1]}, {order} 0-255 input; "
+          f"outputs {', '.join(outputs)}); parity on {source}: ok")
     return 0
 
 

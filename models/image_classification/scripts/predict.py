@@ -6,9 +6,13 @@
 
 Writes one JSON per image, {"img_path": path, "0_0": [[score, label], ...]} (best first, softmax
 scores), mirroring the input folder's tree, plus summary.csv (top-1 per image) and classes.json in
---save-to. A multi-label model lists instead every label whose sigmoid score reaches its threshold
-(task.threshold, or --threshold), possibly none, and summary.csv holds them all. Labels are the class names the model holds (training checkpoints and exported files carry
-them), or those of --class-id-path (a JSON list of names, or {"0": name, ...}), which bare weights need.
+--save-to. A calibrated model (train.py calibrates best.pth; export.py carries it into the files) gives
+calibrated scores, and each JSON says "unknown": true where the image scores below the model's rejection
+threshold (summary.csv's label is then "unknown"). A multi-label model lists instead every label whose
+sigmoid score reaches its threshold (its calibrated per-class thresholds, else task.threshold; --threshold
+overrides both), possibly none, and summary.csv holds them all. Labels are the class names the model holds
+(training checkpoints and exported files carry them), or those of --class-id-path (a JSON list of names, or
+{"0": name, ...}), which bare weights need.
 Evaluate the output with: python eval.py --preds PRED_DIR --gts GT_JSON
 """
 from __future__ import annotations
@@ -35,7 +39,8 @@ def parse_args() -> argparse.Namespace:
     p.add_argument("--topk", type=int, default=5, help="classes listed per image (default 5)")
     p.add_argument("--class-id-path", default=None, help="class names: JSON list or {\"0\": name, ...}")
     p.add_argument("--threshold", type=float, default=None,
-                   help="multi-label models: list labels scoring at least this (default: the model's task.threshold)")
+                   help="multi-label models: list labels scoring at least this (default: the calibrated per-class "
+                        "thresholds, else the model's task.threshold)")
     cli.add_exported_model_args(p)
     cli.add_runtime_args(p)
     cli.add_template_args(p, WORK_DIR)
@@ -56,9 +61,13 @@ def main() -> int:
     logits, index = model.predict([(f, i) for i, f in enumerate(files)], "predict", multihot=False)
     probs = model.probabilities(logits).numpy()
     images = [files[int(i)] for i in index]
-    threshold = (args.threshold if args.threshold is not None else model.threshold) if model.multilabel else None
+    threshold = (args.threshold if args.threshold is not None else model.thresholds) if model.multilabel else None
+    unknown = model.unknown(logits).tolist() if model.calibration is not None and not model.multilabel else None
     summary = predictions.write_predictions(args.save_to, images, probs, model.classes, args.topk, root=args.input,
-                                  threshold=threshold)
+                                            threshold=threshold, unknown=unknown)
+    if unknown is not None:
+        print(f"Answered \"unknown\" for {sum(unknown)} of {len(images)} image(s) (calibrated "
+              f"{model.calibration.rejection_score} below {model.calibration.reject_below:.4g})")
     for path, reason in skipped:
         print(f"warning: skipped {path}: {reason}")
     print(f"Predicted {len(images)} image(s) with the {model.kind} {args.load_weights}; "

@@ -13,8 +13,17 @@ before training. Any template key can be overridden with
 KEY=VALUE arguments (e.g. training.optimizer.name=adamw); the effective configuration is written to
 <save-checkpoints-to>/config.yaml. An interrupted run continues with --resume-from <dir>/latest.pth.
 A WORK_DIR/hpo_best.yaml written by optimize.py sets the learning rate, batch size and weight decay
-(flags and KEY=VALUE overrides still win).
+(flags and KEY=VALUE overrides still win). After training, best.pth is calibrated on the validation set
+(template section `calibration`: a temperature, multi-label per-class thresholds, an "unknown" threshold;
+logged). A run whose loss explodes stops with one error line naming the learning rate and what was kept.
 
+--add-classes OLD_CHECKPOINT adds the training data's other classes to a trained model: the old classes keep
+their indices and head rows, the old model teaches their outputs (Learning without Forgetting), a replay sample of
+their images may be mixed in; classes.txt and add_classes_report.yaml (old classes' accuracy before and after,
+new classes') are written with the checkpoints:
+
+  python train.py --add-classes outputs/best.pth --train-data-roots NEW --val-data-roots ALL \\
+                  --replay-data-root OLD/train --replay-per-class 20 --save-checkpoints-to outputs_added
   python train.py --gpu-num 4 ...     # 4 processes on this machine (torchrun, DistributedDataParallel)
   torchrun --nnodes 2 --node-rank 0 --nproc-per-node 8 --rdzv-backend c10d --rdzv-endpoint HOST:29500 \\
       train.py ...                    # one of two machines; the other with --node-rank 1
@@ -35,7 +44,8 @@ from clsengine.errors import UserError
 from clsengine.fileio import write_text
 from clsengine.runlog import get_logger
 from clsengine.utils import seed_everything, select_device
-from workbench import cli, factories
+from workbench import cli, factories, incremental
+from workbench.calibrate import calibrate_checkpoint
 from workbench.template import dump_config, load_template, template_from_dict
 from workbench.training import train
 
@@ -45,7 +55,7 @@ WORK_DIR = Path(__file__).resolve().parent  # the work dir this script was insta
 RUN_FILES = ("latest.pth", "best.pth")
 CLEARED_ON_OVERWRITE = ("history.csv", "config.yaml", "train.log", "training_curves.png", "tensorboard",
                         "lr_finder.yaml", "lr_finder.png", "dataset_report.txt", "dataset_report.yaml",
-                        "skipped_images.txt")
+                        "skipped_images.txt", *incremental.OUTPUT_FILES)
 
 
 def parse_args() -> argparse.Namespace:
@@ -73,6 +83,7 @@ def parse_args() -> argparse.Namespace:
                    help="run the LR finder in this mode before training, or switch it off "
                         "(default: the template's training.lr_finder)")
     cli.add_runtime_args(p)
+    incremental.add_args(p)
     cli.add_template_args(p, WORK_DIR)
     return p.parse_intermixed_args()  # KEY=VALUE overrides may stand between flags
 
@@ -102,6 +113,7 @@ def main() -> int:
             sources["training.lr_finder.mode"] = (args.lr_finder, "--lr-finder")
     overrides = {key: value for key, (value, _) in sources.items()}
     resume = load_checkpoint(args.resume_from) if args.resume_from else None
+    adding = incremental.AddClasses.from_args(args)  # --add-classes: the old model (None without the flag)
     hpo_file = WORK_DIR / cli.HPO_BEST
     if resume is not None:
         if "config" not in resume:
@@ -112,7 +124,7 @@ def main() -> int:
         hpo = {}
     else:
         hpo = cli.hpo_overrides(hpo_file)  # optimize.py's result, below the command line
-        t = load_template(args.template, {**hpo, **overrides})
+        t = load_template(args.template, {**hpo, **(adding.template_keys() if adding else {}), **overrides})
     if t.gpu_num > 1 and not dist.launched_by_torchrun():
         return launch_processes(t.gpu_num)
 
@@ -126,7 +138,8 @@ def main() -> int:
         logger.warning(note)
     seed_everything(t.training.seed, t.training.deterministic)
 
-    train_scan, val_scan = cli.scan_train_val(args, t, logger, out, resume["classes"] if resume else None)
+    train_scan, val_scan = (adding.scan(args, t, logger, out) if adding else
+                            cli.scan_train_val(args, t, logger, out, resume["classes"] if resume else None))
     classes = train_scan.classes
     if t.task.background_label is not None and t.task.background_label not in classes:
         raise UserError(f"task.background_label '{t.task.background_label}' is not one of the classes "
@@ -146,6 +159,7 @@ def main() -> int:
     weights = args.load_weights
     if weights is None and (WORK_DIR / "snapshot.pth").is_file():
         weights = str(WORK_DIR / "snapshot.pth")
+    weights = adding.initial_weights(t, classes, out, logger) if adding and resume is None else weights
     if resume is not None:
         weights = None
     logger.info(f"Initial weights: {weights}" if weights else "Training from scratch")
@@ -153,6 +167,11 @@ def main() -> int:
     result = train(t, train_scan, val_scan, out, device, logger, weights=weights, resume=resume,
                    aux_weights=args.load_aux_weights, run_info={"resumed_from": args.resume_from},
                    tensorboard_dir=tensorboard_dir, started=started)
+    dist.shutdown()  # the calibration is rank 0's alone
+    if result is not None and world.is_main and t.calibration.enabled and (out / "best.pth").is_file():
+        calibrate_checkpoint(out / "best.pth", val_scan, args.template, overrides, logger)
+    if adding is not None and result is not None and world.is_main:
+        adding.report(out, t, val_scan, device, logger)  # classes.txt, old/new classes' accuracy
     if result is not None:
         score = "mAP" if factories.is_multilabel(t) else "top-1"
         written = [n for n in ("latest.pth", "best.pth", "config.yaml", "train.log", "history.csv",
@@ -160,7 +179,6 @@ def main() -> int:
         logger.info(f"Done: best val {score} {result['best_score']:.2f} at epoch {result['best_epoch']}. "
                     f"Results in {out}: {', '.join(written)}"
                     + (f", TensorBoard logs in {tensorboard_dir}" if tensorboard_dir else ""))
-    dist.shutdown()
     return 0
 
 

@@ -11,6 +11,7 @@ from typing import Any, Callable
 import torch
 
 from clsengine import data as datasets
+from clsengine.calibration import Calibration
 from clsengine.checkpoint import load_checkpoint, load_model_weights, load_state_dict_file
 from clsengine.complexity import complexity
 from clsengine.compression import is_quantized, restore_quantized
@@ -41,6 +42,8 @@ class Classifier:
     # Like `run`, but -> (logits, saliency maps (N, classes, h, w) in [0, 1]); None for an exported file without
     # a saliency output (export.py --explain writes one) and for int8 checkpoints (see clsengine.saliency)
     explain: Callable[[torch.Tensor], tuple[torch.Tensor, torch.Tensor]] | None = None
+    # Fitted on the validation set after training (clsengine.calibration); None: raw softmax / sigmoid scores
+    calibration: Calibration | None = None
 
     @property
     def multilabel(self) -> bool:
@@ -48,18 +51,35 @@ class Classifier:
 
     @property
     def threshold(self) -> float:
+        """The global multi-label threshold (task.threshold): the fallback of per-class thresholds."""
         return float(self.task.get("threshold", 0.5))
+
+    @property
+    def thresholds(self) -> float | list[float]:
+        """What decides a multi-label answer: the calibrated per-class thresholds, else the global one."""
+        if self.calibration is not None and self.calibration.thresholds:
+            return list(self.calibration.thresholds)
+        return self.threshold
 
     @property
     def background_index(self) -> int | None:
         name = self.task.get("background_label")
         return self.classes.index(name) if name in self.classes else None
 
-    def probabilities(self, logits: torch.Tensor) -> torch.Tensor:
-        """Softmax, or for multi-label independent sigmoids (with the background label suppressed)."""
+    def probabilities(self, logits: torch.Tensor, calibrated: bool = True) -> torch.Tensor:
+        """Softmax, or for multi-label independent sigmoids (with the background label suppressed); of the
+        calibrated logits (logits / temperature) unless `calibrated` is False or there is no calibration."""
+        calibration = self.calibration if calibrated else None
         if self.multilabel:
-            return multilabel_probs(logits, self.background_index, self.threshold)
-        return logits.softmax(dim=1)
+            return multilabel_probs(calibration.scaled(logits) if calibration else logits, self.background_index,
+                                    self.thresholds if calibration else self.threshold)
+        return calibration.probabilities(logits, False) if calibration else logits.float().softmax(dim=1)
+
+    def unknown(self, logits: torch.Tensor) -> torch.Tensor:
+        """True for each image answered "unknown" (single-label, calibrated with a rejection threshold)."""
+        if self.multilabel or self.calibration is None:
+            return torch.zeros(len(logits), dtype=torch.bool)
+        return self.calibration.unknown(logits)
 
     def transform(self) -> datasets.transforms.Pipeline:
         return datasets.build_deploy_transform(self.input_size, bgr=self.input_order == "BGR")
@@ -139,7 +159,7 @@ def load_classifier(path: str | Path, *, template_path: str, overrides: dict[str
                           kind="OpenVINO IR" if path.suffix == ".xml" else "ONNX", runtime=exported.runtime_name,
                           complexity=exported.complexity,
                           template=load_template(template_path, overrides), task=exported.task,
-                          explain=exported.explain if exported.saliency else None)
+                          explain=exported.explain if exported.saliency else None, calibration=exported.calibration)
     if path.suffix == ".bin" and path.with_suffix(".xml").is_file():
         raise UserError(f"{path} is the weights half of an OpenVINO IR; pass {path.with_suffix('.xml')}")
     checkpoint = load_checkpoint(path)
@@ -169,5 +189,5 @@ def load_classifier(path: str | Path, *, template_path: str, overrides: dict[str
     return Classifier(run=deploy, classes=classes, input_size=size, input_order=order, device=device,
                       files=[path], kind="int8 checkpoint" if quantized else "checkpoint", runtime="PyTorch",
                       complexity=lambda: complexity(model, size), template=t, task=factories.task_metadata(t),
-                      explain=explain)
+                      explain=explain, calibration=Calibration.from_dict(checkpoint.get("calibration")))
 

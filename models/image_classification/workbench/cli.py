@@ -14,7 +14,7 @@ import yaml
 from clsengine import data as datasets
 from clsengine import distributed as dist
 from clsengine.errors import UserError
-from clsengine.fileio import NO_PERMISSION, NO_SPACE, write_error
+from clsengine.fileio import WRITE_ERRNOS, write_error
 from clsengine.inference import RUNTIMES
 from clsengine.rundir import LOCK_FILE, RunLock, claim_run_folder, release_all
 
@@ -210,8 +210,9 @@ def run(main: Callable[[], int | None]) -> None:
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr)
         sys.exit(130)
-    except OSError as exc:  # a write outside the project's own file helpers: a full disk, a read-only folder
-        error = write_error(exc.filename or "a file", exc) if exc.errno in NO_SPACE + NO_PERMISSION else None
+    except OSError as exc:  # a write outside the project's own file helpers: a full disk, a read-only folder,
+        # an output path under a file
+        error = write_error(exc.filename or "a file", exc) if exc.errno in WRITE_ERRNOS else None
         if error is None:
             raise
         print(f"error: {error}", file=sys.stderr)

@@ -64,12 +64,16 @@ class IRJudge:
     run on the validation images by OpenVINO."""
 
     def __init__(self, t: Template, classes: list[str], val_samples: list[tuple[str, int]], template_path: str,
-                 overrides: dict) -> None:
+                 overrides: dict, calibration: dict | None = None) -> None:
         self.t, self.classes, self.samples = t, classes, val_samples
         self.template_path, self.overrides = template_path, overrides
+        self.calibration = calibration   # the float checkpoint's: every IR carries it (its logits are close)
+
+    def export_kwargs(self) -> dict[str, Any]:
+        return factories.export_kwargs(self.t, self.classes, calibration=self.calibration)
 
     def export(self, model: torch.nn.Module, xml: Path) -> Path:
-        return export_openvino(model, xml, **factories.export_kwargs(self.t, self.classes))
+        return export_openvino(model, xml, **self.export_kwargs())
 
     def score(self, xml: Path) -> float:
         ir = load_classifier(xml, template_path=self.template_path, overrides=self.overrides, classes=self.classes,
@@ -102,6 +106,7 @@ class CompressionJob:
     resume_path: str | None = None
     epochs_flag: int | None = None  # --epochs as given: its being ignored is logged
     benchmark_seconds: float = 3.0
+    calibration: dict | None = None   # the float checkpoint's (clsengine.calibration), carried into every output
     tensorboard_dir: Path | None = None
 
     @property
@@ -116,7 +121,7 @@ def compress(job: CompressionJob) -> dict[str, Any]:
     asks for it, an int8 ONNX (export/model.onnx) when compression.int8_onnx does. Returns the metrics, whose
     ["budget"]["met"] says whether the shipped int8 IR meets the budget."""
     t, c, out, logger = job.t, job.t.compression, job.out, job.logger
-    judge = IRJudge(t, job.classes, job.val_scan.samples, job.template_path, job.overrides)
+    judge = IRJudge(t, job.classes, job.val_scan.samples, job.template_path, job.overrides, job.calibration)
     job.float_model.to(job.device)
     clock = Stopwatch()
     float_xml = judge.export(job.float_model, out / "export_fp32" / "model.xml")
@@ -141,7 +146,7 @@ def compress(job: CompressionJob) -> dict[str, Any]:
         model, extra = _torch_post_training(job, quant_info, config, for_qat=epochs is not None)
         if epochs is not None:
             epochs_run, qat_won = _fine_tune(job, model, judge, budget, ptq_score, extra, epochs)
-        clock.lap("qat")
+        clock.lap("pytorch")  # its PTQ, and fine-tuning when it runs
     return _ship(job, judge, float_xml, float_score, ptq_xml, ptq_score, epochs_run, qat_won, clock)
 
 
@@ -192,7 +197,8 @@ def _torch_post_training(job: CompressionJob, quant_info: dict, config: dict, fo
     t, c = job.t, job.t.compression
     def extra(model: torch.nn.Module) -> dict:
         return {"config": config, "classes": job.classes, "arch": t.model.architecture,
-                "quantization": {**quant_info, "nncf": quantization_state(model)}}
+                "quantization": {**quant_info, "nncf": quantization_state(model)},
+                **({"calibration": job.calibration} if job.calibration else {})}
 
     if job.resume is not None:
         model = model_from_checkpoint(job.resume, job.resume_path, job.overrides)[2].to(job.device)
@@ -294,7 +300,7 @@ def _ship(job: CompressionJob, judge: IRJudge, float_xml: Path, float_score: flo
         rows[name] = {key: round(score, 2), "ir": str(xml), "size_bytes": files_size(xml),
                       "throughput_img_s": round(speed, 1) if speed else None}
     if best_model is not None and c.int8_onnx:
-        onnx_file = export_onnx(best_model, out / "export" / "model.onnx", **factories.export_kwargs(t, job.classes))
+        onnx_file = export_onnx(best_model, out / "export" / "model.onnx", **judge.export_kwargs())
         rows["int8_onnx"] = {key: round(judge.score(onnx_file), 2), "onnx": str(onnx_file),
                              "size_bytes": onnx_file.stat().st_size, "from": "best.pth (NNCF, PyTorch backend)"}
     clock.lap("ship")

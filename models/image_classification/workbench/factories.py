@@ -9,6 +9,7 @@ import torch
 import torch.nn as nn
 
 from clsengine import data as datasets
+from clsengine.calibration import Calibration
 from clsengine.checkpoint import load_checkpoint, load_model_weights, load_state_dict_file
 from clsengine.ema import create_ema
 from clsengine.errors import UserError
@@ -90,15 +91,16 @@ def task_metadata(t: Template) -> dict:
 
 
 def export_kwargs(t: Template, labels: list[str], size: tuple[int, int] | None = None,
-                  static_batch: bool | None = None) -> dict[str, Any]:
+                  static_batch: bool | None = None, calibration: dict[str, Any] | None = None) -> dict[str, Any]:
     """clsengine.export's arguments from the template (input, preprocessing, channel order, output_format,
-    task) and the model's labels: every exporter of the domain (export.py, compress.py, the benchmarks) reads
-    the template here. `size` (height, width) and `static_batch` override the template's (a benchmark timing
-    several batch sizes needs a dynamic batch)."""
+    task), the model's labels and its checkpoint's calibration (None: uncalibrated outputs): every exporter of
+    the domain (export.py, compress.py, the benchmarks) reads the template here. `size` (height, width) and
+    `static_batch` override the template's (a benchmark timing several batch sizes needs a dynamic batch)."""
     return dict(input_size=size or input_size(t), mean=t.input.mean, std=t.input.std,
                 input_order=t.output_format.openvino_input_format, train_order=t.input.channel_order,
                 labels=labels, task=task_metadata(t),
-                static_batch=t.output_format.static_shape if static_batch is None else static_batch)
+                static_batch=t.output_format.static_shape if static_batch is None else static_batch,
+                calibration=Calibration.from_dict(calibration))
 
 
 def class_weights(t: Template, class_counts: list[int] | None) -> torch.Tensor | None:
@@ -213,6 +215,10 @@ def describe_recipe(t: Template, recipe: Recipe) -> str:
     if recipe.aux_models:
         parts.append(f"mutual learning with {len(recipe.aux_models)} auxiliary model(s) "
                      f"({', '.join(a.model.architecture for a in tr.mutual_learning.aux_models)})")
+    if recipe.teacher is not None:
+        d = tr.distillation
+        parts.append(f"distillation (T={d.temperature:g}, weight={d.weight:g}"
+                     + (", on the teacher's classes only" if d.teacher_classes == "subset" else "") + ")")
     if recipe.ema is not None:
         parts.append(f"EMA(decay={tr.ema.decay})")
     if t.data.balanced_sampler:

@@ -18,6 +18,7 @@ import yaml
 
 from clsengine.auto import AMP_MODES, AUGMENTATION_LEVELS
 from clsengine.budget import parse_duration
+from clsengine.calibration import REJECTION_SCORES
 from clsengine.compression import MODES as COMPRESSION_MODES, OVERFLOW_FIX, PRESETS
 from clsengine.data import FORMATS, AugmentationConfig
 from clsengine.data.balance import CLASS_WEIGHT_MODES
@@ -134,6 +135,19 @@ class MutualLearningSection:
 
 
 @dataclass
+class DistillationSection:
+    """A fixed teacher (knowledge distillation; --add-classes makes the old model one: Learning without
+    Forgetting). The teacher is frozen and never saved with the student nor exported."""
+    enabled: bool = False                   # no auto: at equal wall time the teacher did not pay (domain README)
+    teacher: str | None = None              # a training checkpoint, or a work dir (its outputs/best.pth) of any
+                                            # template; relative: from the current folder
+    temperature: float = 2.0                # softmax / sigmoid temperature T; the term is scaled by T^2
+    weight: float = 1.0                     # loss = the template's loss + weight x T^2 x KL(teacher || student)
+    teacher_classes: str = "same"           # same: the student's classes (any order) | subset: some of them, the
+                                            # student's logits of those are distilled (LwF; set by --add-classes)
+
+
+@dataclass
 class EmaSection:
     enabled: bool = False
     decay: float = 0.999
@@ -175,6 +189,7 @@ class TrainingSection:
                                             # auto (light in short runs, full in long ones)
     ema: EmaSection = field(default_factory=EmaSection)
     mutual_learning: MutualLearningSection = field(default_factory=MutualLearningSection)
+    distillation: DistillationSection = field(default_factory=DistillationSection)
     lr_finder: LrFinderSection = field(default_factory=LrFinderSection)
     amp: str = "auto"                       # none | bf16 | fp16 | auto: see device_policy.amp_dtype
     channels_last: bool | str = "auto"      # NHWC weights and batches; auto: see device_policy.memory_format
@@ -218,6 +233,17 @@ class CompressionSection:
     int8_onnx: bool = False                 # also an int8 ONNX (NNCF's PyTorch backend) for other runtimes
     qat_epochs: int | None = None           # null: computed from the dataset size (clsengine.compression.qat_epochs)
     qat_lr_factor: float = 0.01             # fine-tuning LR = base_learning_rate x this
+
+
+@dataclass
+class CalibrationSection:
+    """Scores a user can act on (clsengine.calibration), fitted on the validation set after training and
+    stored in best.pth: a temperature, per-class thresholds (multi-label), an "unknown" threshold."""
+    enabled: bool = True                    # fit after training (eval.py --calibrate refits on other data)
+    rejection_score: str = "energy"         # single-label "unknown" score: energy | max_prob | none
+    keep: float = 0.95                      # share of correct validation answers kept above the unknown threshold
+    target_precision: float | None = None   # multi-label thresholds: null: best F1 per class; else the lowest
+                                            # threshold reaching this precision
 
 
 @dataclass
@@ -274,6 +300,7 @@ class Template:
     metrics: list[Metric] = field(default_factory=list)
     output_format: OutputFormat = field(default_factory=OutputFormat)
     compression: CompressionSection = field(default_factory=CompressionSection)
+    calibration: CalibrationSection = field(default_factory=CalibrationSection)
     hpo: HpoSection = field(default_factory=HpoSection)
     snapshot: Snapshot | None = None
     gpu_num: int = 1
@@ -507,6 +534,7 @@ def _training_checks(t: Template) -> list[Check]:
          "greater than training.lr_finder.min_lr (both positive)"),
         ("training.mutual_learning.aux_models", tr.mutual_learning.enabled is False or tr.mutual_learning.aux_models,
          "a non-empty list when mutual learning is enabled"),
+        *_distillation_checks(tr.distillation),
         ("training.workers", tr.workers == AUTO or (isinstance(tr.workers, int) and tr.workers >= 0),
          "auto or 0 or more"),
         ("training.scale_lr", tr.scale_lr in LR_SCALING, _one_of(LR_SCALING)),
@@ -514,6 +542,18 @@ def _training_checks(t: Template) -> list[Check]:
          "0 for task.type multilabel (as training.augmentation.cutmix_alpha): MixUp and CutMix take one label "
          "per image"),
     ]
+
+
+TEACHER_CLASSES = ("same", "subset")
+
+
+def _distillation_checks(d: DistillationSection) -> list[Check]:
+    key = "training.distillation"
+    return [(f"{key}.teacher", not d.enabled or bool(d.teacher),
+             "a checkpoint or a work dir when training.distillation.enabled is true"),
+            (f"{key}.temperature", d.temperature > 0, "positive"),
+            (f"{key}.weight", d.weight >= 0, "0 or more"),
+            (f"{key}.teacher_classes", d.teacher_classes in TEACHER_CLASSES, " or ".join(TEACHER_CLASSES))]
 
 
 def _head_checks(t: Template) -> list[Check]:
@@ -554,6 +594,11 @@ def _other_checks(t: Template) -> list[Check]:
         ("compression.qat_epochs", c.mode != "qat" or c.qat_epochs != 0,
          "at least 1 when compression.mode is qat (null: computed)"),
         ("compression.qat_lr_factor", c.qat_lr_factor > 0, "positive"),
+        ("calibration.rejection_score", t.calibration.rejection_score in (*REJECTION_SCORES, "none"),
+         _one_of((*REJECTION_SCORES, "none"))),
+        ("calibration.keep", 0 < t.calibration.keep <= 1, "in (0, 1]"),
+        ("calibration.target_precision", t.calibration.target_precision is None
+         or 0 < t.calibration.target_precision <= 1, "null or in (0, 1]"),
         ("hpo.learning_rate", hpo.learning_rate is None or (len(hpo.learning_rate) == 2
                                                             and 0 < hpo.learning_rate[0] <= hpo.learning_rate[1]),
          "null or [low, high] with 0 < low <= high"),

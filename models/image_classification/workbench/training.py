@@ -15,11 +15,11 @@ from clsengine import data as datasets
 from clsengine import distributed as dist
 from clsengine.budget import parse_duration, probe_steps, seconds_per_image
 from clsengine.fileio import write_text
-from clsengine.loop import FitConfig, fit
+from clsengine.loop import Diverged, FitConfig, fit
 from clsengine.models import classifier, freeze_backbone, load_pretrained
 from clsengine.transfer import linear_probe
 
-from . import auto, device_policy, factories, loaders, time_budget
+from . import auto, device_policy, distill, factories, loaders, time_budget
 from .template import Template, dump_config
 from .versions import versions
 
@@ -49,6 +49,7 @@ def train(t: Template, train_scan: datasets.DatasetScan, val_scan: datasets.Data
     if weights and resume is None:  # the linear probe runs first: a time budget then plans what is left
         head = probe_head(t, facts, weights, train_scan, val_scan, device, logger)
     t, choices = decide_auto(t, facts, train_scan, val_scan, device, weights, budget_s, started)
+    t, teacher = distill.build_teacher(t, classes, device, logger)  # training.distillation; a bad one fails here
     for choice in choices:
         logger.info(str(choice))
     if (hint := auto.small_image_hint(t)) is not None:
@@ -64,6 +65,7 @@ def train(t: Template, train_scan: datasets.DatasetScan, val_scan: datasets.Data
     if lr != t.hyper_parameters.basic.base_learning_rate:
         t = auto.with_values(t, {LR_KEY: lr})
     recipe = factories.build_recipe(t, model, len(classes), device, counts)
+    recipe.teacher = teacher
     if aux_weights and resume is None:
         factories.load_aux_weights(recipe.aux_models, aux_weights)
     optimizer = factories.build_optimizer(t, [model, *recipe.aux_models])
@@ -85,8 +87,12 @@ def train(t: Template, train_scan: datasets.DatasetScan, val_scan: datasets.Data
                         replan=None if budget_s is None else replanner(config, out, started + budget_s, facts.epochs),
                         score_start=head is not None,  # the probe's model competes for best.pth
                         checkpoint_extra={"config": config, "classes": classes, "arch": t.model.architecture})
-    return fit(model, train_loader, val_loader, criterion, optimizer, scheduler, device, fit_cfg, logger,
-               resume=resume, recipe=recipe, on_epoch_end=on_epoch_end)
+    try:
+        return fit(model, train_loader, val_loader, criterion, optimizer, scheduler, device, fit_cfg, logger,
+                   resume=resume, recipe=recipe, on_epoch_end=on_epoch_end)
+    except Diverged as exc:
+        raise Diverged(f"{exc} (--base-learning-rate; this run's: "
+                       f"{t.hyper_parameters.basic.base_learning_rate:.3g})") from None
 
 
 def decide_auto(t: Template, facts: auto.RunFacts, train_scan: datasets.DatasetScan, val_scan: datasets.DatasetScan,

@@ -1,0 +1,156 @@
+#!/usr/bin/env python3
+"""Does a stronger teacher pay for a small student at equal wall time? (training.distillation)
+
+  python tools/benchmark_distillation.py --digits --student mobilenet_v3_small --teacher convnet_small \\
+      --teacher-epochs 20 --epochs 3 --seeds 0 1 2
+  python tools/benchmark_distillation.py --data PHOTOS --size 96 --student mobilenet_v3_small --teacher resnet18
+
+The teacher (--teacher template, --teacher-epochs) trains once on the training images. Then, for each seed, the
+student trains without a teacher for --epochs epochs: its train wall time T is the budget. The student with the
+teacher (training.distillation, --temperature, --weight) then trains with `train.py --time-budget T` (the
+teacher's forward passes cost epochs), and also for --epochs epochs (what the teacher brings per epoch, at a
+higher cost). Every run goes through the work-dir train.py with the template's other defaults; top-1 on val
+(test/ when the data has one, best.pth chosen on val); mean over --seeds (± their spread).
+"""
+from __future__ import annotations
+
+import argparse
+import os
+import platform
+import statistics
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+REPO_ROOT = Path(__file__).resolve().parent.parent
+TEMPLATES = REPO_ROOT / "models" / "image_classification" / "model_templates" / "custom-classification"
+
+
+def run(cmd: list[str], cwd: Path, log: Path) -> float:
+    """Run a command with its output appended to `log`; its wall time in seconds."""
+    start = time.perf_counter()
+    with open(log, "a") as out:
+        result = subprocess.run(cmd, cwd=cwd, stdout=out, stderr=subprocess.STDOUT)
+    if result.returncode != 0:
+        raise SystemExit(f"error: {' '.join(cmd)} failed in {cwd}; see {log}")
+    return time.perf_counter() - start
+
+
+def top1(checkpoint: Path, images: Path) -> float:
+    """Top-1 (%) of a checkpoint on class folders (the classes it knows)."""
+    from clsengine import data as datasets
+    from clsengine.loop import predict
+    from clsengine.metrics import primary_score
+    from workbench import loaders
+    from workbench.classifier import load_trained_model
+    from workbench.incremental import relabel
+
+    t, classes, model = load_trained_model(checkpoint)
+    scan = datasets.scan_folder(images)
+    scan = relabel(datasets.select_classes(scan, [c for c in scan.classes if c in classes]), classes, "eval")
+    device = torch.device("cpu")
+    return primary_score(*predict(model, loaders.val_loader(t, scan, device), device, progress=False))
+
+
+def work_dir(template: str, path: Path, log: Path) -> Path:
+    run([sys.executable, str(REPO_ROOT / "tools" / "instantiate_template.py"), str(TEMPLATES / template / "template.yaml"),
+         str(path), "--do-not-load-snapshot", "--overwrite"], REPO_ROOT, log)
+    return path
+
+
+def train(wd: Path, out: str, data: Path, extra: list[str], log: Path) -> dict:
+    """train.py on data/train, data/val; its wall time, epochs and top-1 on the evaluation images."""
+    seconds = run([sys.executable, "train.py", "--overwrite", "--save-checkpoints-to", out, "--workers", "0",
+                   "--train-data-roots", str(data / "train"), "--val-data-roots", str(data / "val"),
+                   "training.early_stopping_patience=null", "calibration.enabled=false", *extra], wd, log)
+    epochs = len((wd / out / "history.csv").read_text().strip().splitlines()) - 1
+    test = data / "test" if (data / "test").is_dir() else data / "val"
+    return {"seconds": seconds, "epochs": epochs, "top1": top1(wd / out / "best.pth", test)}
+
+
+def _cell(rs: list[dict]) -> str:
+    tops = [r["top1"] for r in rs]
+    spread = f" ± {statistics.stdev(tops):.2f}" if len(tops) > 1 else ""
+    epochs = "/".join(str(e) for e in sorted({r["epochs"] for r in rs}))
+    return f"{statistics.mean(tops):.2f}{spread} | {epochs} | {statistics.mean(r['seconds'] for r in rs):.0f}"
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    source = parser.add_mutually_exclusive_group()
+    source.add_argument("--data", type=Path, help="folder with train/ and val/ (and optionally test/) class folders")
+    source.add_argument("--digits", action="store_true", help="scikit-learn's digits at --size (the default)")
+    parser.add_argument("--student", default="mobilenet_v3_small")
+    parser.add_argument("--teacher", default="convnet_small", help="the teacher's template")
+    parser.add_argument("--teacher-epochs", type=int, default=20)
+    parser.add_argument("--epochs", type=int, default=3, help="epochs of the student without a teacher (T)")
+    parser.add_argument("--temperature", type=float, default=2.0)
+    parser.add_argument("--weight", type=float, default=1.0)
+    parser.add_argument("--size", type=int, default=None, help="input.size (digits: written at this size, 32)")
+    parser.add_argument("--seeds", type=int, nargs="*", default=[0])
+    parser.add_argument("--out", type=Path, default=Path("/tmp/distillation_bench"))
+    args = parser.parse_args()
+    for name in (args.student, args.teacher):
+        if not (TEMPLATES / name / "template.yaml").is_file():
+            print(f"error: no template {name} in {TEMPLATES}", file=sys.stderr)
+            return 2
+    args.out = args.out.resolve()
+    args.out.mkdir(parents=True, exist_ok=True)
+    if args.data is None:
+        args.size = args.size or 32
+        data = args.out / "digits"
+        if not (data / "train").is_dir():
+            run([sys.executable, str(REPO_ROOT / "tools" / "make_digits_dataset.py"), str(data), "--size",
+                 str(args.size)], REPO_ROOT, args.out / "data.log")
+    else:
+        data = args.data.resolve()
+        if not (data / "train").is_dir() or not (data / "val").is_dir():
+            print(f"error: {data} must hold train/ and val/ class folders", file=sys.stderr)
+            return 2
+    size = [f"input.size=[{args.size},{args.size}]"] if args.size else []
+    started = time.perf_counter()
+    log = args.out / "teacher.log"
+    log.unlink(missing_ok=True)
+    teacher_wd = work_dir(args.teacher, args.out / "teacher", log)
+    teacher = train(teacher_wd, "outputs", data, ["--epochs", str(args.teacher_epochs), *size], log)
+    print(f"teacher {args.teacher}: top-1 {teacher['top1']:.2f} ({teacher['epochs']} epochs, "
+          f"{teacher['seconds']:.0f} s)", flush=True)
+    distil = ["training.distillation.enabled=true", f"training.distillation.teacher={teacher_wd}",
+              f"training.distillation.temperature={args.temperature}", f"training.distillation.weight={args.weight}"]
+    results: dict[str, list[dict]] = {"alone": [], "teacher, equal time": [], "teacher, equal epochs": []}
+    for seed in args.seeds:
+        log = args.out / f"seed{seed}.log"
+        log.unlink(missing_ok=True)
+        wd = work_dir(args.student, args.out / f"student_seed{seed}", log)
+        common = [f"training.seed={seed}", *size]
+        alone = train(wd, "alone", data, ["--epochs", str(args.epochs), *common], log)
+        runs = {"alone": alone,
+                "teacher, equal time": train(wd, "time", data, ["--time-budget", str(round(alone["seconds"])),
+                                                                 *common, *distil], log),
+                "teacher, equal epochs": train(wd, "epochs", data, ["--epochs", str(args.epochs), *common, *distil],
+                                               log)}
+        for name, r in runs.items():
+            results[name].append(r)
+            print(f"seed {seed} {name:22s} top-1 {r['top1']:6.2f}  {r['epochs']:3d} epochs  {r['seconds']:6.1f} s",
+                  flush=True)
+
+    print(f"\nstudent {args.student}, teacher {args.teacher} ({args.teacher_epochs} epochs: top-1 "
+          f"{teacher['top1']:.2f}, {teacher['seconds']:.0f} s), {data.name}" + (f" at {args.size}x{args.size}" if
+                                                                                args.size else "")
+          + f", T = {args.temperature:g}, weight {args.weight:g}, seeds {args.seeds}; "
+          f"{platform.processor() or platform.machine()}, {os.cpu_count()} cores; "
+          f"{time.perf_counter() - started:.0f} s in all\n")
+    print("| student | top-1 (%) | epochs | train wall time (s) |")
+    print("|---|---:|---:|---:|")
+    for name, rs in results.items():
+        label = {"alone": f"alone, {args.epochs} epochs (T)", "teacher, equal time": "with the teacher, budget T",
+                 "teacher, equal epochs": f"with the teacher, {args.epochs} epochs"}[name]
+        print(f"| {label} | {_cell(rs)} |")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
