@@ -4,6 +4,8 @@
   python tools/benchmark_distillation.py --digits --student mobilenet_v3_small --teacher convnet_small \\
       --teacher-epochs 20 --epochs 3 --seeds 0 1 2
   python tools/benchmark_distillation.py --data PHOTOS --size 96 --student mobilenet_v3_small --teacher resnet18
+  python tools/benchmark_distillation.py --data PHOTOS --size 96 --teacher efficientnet_lite0 --teacher-pretrained \
+      --teacher-epochs 3 --epochs 10 --seeds 0 1 2        # a fine-tuned ImageNet teacher at its own 224 px
 
 The teacher (--teacher template, --teacher-epochs) trains once on the training images. Then, for each seed, the
 student trains without a teacher for --epochs epochs: its train wall time T is the budget. The student with the
@@ -55,9 +57,10 @@ def top1(checkpoint: Path, images: Path) -> float:
     return primary_score(*predict(model, loaders.val_loader(t, scan, device), device, progress=False))
 
 
-def work_dir(template: str, path: Path, log: Path) -> Path:
+def work_dir(template: str, path: Path, log: Path, snapshot: bool = False) -> Path:
+    """The template instantiated (with its ImageNet snapshot when `snapshot`, else from scratch)."""
     run([sys.executable, str(REPO_ROOT / "tools" / "instantiate_template.py"), str(TEMPLATES / template / "template.yaml"),
-         str(path), "--do-not-load-snapshot", "--overwrite"], REPO_ROOT, log)
+         str(path), *([] if snapshot else ["--do-not-load-snapshot"]), "--overwrite"], REPO_ROOT, log)
     return path
 
 
@@ -90,6 +93,10 @@ def main() -> int:
     parser.add_argument("--temperature", type=float, default=2.0)
     parser.add_argument("--weight", type=float, default=1.0)
     parser.add_argument("--size", type=int, default=None, help="input.size (digits: written at this size, 32)")
+    parser.add_argument("--teacher-pretrained", action="store_true",
+                        help="the teacher starts from its template's ImageNet snapshot (e.g. efficientnet_lite0)")
+    parser.add_argument("--teacher-size", type=int, default=None,
+                        help="the teacher's input.size (default: --size; a pretrained teacher: its template's)")
     parser.add_argument("--seeds", type=int, nargs="*", default=[0])
     parser.add_argument("--out", type=Path, default=Path("/tmp/distillation_bench"))
     args = parser.parse_args()
@@ -114,8 +121,10 @@ def main() -> int:
     started = time.perf_counter()
     log = args.out / "teacher.log"
     log.unlink(missing_ok=True)
-    teacher_wd = work_dir(args.teacher, args.out / "teacher", log)
-    teacher = train(teacher_wd, "outputs", data, ["--epochs", str(args.teacher_epochs), *size], log)
+    teacher_wd = work_dir(args.teacher, args.out / "teacher", log, snapshot=args.teacher_pretrained)
+    teacher_size = args.teacher_size or (None if args.teacher_pretrained else args.size)
+    teacher_input = [f"input.size=[{teacher_size},{teacher_size}]"] if teacher_size else []
+    teacher = train(teacher_wd, "outputs", data, ["--epochs", str(args.teacher_epochs), *teacher_input], log)
     print(f"teacher {args.teacher}: top-1 {teacher['top1']:.2f} ({teacher['epochs']} epochs, "
           f"{teacher['seconds']:.0f} s)", flush=True)
     distil = ["training.distillation.enabled=true", f"training.distillation.teacher={teacher_wd}",
