@@ -20,25 +20,13 @@ import argparse
 import os
 import platform
 import statistics
-import subprocess
 import sys
 import time
 from pathlib import Path
 
 import torch
 
-REPO_ROOT = Path(__file__).resolve().parent.parent
-TEMPLATES = REPO_ROOT / "models" / "image_classification" / "model_templates" / "custom-classification"
-
-
-def run(cmd: list[str], cwd: Path, log: Path) -> float:
-    """Run a command with its output appended to `log`; its wall time in seconds."""
-    start = time.perf_counter()
-    with open(log, "a") as out:
-        result = subprocess.run(cmd, cwd=cwd, stdout=out, stderr=subprocess.STDOUT)
-    if result.returncode != 0:
-        raise SystemExit(f"error: {' '.join(cmd)} failed in {cwd}; see {log}")
-    return time.perf_counter() - start
+from benchmark_recipe import REPO_ROOT, TEMPLATES, run
 
 
 def top1(checkpoint: Path, images: Path) -> float:
