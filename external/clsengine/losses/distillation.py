@@ -14,21 +14,17 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from ..errors import UserError
-from .mutual import _binary_kl
+from .mutual import kl_to_target
 
 
 def distillation_loss(student: torch.Tensor, teacher: torch.Tensor, temperature: float = 1.0,
                       multilabel: bool = False) -> torch.Tensor:
     """T^2 * KL(softmax(teacher / T) || softmax(student / T)), averaged over the batch; with `multilabel`, the KL
-    of each class's Bernoulli (sigmoid) summed over classes. The T^2 keeps the gradients' size at any T (Hinton).
-    Zero when the student's logits equal the teacher's; the teacher gets no gradient."""
+    of each class's Bernoulli (sigmoid) summed over classes (mutual learning's term, kl_to_target, with one
+    fixed side). Zero when the student's logits equal the teacher's; the teacher gets no gradient."""
     if temperature <= 0:
         raise UserError(f"distillation temperature must be positive, got {temperature}")
-    s, t = student.float() / temperature, teacher.detach().float() / temperature
-    if multilabel:
-        return _binary_kl(s, t) * temperature ** 2
-    return F.kl_div(F.log_softmax(s, dim=1), F.log_softmax(t, dim=1), log_target=True,
-                    reduction="batchmean") * temperature ** 2
+    return kl_to_target(student, teacher, temperature, multilabel)
 
 
 def _channel_affine(student_norm: tuple, teacher_norm: tuple) -> tuple[list[int], torch.Tensor, torch.Tensor]:

@@ -162,6 +162,14 @@ class Stopwatch:
         self.last = now
 
 
+def _calibration_loader(job: CompressionJob, transform, device: torch.device) -> datasets.EpochLoader:
+    """The same calibration images for either backend, one per batch (NNCF then counts images): `transform`
+    gives them the IR's input format or the PyTorch model's."""
+    t = job.t
+    subset = calibration_samples(job.train_scan.samples, t.compression.calibration_subset, t.training.seed)
+    return loaders.make_loader(loaders.dataset(t, subset, job.classes, transform), t, 1, train=False, device=device)
+
+
 def _post_training_ir(job: CompressionJob, judge: IRJudge, float_xml: Path, budget: AccuracyBudget
                       ) -> tuple[Path, float]:
     """The float IR quantized by NNCF's OpenVINO backend (export_ptq/) and its score; a resumed run keeps its
@@ -171,9 +179,7 @@ def _post_training_ir(job: CompressionJob, judge: IRJudge, float_xml: Path, budg
     if job.resume is not None and xml.is_file():
         info = job.resume["quantization"]
         return xml, float(info["ptq_score"] if "ptq_score" in info else info["ptq_top1"])  # older runs: ptq_top1
-    subset = calibration_samples(job.train_scan.samples, c.calibration_subset, t.training.seed)
-    calibration = loaders.make_loader(loaders.dataset(t, subset, job.classes, loaders.deploy_transform(t)), t, 1,
-                                      train=False, device=torch.device("cpu"))
+    calibration = _calibration_loader(job, loaders.deploy_transform(t), torch.device("cpu"))
     job.logger.info(f"Post-training quantization of the float IR (NNCF, OpenVINO backend): {len(calibration)} "
                     f"calibration images, preset {c.preset}, overflow fix {c.overflow_fix}"
                     + (f", float operations matching {c.ignored_scope}" if c.ignored_scope else ""))
@@ -203,9 +209,7 @@ def _torch_post_training(job: CompressionJob, quant_info: dict, config: dict, fo
     if job.resume is not None:
         model = model_from_checkpoint(job.resume, job.resume_path, job.overrides)[2].to(job.device)
         return model, extra(model)
-    subset = calibration_samples(job.train_scan.samples, c.calibration_subset, t.training.seed)
-    calibration = loaders.make_loader(loaders.dataset(t, subset, job.classes, loaders.eval_transform(t)), t, 1,
-                                      train=False, device=job.device)
+    calibration = _calibration_loader(job, loaders.eval_transform(t), job.device)
     uses = [use for use, wanted in (("quantization-aware training starts from it", for_qat),
                                     ("the int8 ONNX comes from it (compression.int8_onnx)", c.int8_onnx)) if wanted]
     job.logger.info(f"PyTorch model quantized too (NNCF, PyTorch backend, {len(calibration)} calibration images): "
