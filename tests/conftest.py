@@ -1,7 +1,9 @@
 """Shared fixtures: tiny generated image folders, template instantiation, running work-dir scripts."""
 from __future__ import annotations
 
+import contextlib
 import os
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -170,6 +172,32 @@ def trained_work_dir(root: Path, template: str = "resnet18", epochs: int = 2, pe
                         "input.size=[32,32]")
     assert result.returncode == 0, result.stderr
     return {"wd": wd, "train": train, "val": val, "root": root}
+
+
+@pytest.fixture(scope="module")
+def module_dir(request, tmp_path_factory) -> Path:
+    """A folder for one test module's shared fixtures (a trained work dir, exports), removed when the module
+    ends unless one of its tests failed (then kept for a look, as pytest keeps a failed test's tmp_path)."""
+    failed_before = request.session.testsfailed
+    path = tmp_path_factory.mktemp(request.module.__name__.removeprefix("test_"))
+    yield path
+    if request.session.testsfailed == failed_before:
+        shutil.rmtree(path, ignore_errors=True)
+
+
+@contextlib.contextmanager
+def leaves_no_trace(folder: Path):
+    """Remove what the body adds to `folder` (a session fixture's work dir shared by many tests), so that a full
+    run's disk use stays near one test's."""
+    before = set(folder.iterdir())
+    try:
+        yield
+    finally:
+        for path in set(folder.iterdir()) - before:
+            if path.is_dir() and not path.is_symlink():
+                shutil.rmtree(path, ignore_errors=True)
+            else:
+                path.unlink(missing_ok=True)
 
 
 @pytest.fixture(scope="session")

@@ -78,10 +78,10 @@ COMMON = ["--epochs", "1", "--batch-size", "6", "--workers", "0", "training.ema.
 
 
 @pytest.fixture(scope="module")
-def old_run(tmp_path_factory) -> dict:
+def old_run(module_dir) -> dict:
     """An old model on class_0..class_2 (32x32), its training data, and data with 2 more classes: `new` holds only
     the new classes' images, `all_val` every class."""
-    root = tmp_path_factory.mktemp("add_classes")
+    root = module_dir
     make_image_folder(root / "all" / "train", classes=5, per_class=6, seed=1)
     make_image_folder(root / "all" / "val", classes=5, per_class=2, seed=2)
     for split in ("train", "val"):

@@ -17,13 +17,14 @@ from clsengine.errors import UserError
 from clsengine.export import read_metadata
 from clsengine.inference import ExportedClassifier
 from clsengine.rundir import release_all
-from conftest import instantiate, run_captured
+from conftest import instantiate, leaves_no_trace, run_captured
 from workbench.template import TemplateError
 
 
 @pytest.fixture
 def trained(trained_resnet18) -> dict:
-    return trained_resnet18
+    with leaves_no_trace(trained_resnet18["wd"]):  # each compression run's folders go after its test
+        yield trained_resnet18
 
 
 def data_args(trained: dict) -> list[str]:
@@ -231,7 +232,7 @@ def test_mode_decides_whether_fine_tuning_runs_and_epochs_are_honoured(trained, 
 
 
 def test_resuming_fine_tuning_in_mode_ptq_is_refused(trained, monkeypatch, tmp_path):
-    marked = load_checkpoint(trained["wd"] / "outputs" / "best.pth")
+    marked = load_checkpoint(trained["wd"] / "outputs" / "latest.pth")  # a training state, as compress's latest.pth
     marked["quantization"] = {"float_weights": str(trained["wd"] / "outputs" / "best.pth")}
     save_checkpoint(marked, tmp_path / "latest.pth")
     with pytest.raises(UserError, match="compression.mode ptq never runs"):

@@ -350,8 +350,8 @@ def test_check_same_classes_different_order():
 
 
 @pytest.fixture(scope="module")
-def shared_work_dir(tmp_path_factory) -> Path:
-    path = tmp_path_factory.mktemp("data_scripts") / "wd_mobilenet_v3_small"
+def shared_work_dir(module_dir) -> Path:
+    path = module_dir / "wd_mobilenet_v3_small"
     result = instantiate("mobilenet_v3_small", path, "--do-not-load-snapshot")
     assert result.returncode == 0, result.stderr
     return path

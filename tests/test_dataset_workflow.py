@@ -146,9 +146,9 @@ def test_list_files_with_class_subset_weights_and_balanced_sampler(tmp_path: Pat
 
 
 @pytest.fixture(scope="module")
-def resnet_wd(tmp_path_factory) -> Path:
+def resnet_wd(module_dir) -> Path:
     """One work dir for the error cases: each fails before training, so they can share it."""
-    return make_work_dir(tmp_path_factory.mktemp("errors"), "resnet18")
+    return make_work_dir(module_dir, "resnet18")
 
 
 @pytest.mark.parametrize("case", ["missing_file", "unknown_label", "coco_missing_image", "invalid_json",

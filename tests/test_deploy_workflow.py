@@ -12,7 +12,7 @@ import yaml
 
 from clsengine.export import read_metadata
 from clsengine.inference import ExportedClassifier
-from conftest import assert_clean_error, make_image_folder, run_captured, run_script
+from conftest import assert_clean_error, leaves_no_trace, make_image_folder, run_captured, run_script
 
 
 @pytest.fixture(scope="module")
@@ -20,10 +20,10 @@ def trained(trained_resnet18) -> dict:
     """The session's trained resnet18 work dir, exported (IR + ONNX) to its export/ folder."""
     trained = trained_resnet18
     wd, val = trained["wd"], trained["val"]
-    result = run_script(wd, "export.py", "--load-weights", "outputs/best.pth", env={"VAL_DATA_ROOT": str(val)})
-    assert result.returncode == 0, result.stderr
-    trained["export_stdout"] = result.stdout
-    return trained
+    with leaves_no_trace(wd):  # export/ and what the tests write go with the module
+        result = run_script(wd, "export.py", "--load-weights", "outputs/best.pth", env={"VAL_DATA_ROOT": str(val)})
+        assert result.returncode == 0, result.stderr
+        yield {**trained, "export_stdout": result.stdout}
 
 
 def test_export_writes_parity_checked_ir_and_onnx(trained, tmp_path):

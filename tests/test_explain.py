@@ -50,10 +50,10 @@ def make_located_images(root: Path, per_class: int, seed: int) -> dict[str, int]
 
 
 @pytest.fixture(scope="module")
-def located(tmp_path_factory) -> dict:
+def located(module_dir) -> dict:
     """regnetx_800mf trained from scratch by train.py on the located squares (32x32: a 2x2 last feature map,
     one cell per quadrant), and exported by export.py --explain."""
-    root = tmp_path_factory.mktemp("located")
+    root = module_dir
     make_located_images(root / "train", per_class=30, seed=1)
     quadrants = make_located_images(root / "val", per_class=15, seed=2)
     wd = root / "wd"

@@ -49,11 +49,11 @@ def images(n: int = 4, seed: int = 1) -> torch.Tensor:
 
 
 @pytest.fixture(scope="module")
-def exported(tmp_path_factory) -> dict:
+def exported(module_dir) -> dict:
     """arch -> (model, onnx path, FP32 IR path), exported once for the module. export_openvino is export_onnx
     then onnx_to_openvino: the first architecture goes through it whole, the others convert the ONNX file
     just written (the same two steps, one graph export instead of two)."""
-    root = tmp_path_factory.mktemp("export")
+    root = module_dir
     out = {}
     for arch in ARCHS:
         model = warmed_model(arch)

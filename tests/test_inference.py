@@ -21,8 +21,8 @@ KW = dict(mean=IMAGENET_MEAN, std=IMAGENET_STD, labels=LABELS)
 
 
 @pytest.fixture(scope="module")
-def files(tmp_path_factory) -> dict:
-    root = tmp_path_factory.mktemp("inference")
+def files(module_dir) -> dict:
+    root = module_dir
     torch.manual_seed(0)
     model = create_model("resnet18", 3).eval()
     # Scales as a trained model has them: the zero-initialised residual branches of a fresh model would be

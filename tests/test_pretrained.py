@@ -21,8 +21,8 @@ CATS, ESPRESSO = {281, 282, 285}, 967
 
 
 @pytest.fixture(scope="module")
-def lite0_work_dir(tmp_path_factory):
-    wd = tmp_path_factory.mktemp("lite0") / "wd"
+def lite0_work_dir(module_dir):
+    wd = module_dir / "wd"
     result = instantiate(LITE0, wd)
     assert result.returncode == 0, result.stderr
     assert "verified" in result.stdout

@@ -19,6 +19,7 @@ from conftest import (REPO_ROOT, assert_clean_error, instantiate, make_image_fol
 
 from clsengine import fileio
 from clsengine.checkpoint import load_checkpoint, save_checkpoint
+from clsengine.checkpoint_saver import RESUME_ONLY_KEYS
 from clsengine.errors import UserError
 from clsengine.fileio import FAULT_ENV, WriteError, remove_stale_temporaries
 from clsengine.predictions import evaluate_predictions
@@ -31,10 +32,10 @@ def train_args(data: Path, epochs: int = 1) -> list[str]:
 
 
 @pytest.fixture(scope="module")
-def killed_run(tmp_path_factory) -> dict:
+def killed_run(module_dir) -> dict:
     """A run SIGKILLed between the latest.pth and best.pth writes of its first epoch (the test hook kills the
     process after best.pth's temporary file is written, before it replaces best.pth)."""
-    root = tmp_path_factory.mktemp("killed")
+    root = module_dir
     data = root / "data"
     make_image_folder(data / "train", per_class=4, seed=1)
     make_image_folder(data / "val", per_class=2, seed=2)
@@ -51,7 +52,7 @@ def copy_run(killed: dict, tmp_path: Path) -> Path:
     return wd
 
 
-def test_kill_between_latest_and_best_is_repaired_on_resume(killed_run, tmp_path: Path):
+def test_kill_between_latest_and_best_is_repaired_on_resume(killed_run, tmp_path: Path, monkeypatch, capsys):
     wd = copy_run(killed_run, tmp_path)
     out = wd / "outputs"
     latest = load_checkpoint(out / "latest.pth")
@@ -66,6 +67,12 @@ def test_kill_between_latest_and_best_is_repaired_on_resume(killed_run, tmp_path
     done = next(line for line in result.stdout.splitlines() if line.startswith("Done:"))
     listed = done.split(": ", 2)[2].split(", TensorBoard")[0].split(", ")
     assert "best.pth" in listed and all((out / name).is_file() for name in listed), done
+    # best.pth holds what deployment needs, latest.pth what resuming needs: resuming from best.pth is refused.
+    assert not set(RESUME_ONLY_KEYS) & set(best) and {"optimizer", "scheduler", "rng"} <= set(final)
+    assert (out / "best.pth").stat().st_size < 0.7 * (out / "latest.pth").stat().st_size
+    result = run_captured(wd, "train.py", *train_args(killed_run["data"], epochs=3), "--resume-from",
+                          "outputs/best.pth", monkeypatch=monkeypatch, capsys=capsys)
+    assert_clean_error(result, "outputs/best.pth", "latest.pth")
 
 
 def test_repair_rebuilds_best_from_the_ema_when_the_ema_was_best(tmp_path: Path):

@@ -44,9 +44,9 @@ def make_square_images(root: Path, per_class: int, seed: int) -> None:
 
 
 @pytest.fixture(scope="module")
-def squares(tmp_path_factory) -> dict:
+def squares(module_dir) -> dict:
     """convnet_small (an 8x8 last feature map at 32 px) trained from scratch by train.py on the squares."""
-    root = tmp_path_factory.mktemp("squares")
+    root = module_dir
     make_square_images(root / "train", per_class=30, seed=1)
     make_square_images(root / "val", per_class=12, seed=2)
     wd = root / "wd"

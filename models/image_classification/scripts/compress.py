@@ -33,6 +33,7 @@ import argparse
 from pathlib import Path
 
 from clsengine.checkpoint import load_checkpoint
+from clsengine.checkpoint_saver import require_resumable
 from clsengine.compression import MODES, is_quantized
 from clsengine.errors import UserError
 from clsengine.runlog import get_logger
@@ -95,6 +96,8 @@ def main() -> int:
     resume = load_checkpoint(args.resume_from) if args.resume_from else None
     if resume is not None and not is_quantized(resume):
         raise UserError(f"{args.resume_from} is not a checkpoint written by compress.py")
+    if resume is not None:
+        require_resumable(resume, args.resume_from)
     weights = args.load_weights or (resume["quantization"]["float_weights"] if resume else None)
     if not weights:
         raise UserError("pass the float checkpoint to compress: --load-weights outputs/best.pth")

@@ -40,6 +40,7 @@ import torch
 from clsengine import data as datasets
 from clsengine import distributed as dist
 from clsengine.checkpoint import load_checkpoint
+from clsengine.checkpoint_saver import require_resumable
 from clsengine.errors import UserError
 from clsengine.fileio import write_text
 from clsengine.runlog import get_logger
@@ -119,6 +120,7 @@ def main() -> int:
         if "config" not in resume:
             raise UserError(f"{args.resume_from} is a weights file, not a training checkpoint; "
                             f"use --load-weights to start from it")
+        require_resumable(resume, args.resume_from)
         # The checkpoint's configuration is authoritative; flags given now (e.g. --epochs) still apply.
         t = template_from_dict(resume["config"]["template"], f"checkpoint {args.resume_from}", overrides)
         hpo = {}
