@@ -61,8 +61,8 @@ class Calibration:
 
     def scaled(self, logits: torch.Tensor) -> torch.Tensor:
         """logits / T (+ b): what the softmax or the sigmoids take."""
-        scaled = logits.float() / self.temperatures(logits.shape[1])
-        return scaled + torch.as_tensor(self.bias, dtype=torch.float32) if self.bias is not None else scaled
+        bias = torch.as_tensor(self.bias, dtype=torch.float32) if self.bias is not None else None
+        return scale_logits(logits.float(), 1.0 / self.temperatures(logits.shape[1]), bias)
 
     def probabilities(self, logits: torch.Tensor, multilabel: bool) -> torch.Tensor:
         scaled = self.scaled(logits)
@@ -79,15 +79,28 @@ class Calibration:
         return self.rejection(logits) < self.reject_below
 
 
-def rejection_scores(logits: torch.Tensor, temperature: float, kind: str) -> torch.Tensor:
+# The maths on tensors only, so that the exported graph (export.DeployModel, its constants as buffers) traces
+# the same functions that eval and predict apply from a checkpoint's Calibration.
+def scale_logits(logits: torch.Tensor, inv_t: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
+    """logits x 1/T (+ b), 1/T a scalar or one per class."""
+    scaled = logits * inv_t
+    return scaled + bias if bias is not None else scaled
+
+
+def rejection_of_scaled(scaled: torch.Tensor, inv_t: torch.Tensor, kind: str) -> torch.Tensor:
     """max_prob: the top softmax probability of logits / T; energy: T logsumexp(logits / T) (both higher for
-    images the model knows)."""
-    scaled = logits.float() / temperature
+    images the model knows). `scaled` is logits / T."""
     if kind == "max_prob":
         return scaled.softmax(dim=1).max(dim=1).values
     if kind == "energy":
-        return temperature * torch.logsumexp(scaled, dim=1)
+        return torch.logsumexp(scaled, dim=1) / inv_t.reshape(-1)[0]
     raise UserError(f"rejection score must be one of {', '.join(REJECTION_SCORES)}, got '{kind}'")
+
+
+def rejection_scores(logits: torch.Tensor, temperature: float, kind: str) -> torch.Tensor:
+    """The per-image rejection score (rejection_of_scaled) of raw logits at temperature T."""
+    inv_t = torch.tensor(1.0 / temperature, dtype=torch.float32)
+    return rejection_of_scaled(scale_logits(logits.float(), inv_t), inv_t, kind)
 
 
 _LOG_T_BOUND = math.log(_T_RANGE[1])
@@ -272,4 +285,5 @@ def auroc(in_scores: Sequence[float] | torch.Tensor, out_scores: Sequence[float]
 
 
 __all__ = ["Calibration", "ECE_BINS", "REJECTION_SCORES", "auroc", "brier", "calibrate", "fit_class_temperatures", "fit_platt",
-           "fit_rejection", "fit_temperature", "fit_thresholds", "nll", "quality", "rejection_scores", "reliability"]
+           "fit_rejection", "fit_temperature", "fit_thresholds", "nll", "quality", "rejection_of_scaled", "rejection_scores",
+           "reliability", "scale_logits"]

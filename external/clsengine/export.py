@@ -26,7 +26,7 @@ from .compression import has_quantizers, strip_quantizers
 from .errors import UserError
 from .fileio import atomic_output, atomic_outputs
 from .inference import ExportedClassifier, runtimes_for
-from .calibration import Calibration
+from .calibration import Calibration, rejection_of_scaled, scale_logits
 from .metadata import (INPUT_NAME, MULTICLASS, OUTPUT_NAME, PREDICTED_NAME, PROBS_NAME, RT_SECTION, SALIENCY_NAME,
                        UNKNOWN_NAME, build_metadata, check_input_size, check_order, check_task, read_metadata,
                        read_raw_metadata)
@@ -99,17 +99,12 @@ class DeployModel(nn.Module):
 
     def calibrated(self, logits: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """(calibrated probabilities, the answer: "unknown" per image or "predicted" per class)."""
-        scaled = logits * self.inv_t
         if self.multilabel:
-            scaled = scaled + self.bias
-            probs = torch.sigmoid(scaled)
+            probs = torch.sigmoid(scale_logits(logits, self.inv_t, self.bias))
             return probs, (probs >= self.cut).float()
-        probs = scaled.softmax(dim=1)
-        if self.calibration.rejection_score == "energy":
-            score = torch.logsumexp(scaled, dim=1) / self.inv_t[:, 0]
-        else:
-            score = probs.max(dim=1).values
-        return probs, (score < self.cut[:, 0]).float()
+        scaled = scale_logits(logits, self.inv_t)
+        score = rejection_of_scaled(scaled, self.inv_t, self.calibration.rejection_score or "max_prob")
+        return scaled.softmax(dim=1), (score < self.cut[:, 0]).float()
 
     def forward(self, image: torch.Tensor) -> torch.Tensor | tuple[torch.Tensor, ...]:
         x = image.float()

@@ -56,7 +56,7 @@ def calibrate_checkpoint(path: Path, scan: datasets.DatasetScan, template_path: 
         raise UserError(f"{path} is an int8 checkpoint: calibrate the float checkpoint (compress.py carries its "
                         f"calibration over)")
     model = load_classifier(path, template_path=template_path, overrides=overrides, classes=scan.classes,
-                            classes_source=f"data ({scan.source})")
+                            classes_source=f"data ({scan.source})", checkpoint=checkpoint)
     logits, labels = model.predict(scan.samples, "calibration")
     calibration = fit(model.template, logits, labels)
     checkpoint["calibration"] = calibration.to_dict()

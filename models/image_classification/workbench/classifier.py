@@ -141,14 +141,15 @@ def _check_classes(own: list[str], classes: list[str] | None, own_source: str, c
 
 def load_classifier(path: str | Path, *, template_path: str, overrides: dict[str, Any], classes: list[str] | None,
                     classes_source: str, device: str = "CPU", runtime: str | None = None,
-                    allow_subset: bool = False) -> Classifier:
+                    allow_subset: bool = False, checkpoint: dict[str, Any] | None = None) -> Classifier:
     """Open `path` for inference.
 
     `device` and `runtime` say how an exported file runs (runtime None: onnxruntime for ONNX, OpenVINO for IR);
     a checkpoint runs in PyTorch on the template's device.
     `classes` (named by `classes_source`, e.g. the test folder) are needed for bare weights, which do not
     know their classes, and are checked against the classes a training checkpoint or exported file holds
-    (`allow_subset`: the model may know only some of them, e.g. one trained with --classes).
+    (`allow_subset`: the model may know only some of them, e.g. one trained with --classes). `checkpoint`: the
+    file at `path` as the caller has already read it.
     """
     path = Path(path)
     if is_exported_model(path):
@@ -162,7 +163,7 @@ def load_classifier(path: str | Path, *, template_path: str, overrides: dict[str
                           explain=exported.explain if exported.saliency else None, calibration=exported.calibration)
     if path.suffix == ".bin" and path.with_suffix(".xml").is_file():
         raise UserError(f"{path} is the weights half of an OpenVINO IR; pass {path.with_suffix('.xml')}")
-    checkpoint = load_checkpoint(path)
+    checkpoint = load_checkpoint(path) if checkpoint is None else checkpoint
     quantized = is_quantized(checkpoint)
     if "config" in checkpoint:  # written by train.py or compress.py: it knows its model and classes
         t, own, model = model_from_checkpoint(checkpoint, path, overrides)
