@@ -122,6 +122,9 @@ def test_per_image_cost_falls_with_the_batch_as_a_fixed_cost_per_step_is_shared(
     assert per_image_cost({32: 0.003})(128) == 0.003                     # one measurement: flat
     noisy = per_image_cost({16: 0.001, 64: 0.0002})                      # a step time that fell with the batch
     assert noisy(16) == 0.001 and noisy(128) == 0.0002
+    rising = per_image_cost({16: 0.0093, 64: 0.0154})                    # a cost per image that rose with the batch
+    assert rising(16) == pytest.approx(0.0093) and rising(8) == pytest.approx(0.0093)
+    assert rising(40) == pytest.approx((0.0093 + 0.0154) / 2) and rising(128) == pytest.approx(0.0154)
     assert probe_steps(16) == (3, 6) and probe_steps(64) == (2, 5) and probe_steps(8) == (3, 6)
 
 
