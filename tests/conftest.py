@@ -112,15 +112,33 @@ def run_captured(wd: Path, script: str, *args: str, monkeypatch, capsys) -> subp
     return subprocess.CompletedProcess([script, *args], code, captured.out, captured.err)
 
 
-@pytest.fixture(autouse=True)
-def _one_torch_thread():
+@contextlib.contextmanager
+def one_torch_thread():
     """In-process tests use tiny workloads: one intra-op thread avoids oversubscribing a small CPU."""
     import torch
 
     threads = torch.get_num_threads()
     torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(threads)
+
+
+@pytest.fixture(autouse=True)
+def _one_torch_thread():
+    with one_torch_thread():
+        yield
+
+
+def train_on_shapes(wd: Path, data: Path, epochs: int, size: int, monkeypatch) -> int:
+    """train.py in process on data/train and data/val of synthetic shapes, with a plain recipe: no crop that cuts
+    the shape off, no colour jitter on colour classes; returns the exit status."""
+    return run_in_process(wd, "train.py", "--train-data-roots", str(data / "train"), "--val-data-roots",
+                          str(data / "val"), "--epochs", str(epochs), "--base-learning-rate", "0.005",
+                          "--workers", "0", f"input.size=[{size},{size}]",
+                          "training.augmentation.random_resized_crop_scale=[1.0,1.0]",
+                          "training.augmentation.color_jitter_p=0", "tensorboard=false", monkeypatch=monkeypatch)
 
 
 @pytest.fixture

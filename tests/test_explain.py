@@ -19,7 +19,7 @@ from clsengine.inference import ExportedClassifier
 from clsengine.models import create_model, forward_features, forward_head, list_models
 from clsengine.models.factory import IMAGENET_MEAN, IMAGENET_STD
 from clsengine.saliency import overlay, recipro_cam
-from conftest import assert_clean_error, instantiate, run_captured, run_in_process
+from conftest import assert_clean_error, instantiate, one_torch_thread, run_captured, run_in_process, train_on_shapes
 from test_export import warmed_model
 from workbench.classifier import load_classifier
 
@@ -58,21 +58,13 @@ def located(module_dir) -> dict:
     quadrants = make_located_images(root / "val", per_class=15, seed=2)
     wd = root / "wd"
     assert instantiate("regnetx_800mf", wd, "--do-not-load-snapshot").returncode == 0
-    start, threads = time.monotonic(), torch.get_num_threads()
-    torch.set_num_threads(1)   # as conftest's per-test fixture does (this one is set up before it)
-    try:
-        with pytest.MonkeyPatch.context() as mp:
-            # A plain, fast recipe: no crop that cuts the square off, no colour jitter on colour classes.
-            assert run_in_process(wd, "train.py", "--train-data-roots", str(root / "train"), "--val-data-roots",
-                                  str(root / "val"), "--epochs", "3", "--base-learning-rate", "0.005",
-                                  "--workers", "0", f"input.size=[{SIZE},{SIZE}]",
-                                  "training.augmentation.random_resized_crop_scale=[1.0,1.0]",
-                                  "training.augmentation.color_jitter_p=0", "tensorboard=false", monkeypatch=mp) == 0
-            train_s = time.monotonic() - start
-            assert run_in_process(wd, "export.py", "--load-weights", "outputs/best.pth", "--save-model-to", "export",
-                                  "--explain", "--val-data-roots", str(root / "val"), monkeypatch=mp) == 0
-    finally:
-        torch.set_num_threads(threads)
+    start = time.monotonic()
+    # One thread, as conftest's per-test fixture sets (this module fixture is set up before it).
+    with one_torch_thread(), pytest.MonkeyPatch.context() as mp:
+        assert train_on_shapes(wd, root, 3, SIZE, mp) == 0
+        train_s = time.monotonic() - start
+        assert run_in_process(wd, "export.py", "--load-weights", "outputs/best.pth", "--save-model-to", "export",
+                              "--explain", "--val-data-roots", str(root / "val"), monkeypatch=mp) == 0
     return {"wd": wd, "root": root, "val": root / "val", "quadrants": quadrants, "train_s": train_s}
 
 

@@ -17,7 +17,7 @@ from clsengine import data as datasets
 from clsengine import saliency_checks as sc
 from clsengine.checkpoint import load_checkpoint, save_checkpoint
 from clsengine.export import DeployModel, export_onnx
-from conftest import assert_clean_error, instantiate, run_captured, run_in_process
+from conftest import assert_clean_error, instantiate, one_torch_thread, run_captured, run_in_process, train_on_shapes
 from workbench import factories
 from workbench.classifier import Classifier, load_classifier
 
@@ -51,18 +51,10 @@ def squares(module_dir) -> dict:
     make_square_images(root / "val", per_class=12, seed=2)
     wd = root / "wd"
     assert instantiate("convnet_small", wd, "--do-not-load-snapshot").returncode == 0
-    start, threads = time.monotonic(), torch.get_num_threads()
-    torch.set_num_threads(1)   # as conftest's per-test fixture does (this one is set up before it)
-    try:
-        with pytest.MonkeyPatch.context() as mp:
-            # A plain recipe: no crop that cuts the square off, no colour jitter on colour classes.
-            assert run_in_process(wd, "train.py", "--train-data-roots", str(root / "train"), "--val-data-roots",
-                                  str(root / "val"), "--epochs", "4", "--base-learning-rate", "0.005",
-                                  "--workers", "0", f"input.size=[{SIZE},{SIZE}]",
-                                  "training.augmentation.random_resized_crop_scale=[1.0,1.0]",
-                                  "training.augmentation.color_jitter_p=0", "tensorboard=false", monkeypatch=mp) == 0
-    finally:
-        torch.set_num_threads(threads)
+    start = time.monotonic()
+    # One thread, as conftest's per-test fixture sets (this module fixture is set up before it).
+    with one_torch_thread(), pytest.MonkeyPatch.context() as mp:
+        assert train_on_shapes(wd, root, 4, SIZE, mp) == 0
     return {"wd": wd, "val": root / "val", "root": root, "train_s": time.monotonic() - start}
 
 
