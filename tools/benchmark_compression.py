@@ -24,7 +24,7 @@ from pathlib import Path
 
 import yaml
 
-from benchmark_recipe import REPO_ROOT, TEMPLATES, digits_dataset, run
+from benchmark_recipe import TEMPLATES, digits_dataset, instantiate, run
 from clsengine.checkpoint import load_checkpoint
 from clsengine.export import export_openvino
 from clsengine.speed import ov_throughput
@@ -87,9 +87,7 @@ def main() -> int:
         compress_s = float("nan")
         if not (args.reuse and (work_dir / "outputs_int8" / "metrics.yaml").is_file()):
             log.unlink(missing_ok=True)
-            run([sys.executable, str(REPO_ROOT / "tools" / "instantiate_template.py"),
-                 str(TEMPLATES / name / "template.yaml"), str(work_dir), "--do-not-load-snapshot", "--overwrite"],
-                REPO_ROOT, log)
+            instantiate(name, work_dir, log)
             run([sys.executable, "train.py", "--overwrite", *data_args, "--epochs", str(args.epochs), "--batch-size",
                  str(args.batch_size), f"input.size=[{args.size},{args.size}]", *SHORT_RECIPE], work_dir, log)
             compress_s = run([sys.executable, "compress.py", "--overwrite", "--load-weights", "outputs/best.pth", *data_args,

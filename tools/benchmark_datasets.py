@@ -25,7 +25,7 @@ from pathlib import Path
 
 import yaml
 
-from benchmark_recipe import REPO_ROOT, TEMPLATES, run, variants
+from benchmark_recipe import REPO_ROOT, instantiate, run, variants
 
 PLAIN = variants(["plain"])["plain"]
 
@@ -45,8 +45,7 @@ def train_and_eval(template: str, name: str, out: Path, data_args: list[str], te
     work_dir = out / name
     log = out / f"{name}.log"
     log.unlink(missing_ok=True)
-    run([sys.executable, str(REPO_ROOT / "tools" / "instantiate_template.py"), str(TEMPLATES / template /
-         "template.yaml"), str(work_dir), "--do-not-load-snapshot", "--overwrite"], REPO_ROOT, log)
+    instantiate(template, work_dir, log)
     seconds = run([sys.executable, "train.py", "--overwrite", *data_args, "--epochs", str(args.epochs), "--batch-size",
                    str(args.batch_size), "--workers", str(args.workers), "input.size=[32,32]",
                    "training.early_stopping_patience=null", *PLAIN, *extra], work_dir, log)

@@ -26,7 +26,8 @@ from pathlib import Path
 
 import torch
 
-from benchmark_recipe import REPO_ROOT, TEMPLATES, run
+from benchmark_recipe import (TEMPLATES, add_data_source, data_folder, epochs_trained, instantiate, mean_spread, run,
+                              scored_split)
 
 
 def top1(checkpoint: Path, images: Path) -> float:
@@ -45,35 +46,22 @@ def top1(checkpoint: Path, images: Path) -> float:
     return primary_score(*predict(model, loaders.val_loader(t, scan, device), device, progress=False))
 
 
-def work_dir(template: str, path: Path, log: Path, snapshot: bool = False) -> Path:
-    """The template instantiated (with its ImageNet snapshot when `snapshot`, else from scratch)."""
-    run([sys.executable, str(REPO_ROOT / "tools" / "instantiate_template.py"), str(TEMPLATES / template / "template.yaml"),
-         str(path), *([] if snapshot else ["--do-not-load-snapshot"]), "--overwrite"], REPO_ROOT, log)
-    return path
-
-
 def train(wd: Path, out: str, data: Path, extra: list[str], log: Path) -> dict:
     """train.py on data/train, data/val; its wall time, epochs and top-1 on the evaluation images."""
     seconds = run([sys.executable, "train.py", "--overwrite", "--save-checkpoints-to", out, "--workers", "0",
                    "--train-data-roots", str(data / "train"), "--val-data-roots", str(data / "val"),
                    "training.early_stopping_patience=null", "calibration.enabled=false", *extra], wd, log)
-    epochs = len((wd / out / "history.csv").read_text().strip().splitlines()) - 1
-    test = data / "test" if (data / "test").is_dir() else data / "val"
-    return {"seconds": seconds, "epochs": epochs, "top1": top1(wd / out / "best.pth", test)}
+    return {"seconds": seconds, "epochs": epochs_trained(wd / out), "top1": top1(wd / out / "best.pth", scored_split(data))}
 
 
 def _cell(rs: list[dict]) -> str:
-    tops = [r["top1"] for r in rs]
-    spread = f" ± {statistics.stdev(tops):.2f}" if len(tops) > 1 else ""
     epochs = "/".join(str(e) for e in sorted({r["epochs"] for r in rs}))
-    return f"{statistics.mean(tops):.2f}{spread} | {epochs} | {statistics.mean(r['seconds'] for r in rs):.0f}"
+    return f"{mean_spread([r['top1'] for r in rs])} | {epochs} | {statistics.mean(r['seconds'] for r in rs):.0f}"
 
 
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    source = parser.add_mutually_exclusive_group()
-    source.add_argument("--data", type=Path, help="folder with train/ and val/ (and optionally test/) class folders")
-    source.add_argument("--digits", action="store_true", help="scikit-learn's digits at --size (the default)")
+    add_data_source(parser, "scikit-learn's digits at --size (the default)")
     parser.add_argument("--student", default="mobilenet_v3_small")
     parser.add_argument("--teacher", default="convnet_small", help="the teacher's template")
     parser.add_argument("--teacher-epochs", type=int, default=20)
@@ -96,20 +84,12 @@ def main() -> int:
     args.out.mkdir(parents=True, exist_ok=True)
     if args.data is None:
         args.size = args.size or 32
-        data = args.out / "digits"
-        if not (data / "train").is_dir():
-            run([sys.executable, str(REPO_ROOT / "tools" / "make_digits_dataset.py"), str(data), "--size",
-                 str(args.size)], REPO_ROOT, args.out / "data.log")
-    else:
-        data = args.data.resolve()
-        if not (data / "train").is_dir() or not (data / "val").is_dir():
-            print(f"error: {data} must hold train/ and val/ class folders", file=sys.stderr)
-            return 2
+    data = data_folder(args.data, args.out, args.size)
     size = [f"input.size=[{args.size},{args.size}]"] if args.size else []
     started = time.perf_counter()
     log = args.out / "teacher.log"
     log.unlink(missing_ok=True)
-    teacher_wd = work_dir(args.teacher, args.out / "teacher", log, snapshot=args.teacher_pretrained)
+    teacher_wd = instantiate(args.teacher, args.out / "teacher", log, snapshot=args.teacher_pretrained)
     teacher_size = args.teacher_size or (None if args.teacher_pretrained else args.size)
     teacher_input = [f"input.size=[{teacher_size},{teacher_size}]"] if teacher_size else []
     teacher = train(teacher_wd, "outputs", data, ["--epochs", str(args.teacher_epochs), *teacher_input], log)
@@ -121,7 +101,7 @@ def main() -> int:
     for seed in args.seeds:
         log = args.out / f"seed{seed}.log"
         log.unlink(missing_ok=True)
-        wd = work_dir(args.student, args.out / f"student_seed{seed}", log)
+        wd = instantiate(args.student, args.out / f"student_seed{seed}", log)
         common = [f"training.seed={seed}", *size]
         alone = train(wd, "alone", data, ["--epochs", str(args.epochs), *common], log)
         runs = {"alone": alone,

@@ -44,7 +44,8 @@ from pathlib import Path
 
 import yaml
 
-from benchmark_recipe import REPO_ROOT, TEMPLATES, digits_dataset, run
+from benchmark_recipe import (TEMPLATES, add_data_source, data_folder, instantiate, mean_spread, run, scored_split,
+                              top1_of)
 
 
 def single_label_templates() -> list[str]:
@@ -54,11 +55,6 @@ def single_label_templates() -> list[str]:
         if task != "multilabel":
             names.append(path.parent.name)
     return names
-
-
-def top1_of(metrics_file: Path) -> float:
-    metrics = yaml.safe_load(metrics_file.read_text())
-    return float(next(m["value"] for m in metrics["metrics"] if m["key"] == "accuracy"))
 
 
 def auto_summary(train_log: Path) -> str:
@@ -84,17 +80,15 @@ def ours(template: str, data: Path, args: argparse.Namespace, seed: int) -> dict
     work_dir = args.out / f"{template}_seed{seed}"
     log = args.out / f"{work_dir.name}.log"
     log.unlink(missing_ok=True)
-    run([sys.executable, str(REPO_ROOT / "tools" / "instantiate_template.py"), str(TEMPLATES / template / "template.yaml"),
-         str(work_dir), "--overwrite", *([] if args.pretrained else ["--do-not-load-snapshot"])], REPO_ROOT, log)
+    instantiate(template, work_dir, log, snapshot=args.pretrained)
     extra = [f"input.size=[{args.input_size},{args.input_size}]"] if args.input_size else []
     length = (["--epochs", str(args.epochs)] if args.epochs else []) + (
         ["--time-budget", args.time_budget] if args.time_budget else [])
     seconds = run([sys.executable, "train.py", "--overwrite", "--train-data-roots", str(data / "train"),
                    "--val-data-roots", str(data / "val"), *length, f"training.seed={seed}", *extra, *args.set],
                   work_dir, log)
-    test = data / "test" if (data / "test").is_dir() else data / "val"
     run([sys.executable, "eval.py", "--load-weights", str(work_dir / "outputs" / "best.pth"), "--test-data-roots",
-         str(test), *extra], work_dir, log)
+         str(scored_split(data)), *extra], work_dir, log)
     return {"name": template, "top1": top1_of(work_dir / "metrics.yaml"), "seconds": seconds,
             "notes": auto_summary(work_dir / "outputs" / "train.log")}
 
@@ -181,7 +175,7 @@ def probe(template: str, data: Path, args: argparse.Namespace) -> dict:
     x, y = features("train")
     classifier = LogisticRegression(max_iter=5000).fit(x.numpy(), y.numpy())
     seconds = time.perf_counter() - started
-    tx, ty = features("test" if (data / "test").is_dir() else "val")
+    tx, ty = features(scored_split(data).name)
     top1 = 100.0 * classifier.score(tx.numpy(), ty.numpy())
     return {"name": f"{template} logistic-regression probe", "top1": top1, "seconds": seconds,
             "notes": "frozen pooled features, scikit-learn LogisticRegression()"}
@@ -189,9 +183,7 @@ def probe(template: str, data: Path, args: argparse.Namespace) -> dict:
 
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    source = parser.add_mutually_exclusive_group(required=True)
-    source.add_argument("--data", type=Path, help="folder with train/ and val/ (and optionally test/) class folders")
-    source.add_argument("--digits", action="store_true", help="scikit-learn's digits at 32x32 (written to --out)")
+    add_data_source(parser, "scikit-learn's digits at 32x32 (written to --out)", required=True)
     parser.add_argument("--templates", nargs="*", default=None,
                         help="default: every single-label template; the flag alone: none (timm only)")
     parser.add_argument("--epochs", type=int, default=None, help="epochs (with --time-budget: their maximum)")
@@ -231,13 +223,9 @@ def main() -> int:
         print(f"error: {args.timm_dir} holds no train.py (a pytorch-image-models checkout?)", file=sys.stderr)
         return 2
     args.out.mkdir(parents=True, exist_ok=True)
+    data = data_folder(None if args.digits else args.data, args.out, 32)
     if args.digits:
-        data, args.input_size = digits_dataset(args.out, 32), args.input_size or 32
-    else:
-        data = args.data.resolve()
-        if not (data / "train").is_dir() or not (data / "val").is_dir():
-            print(f"error: {data} must hold train/ and val/ class folders", file=sys.stderr)
-            return 2
+        args.input_size = args.input_size or 32
 
     runs: dict[str, list[dict]] = {}
     started = time.perf_counter()
@@ -253,7 +241,7 @@ def main() -> int:
             print(f"{name:28s} seed {seed}  top-1 {result['top1']:6.2f}  {result['seconds']:6.1f} s  {result['notes']}",
                   flush=True)
 
-    split = "test" if (data / "test").is_dir() else "val"
+    split = scored_split(data).name
     length = " ".join(([f"{args.epochs} epochs"] if args.epochs else []) +
                       ([f"time budget {args.time_budget}"] if args.time_budget else []))
     print(f"\n{data.name}: {length}" + (f", input {args.input_size}x{args.input_size}" if args.input_size
@@ -263,9 +251,7 @@ def main() -> int:
     print("| run | top-1 (%) | train wall time (s) | choices |")
     print("|---|---:|---:|---|")
     for name, results in runs.items():
-        tops = [r["top1"] for r in results]
-        spread = f" ± {statistics.stdev(tops):.2f}" if len(tops) > 1 else ""
-        print(f"| {name} | {statistics.mean(tops):.2f}{spread} | {statistics.mean(r['seconds'] for r in results):.0f} "
+        print(f"| {name} | {mean_spread([r['top1'] for r in results])} | {statistics.mean(r['seconds'] for r in results):.0f} "
               f"| {results[0]['notes']} |")
     return 0
 

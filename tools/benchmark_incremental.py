@@ -27,7 +27,8 @@ from pathlib import Path
 
 import torch
 
-from benchmark_recipe import REPO_ROOT, TEMPLATES, run
+from benchmark_recipe import (TEMPLATES, add_data_source, data_folder, epochs_trained, instantiate, mean_spread, run,
+                              scored_split)
 OLD_DIGITS = [str(d) for d in range(7)]
 
 
@@ -43,15 +44,7 @@ def link_classes(source: Path, target: Path, names: list[str]) -> Path:
 
 def prepare_data(args: argparse.Namespace) -> tuple[Path, list[str], list[str]]:
     """The data folder (train/, val/[, test/]), the old classes and the new ones; the split folders under out/."""
-    if args.data is None:
-        data = args.out / "digits"
-        if not (data / "train").is_dir():
-            run([sys.executable, str(REPO_ROOT / "tools" / "make_digits_dataset.py"), str(data), "--size",
-                 str(args.size)], REPO_ROOT, args.out / "data.log")
-    else:
-        data = args.data.resolve()
-        if not (data / "train").is_dir() or not (data / "val").is_dir():
-            raise SystemExit(f"error: {data} must hold train/ and val/ class folders")
+    data = data_folder(args.data, args.out, args.size)
     classes = sorted(d.name for d in (data / "train").iterdir() if d.is_dir())
     if args.data is None:
         old = OLD_DIGITS
@@ -95,8 +88,7 @@ def train(wd: Path, out: str, args: list[str], log: Path) -> tuple[float, int]:
     """train.py in the work dir; (its wall time, the epochs it trained)."""
     seconds = run([sys.executable, "train.py", "--overwrite", "--save-checkpoints-to", out, "--workers", "0",
                    "training.early_stopping_patience=null", "calibration.enabled=false", *args], wd, log)
-    epochs = len((wd / out / "history.csv").read_text().strip().splitlines()) - 1
-    return seconds, epochs
+    return seconds, epochs_trained(wd / out)
 
 
 def one_seed(seed: int, args: argparse.Namespace, data: Path, old: list[str]) -> dict[str, dict]:
@@ -104,10 +96,8 @@ def one_seed(seed: int, args: argparse.Namespace, data: Path, old: list[str]) ->
     wd = args.out / f"wd_seed{seed}"
     log = args.out / f"seed{seed}.log"
     log.unlink(missing_ok=True)
-    run([sys.executable, str(REPO_ROOT / "tools" / "instantiate_template.py"),
-         str(TEMPLATES / args.template / "template.yaml"), str(wd), "--do-not-load-snapshot", "--overwrite"],
-        REPO_ROOT, log)
-    split, test = args.out / "split", data / "test" if (data / "test").is_dir() else data / "val"
+    instantiate(args.template, wd, log)
+    split, test = args.out / "split", scored_split(data)
     common = [f"training.seed={seed}", *([f"input.size=[{args.size},{args.size}]"] if args.size else [])]
     old_s, old_ep = train(wd, "old", ["--train-data-roots", str(split / "old_train"), "--val-data-roots",
                                       str(split / "old_val"), "--epochs", str(args.old_epochs), *common], log)
@@ -147,17 +137,12 @@ LABELS = {"old model": "old model (old classes only)",
 
 def _mean(values: list[float | None]) -> str:
     values = [v for v in values if v is not None]
-    if not values:
-        return "–"
-    spread = f" ± {statistics.stdev(values):.2f}" if len(values) > 1 else ""
-    return f"{statistics.mean(values):.2f}{spread}"
+    return mean_spread(values) if values else "–"
 
 
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    source = parser.add_mutually_exclusive_group()
-    source.add_argument("--data", type=Path, help="folder with train/ and val/ (and optionally test/) class folders")
-    source.add_argument("--digits", action="store_true", help="scikit-learn's digits at --size (the default)")
+    add_data_source(parser, "scikit-learn's digits at --size (the default)")
     parser.add_argument("--new-classes", nargs="*", default=[], help="--data: the new classes (default: last third)")
     parser.add_argument("--template", default="convnet_small")
     parser.add_argument("--old-epochs", type=int, default=5, help="epochs of the old model")

@@ -82,6 +82,43 @@ def run(cmd: list[str], cwd: Path, log: Path, ok_codes: tuple[int, ...] = (0,)) 
     return time.perf_counter() - start
 
 
+def instantiate(template: str, work_dir: Path, log: Path, snapshot: bool = False) -> Path:
+    """The template's work dir, made afresh by tools/instantiate_template.py (with its ImageNet snapshot when
+    `snapshot`, else to train from scratch)."""
+    run([sys.executable, str(REPO_ROOT / "tools" / "instantiate_template.py"), str(TEMPLATES / template / "template.yaml"),
+         str(work_dir), *([] if snapshot else ["--do-not-load-snapshot"]), "--overwrite"], REPO_ROOT, log)
+    return work_dir
+
+
+def scored_split(data: Path) -> Path:
+    """Where a benchmark scores best.pth: data/test when the set has one, else data/val (which chose it)."""
+    return data / "test" if (data / "test").is_dir() else data / "val"
+
+
+def epochs_trained(output_dir: Path) -> int:
+    """The epochs a train.py run trained: the rows of its history.csv."""
+    return len((output_dir / "history.csv").read_text().strip().splitlines()) - 1
+
+
+def top1_of(metrics_file: Path) -> float:
+    """The top-1 that eval.py wrote to `metrics_file`."""
+    metrics = yaml.safe_load(metrics_file.read_text())
+    return float(next(m["value"] for m in metrics["metrics"] if m["key"] == "accuracy"))
+
+
+def mean_spread(values: list[float]) -> str:
+    """'mean ± standard deviation' (the mean alone for one value), two decimals."""
+    spread = f" ± {statistics.stdev(values):.2f}" if len(values) > 1 else ""
+    return f"{statistics.mean(values):.2f}{spread}"
+
+
+def add_data_source(parser: argparse.ArgumentParser, digits_help: str, required: bool = False) -> None:
+    """--data FOLDER or --digits, one of the two."""
+    source = parser.add_mutually_exclusive_group(required=required)
+    source.add_argument("--data", type=Path, help="folder with train/ and val/ (and optionally test/) class folders")
+    source.add_argument("--digits", action="store_true", help=digits_help)
+
+
 def digits_dataset(out: Path, size: int) -> Path:
     """out/digits with train/ and val/ class folders at size x size (written once, then reused)."""
     out.mkdir(parents=True, exist_ok=True)
@@ -92,6 +129,18 @@ def digits_dataset(out: Path, size: int) -> Path:
     return data
 
 
+def data_folder(data: Path | None, out: Path, size: int) -> Path:
+    """--data, checked to hold train/ and val/ class folders (else one error line, exit status 2), or without it
+    scikit-learn's digits at `size`, written once under `out`."""
+    if data is None:
+        return digits_dataset(out, size)
+    data = data.resolve()
+    if not (data / "train").is_dir() or not (data / "val").is_dir():
+        print(f"error: {data} must hold train/ and val/ class folders", file=sys.stderr)
+        raise SystemExit(2)
+    return data
+
+
 def train_and_eval(name: str, overrides: list[str], length: list[str], data: Path, size: int | None, seed: int,
                    args: argparse.Namespace) -> dict:
     """One variant through train.py and eval.py: its top-1, train wall time and the epochs it trained."""
@@ -99,37 +148,28 @@ def train_and_eval(name: str, overrides: list[str], length: list[str], data: Pat
     work_dir = args.out / f"{slug}_{'_'.join(length).replace('--', '')}_seed{seed}"
     log = args.out / f"{work_dir.name}.log"
     log.unlink(missing_ok=True)
-    run([sys.executable, str(REPO_ROOT / "tools" / "instantiate_template.py"),
-         str(TEMPLATES / args.template / "template.yaml"), str(work_dir), "--do-not-load-snapshot", "--overwrite"],
-        REPO_ROOT, log)
+    instantiate(args.template, work_dir, log)
     size_override = [f"input.size=[{size},{size}]"] if size else []
     seconds = run([sys.executable, "train.py", "--overwrite", "--train-data-roots", str(data / "train"),
                    "--val-data-roots", str(data / "val"), *length, f"training.seed={seed}", "training.early_stopping_patience=null",
                    *size_override, *overrides], work_dir, log)
-    test = data / "test" if (data / "test").is_dir() else data / "val"
     run([sys.executable, "eval.py", "--load-weights", str(work_dir / "outputs" / "best.pth"), "--test-data-roots",
-         str(test), *size_override], work_dir, log)
-    metrics = yaml.safe_load((work_dir / "metrics.yaml").read_text())
+         str(scored_split(data)), *size_override], work_dir, log)
     config = yaml.safe_load((work_dir / "outputs" / "config.yaml").read_text())
-    epochs_run = len((work_dir / "outputs" / "history.csv").read_text().strip().splitlines()) - 1
-    return {"top1": float(next(m["value"] for m in metrics["metrics"] if m["key"] == "accuracy")),
-            "seconds": seconds, "epochs": config["template"]["hyper_parameters"]["basic"]["epochs"],
-            "epochs_run": epochs_run}
+    return {"top1": top1_of(work_dir / "metrics.yaml"), "seconds": seconds,
+            "epochs": config["template"]["hyper_parameters"]["basic"]["epochs"],
+            "epochs_run": epochs_trained(work_dir / "outputs")}
 
 
 def _cell(results: list[dict]) -> str:
-    tops = [r["top1"] for r in results]
-    spread = f" ± {statistics.stdev(tops):.2f}" if len(tops) > 1 else ""
     epochs = sorted({r["epochs_run"] for r in results})
-    return (f"{statistics.mean(tops):.2f}{spread} ({'/'.join(map(str, epochs))} ep, "
+    return (f"{mean_spread([r['top1'] for r in results])} ({'/'.join(map(str, epochs))} ep, "
             f"{statistics.mean(r['seconds'] for r in results):.0f} s)")
 
 
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    source = parser.add_mutually_exclusive_group()
-    source.add_argument("--data", type=Path, help="folder with train/ and val/ (and optionally test/) class folders")
-    source.add_argument("--digits", action="store_true", help="scikit-learn's digits at --size (the default)")
+    add_data_source(parser, "scikit-learn's digits at --size (the default)")
     parser.add_argument("--template", default="mobilenet_v3_small")
     parser.add_argument("--epochs", type=int, default=5, help="epochs of the plain reference run")
     parser.add_argument("--budgets", type=float, nargs="*", default=[1.0, 4.0],
@@ -148,14 +188,8 @@ def main() -> int:
         return 2
     table = variants(args.variants)
     args.out.mkdir(parents=True, exist_ok=True)
-    if args.data is None:
-        data, size = digits_dataset(args.out, args.size), args.size
-    else:
-        data = args.data.resolve()
-        size = args.size if "--size" in sys.argv else None
-        if not (data / "train").is_dir() or not (data / "val").is_dir():
-            print(f"error: {data} must hold train/ and val/ class folders", file=sys.stderr)
-            return 2
+    data = data_folder(args.data, args.out, args.size)
+    size = args.size if args.data is None or "--size" in sys.argv else None
 
     started = time.perf_counter()
     titles = [f"{args.epochs} epochs"] if args.equal_epochs else [f"{k:g} x T" for k in args.budgets]

@@ -29,7 +29,7 @@ import yaml
 
 from benchmark_compression import SHORT_RECIPE
 from benchmark_first_run import single_label_templates
-from benchmark_recipe import REPO_ROOT, TEMPLATES, digits_dataset, run
+from benchmark_recipe import TEMPLATES, digits_dataset, instantiate, run
 from clsengine.saliency_checks import MAX_DELETION_RATIO, MAX_RANK_CORRELATION
 
 PRETRAINED = {"efficientnet_lite0"}   # templates whose snapshot (ImageNet weights) is the starting point
@@ -41,11 +41,9 @@ def best_top1(history: Path) -> float:
         return max(float(r[k]) for r in csv.DictReader(f) for k in ("val_top1", "ema_val_top1") if r.get(k))
 
 
-def instantiate(name: str, args: argparse.Namespace, log: Path) -> None:
+def refresh_work_dir(name: str, args: argparse.Namespace, log: Path) -> None:
     """(Re)instantiate a template's work dir: its scripts are copies, refreshed even where --reuse keeps outputs."""
-    pretrained = name in PRETRAINED and args.pretrained_lite0
-    run([sys.executable, str(REPO_ROOT / "tools" / "instantiate_template.py"), str(TEMPLATES / name / "template.yaml"),
-         str(args.out / name), "--overwrite", *([] if pretrained else ["--do-not-load-snapshot"])], REPO_ROOT, log)
+    instantiate(name, args.out / name, log, snapshot=name in PRETRAINED and args.pretrained_lite0)
 
 
 def train(name: str, data: Path, args: argparse.Namespace, log: Path) -> float:
@@ -103,7 +101,7 @@ def main() -> int:
         reuse = args.reuse and (args.out / name / "outputs" / "best.pth").is_file()
         if not reuse:
             log.unlink(missing_ok=True)
-        instantiate(name, args, log)
+        refresh_work_dir(name, args, log)
         if not reuse:
             train_s = train(name, data, args, log)
         report, check_s = check(name, data, args, log)

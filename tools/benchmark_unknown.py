@@ -25,7 +25,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from benchmark_recipe import REPO_ROOT, TEMPLATES, run
+from benchmark_recipe import instantiate, run
 from clsengine import data as datasets
 from clsengine.calibration import REJECTION_SCORES, auroc, fit_rejection, rejection_scores
 from workbench.classifier import load_classifier
@@ -56,8 +56,7 @@ def one_run(data: Path, held_out: list[str], args: argparse.Namespace, out: Path
     known = [c for c in classes if c not in held_out]
     subset = known_subset(data, known, out / "data")
     wd, log = out / "wd", out / "run.log"
-    run([sys.executable, str(REPO_ROOT / "tools" / "instantiate_template.py"),
-         str(TEMPLATES / args.template / "template.yaml"), str(wd), "--overwrite"], REPO_ROOT, log)
+    instantiate(args.template, wd, log, snapshot=True)
     run([sys.executable, "train.py", "--overwrite", "--train-data-roots", str(subset / "train"), "--val-data-roots",
          str(subset / "val"), "--time-budget", str(args.time_budget)], wd, log)
     model = load_classifier(wd / "outputs" / "best.pth", template_path=str(wd / "template.yaml"), overrides={},
