@@ -390,6 +390,15 @@ def test_early_stopping_waits_for_plateau_reduction(tmp_path: Path, monkeypatch,
     assert [row["lr"] for row in result["history"][:5]] == [pytest.approx(0.1)] * 5
 
 
+def test_early_stopping_waits_for_cosine_to_anneal_to_half(tmp_path: Path, monkeypatch, no_plots):
+    """Constant score, best at epoch 1: a cosine schedule of 20 epochs reaches half its peak LR at the end of
+    epoch 10; early stopping (patience 2) waits for that, then stops at once."""
+    scheduler, result = _scored_fit(tmp_path, monkeypatch, "cosine", [50.0] * 20, epochs=20,
+                                    early_stopping_patience=2)
+    assert result["stopped_early"] is True and result["best_epoch"] == 1 and result["epochs_run"] == 10
+    assert scheduler.lr <= 0.5 * 0.1 + 1e-12 and result["history"][8]["lr"] > 0.5 * 0.1
+
+
 def test_plateau_force_decay_at_half(tmp_path: Path, monkeypatch, no_plots):
     """Improving scores never trigger the patience rule; force_decay_at=0.5 of 10 epochs reduces once at the
     end of epoch 5, so the lr column (the LR the epoch trained with) drops from epoch 6 on."""

@@ -407,8 +407,10 @@ def _stop_reason(cfg: FitConfig, scheduler: LRSchedule, epoch: int, epochs: int,
     if cfg.deadline is not None and epoch < epochs and time.monotonic() + epoch_s > cfg.deadline:
         reason = (f"Time budget: another epoch ({epoch_s:.0f} s) would end after the deadline; stopping "
                   f"after epoch {epoch} of {epochs}")
-    # With reduce-on-plateau, early stopping waits until the LR has been reduced at least once.
-    elif (cfg.early_stopping_patience and (scheduler.name != "plateau" or scheduler.num_reductions > 0)
+    # Early stopping waits until the schedule has lowered the LR: reduce-on-plateau once at least, cosine to half
+    # its peak (its best epochs come as it anneals: a 34-epoch budget run on 244 ants/bees photos stopped at
+    # epoch 15 at 0.7x the peak LR, test top-1 60.5 where the whole schedule reached 76.3).
+    elif (cfg.early_stopping_patience and scheduler.lr_lowered()
           and epoch - best_epoch >= cfg.early_stopping_patience):
         reason = f"Early stopping: no better score for {cfg.early_stopping_patience} epochs"
     return dist.broadcast_object(reason)

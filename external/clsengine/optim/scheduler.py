@@ -56,6 +56,15 @@ class LRSchedule:
             return self.plateau_scale
         return 1.0
 
+    def lr_lowered(self) -> bool:
+        """Whether the schedule has lowered the LR yet: reduce-on-plateau once at least, cosine past its midpoint
+        (at most half its peak); a constant schedule always counts as lowered. What early stopping waits for."""
+        if self.name == "plateau":
+            return self.num_reductions > 0
+        if self.name == "cosine":
+            return self.iteration >= self.warmup_iters and self.multiplier() <= 0.5
+        return True
+
     def _apply(self) -> None:
         m = self.multiplier()
         for group, base in zip(self.optimizer.param_groups, self.base_lrs):
