@@ -2,6 +2,7 @@
 for a small and a large dataset, for short and long runs, and that pinned values are never touched."""
 from __future__ import annotations
 
+import dataclasses
 import math
 from pathlib import Path
 
@@ -137,7 +138,7 @@ def test_resolve_keeps_pinned_values_and_the_published_recipe():
                  "training.lr_finder.enabled": True, "training.lr_finder.num_iter": 100, "model.small_input": False,
                  "training.augmentation_level": "full", "training.amp": "none", "training.augmentation.hflip": 0.5,
                  "training.transfer.linear_probe": False, "training.transfer.trainable_stages": "all",
-                 "training.transfer.freeze_bn": False}
+                 "training.transfer.freeze_bn": False, "training.transfer.fine_tune": True}
     t = _template(**published)
     resolved, choices = auto.resolve(t, auto.run_facts(t, 245, 2, "cpu"))
     assert choices == []
@@ -383,6 +384,29 @@ def test_transfer_rules_for_tiny_and_large_datasets_with_and_without_initial_wei
     assert "245 training images" in A.freeze_bn(small).reason
 
 
+def test_fine_tuning_after_the_probe_only_where_validation_could_show_a_better_model():
+    small, large = RunFacts(**{**SMALL.__dict__, "pretrained": True}), RunFacts(**{**LARGE.__dict__, "pretrained": True})
+    # Before the probe (or without one) and from scratch, training runs.
+    assert A.fine_tune(small).value is True and "no linear probe" in A.fine_tune(small).reason
+    assert A.fine_tune(SMALL).value is True and "from scratch" in A.fine_tune(SMALL).reason
+    # A tiny set whose probe misses 4 of 77 validation photos: fixing all 4 would be chance at 6.25% -> kept.
+    kept = A.fine_tune(dataclasses.replace(small, probe_val_errors=4, val_images=77))
+    assert kept.value is False and "4 of 77 validation images" in kept.reason and "0.5^4" in kept.reason
+    assert A.fine_tune(dataclasses.replace(small, probe_val_errors=A.SHOWABLE_GAIN, val_images=77)).value is True
+    # A large set: even a good probe leaves hundreds of errors on a large validation set.
+    assert A.fine_tune(dataclasses.replace(large, probe_val_errors=300, val_images=20_000)).value is True
+    # The template's auto is decided from the facts; a pin is kept whatever they say.
+    t = _template("efficientnet_lite0", **{"hyper_parameters.basic.epochs": 20})
+    facts = dataclasses.replace(auto.run_facts(t, 245, 2, "cpu", pretrained=True), probe_val_errors=2, val_images=77)
+    resolved, choices = auto.resolve(t, facts)
+    assert resolved.training.transfer.fine_tune is False
+    assert "training.transfer.fine_tune" in {c.key for c in choices}
+    pinned = _template("efficientnet_lite0", **{"hyper_parameters.basic.epochs": 20, "training.transfer.fine_tune": True})
+    resolved, choices = auto.resolve(pinned, facts)
+    assert resolved.training.transfer.fine_tune is True
+    assert "training.transfer.fine_tune" not in {c.key for c in choices}
+
+
 def test_transfer_keys_resolved_from_the_template_and_kept_when_pinned():
     t = _template("efficientnet_lite0", **{"hyper_parameters.basic.epochs": 20})
     resolved, choices = auto.resolve(t, auto.run_facts(t, 245, 2, "cpu", pretrained=True))
@@ -392,7 +416,8 @@ def test_transfer_keys_resolved_from_the_template_and_kept_when_pinned():
             "training.transfer.freeze_bn"} <= {c.key for c in choices}
     pinned = _template("efficientnet_lite0", **{"training.transfer.trainable_stages": "all",
                                                 "training.transfer.linear_probe": False,
-                                                "training.transfer.freeze_bn": False})
+                                                "training.transfer.freeze_bn": False,
+                                                "training.transfer.fine_tune": True})
     resolved, choices = auto.resolve(pinned, auto.run_facts(pinned, 245, 2, "cpu", pretrained=True))
     tf = resolved.training.transfer
     assert (tf.linear_probe, tf.trainable_stages, tf.freeze_bn) == (False, "all", False)

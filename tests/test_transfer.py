@@ -2,12 +2,15 @@
 that train, frozen BatchNorm, and train.py's log of the pretrained path with its override."""
 from __future__ import annotations
 
+import re
 from pathlib import Path
 
 import pytest
 import torch
 import torch.nn as nn
 
+import clsengine.auto as A
+from clsengine.checkpoint import load_checkpoint
 from clsengine.errors import UserError
 from clsengine.models import backbone_stages, classifier, create_model, freeze_stages
 from clsengine.models.batchnorm import batchnorms, train_mode
@@ -56,6 +59,7 @@ def test_linear_probe_fits_the_head_in_place(tmp_path: Path):
     changed = {k for k in before if not torch.equal(before[k], after[k])}
     assert "classifier.1.weight" in changed and changed <= {"classifier.1.weight", "classifier.1.bias"}  # backbone kept
     assert result.train_rows == 60 and result.val_top1 == 100.0          # colour classes: linearly separable
+    assert (result.val_rows, result.val_errors) == (12, 0)
     assert "Linear probe: head fitted on 60 pooled feature vectors" in result.describe()
 
     cosine = create_model("efficientnet_lite0", 3, head="cosine")
@@ -94,16 +98,33 @@ def test_train_py_probes_then_fine_tunes_the_last_stages_and_honours_pins(tmp_pa
     common = ["--train-data-roots", str(train), "--val-data-roots", str(val), "--epochs", "1", "--workers", "0",
               "input.size=[32,32]"]
     result = run_captured(wd, "train.py", *common, "--save-checkpoints-to", str(tmp_path / "a"),
-                          monkeypatch=monkeypatch, capsys=capsys)
+                          "training.transfer.fine_tune=true", monkeypatch=monkeypatch, capsys=capsys)
     assert result.returncode == 0, result.stderr
     log = (tmp_path / "a" / "train.log").read_text()
     assert f"Initial weights: {wd / 'snapshot.pth'}" in log
     assert "auto training.transfer.linear_probe = True" in log and "Linear probe: head fitted on 48 pooled" in log
     assert "Fine-tuning: the last 2 of 9 stages and the head train (6 tensors); BatchNorm keeps" in log
+    assert "auto training.transfer.fine_tune" not in log and "epoch   1/1" in log
+
+    # Left `auto`, fine-tuning is skipped: the probe misses fewer than 5 of the 9 validation images, so no
+    # fine-tuned model could be shown better; best.pth is the probe's model and the run ends.
+    result = run_captured(wd, "train.py", *common, "--save-checkpoints-to", str(tmp_path / "c"),
+                          monkeypatch=monkeypatch, capsys=capsys)
+    assert result.returncode == 0, result.stderr
+    log = (tmp_path / "c" / "train.log").read_text()
+    errors = int(re.search(r"auto training.transfer.fine_tune = False: the linear probe leaves (\d) of 9 validation "
+                           r"images wrong", log).group(1))
+    assert errors < A.SHOWABLE_GAIN and "No fine-tuning" in log and "Fine-tuning:" not in log
+    assert "epoch   1/" not in log and "Done: best val top-1" in log and "at epoch 0." in log
+    best = load_checkpoint(tmp_path / "c" / "best.pth")
+    assert best["epoch"] == 0 and best["config"]["template"]["training"]["transfer"]["fine_tune"] is False
+    probe_val = float(re.search(r"Linear probe: .* val top-1 ([\d.]+),", log).group(1))
+    assert abs(probe_val - (9 - errors) / 9 * 100) < 0.01
 
     result = run_captured(wd, "train.py", *common, "--save-checkpoints-to", str(tmp_path / "b"),
                           "training.transfer.trainable_stages=all", "training.transfer.linear_probe=false",
-                          "training.transfer.freeze_bn=false", monkeypatch=monkeypatch, capsys=capsys)
+                          "training.transfer.freeze_bn=false", "training.transfer.fine_tune=true",
+                          monkeypatch=monkeypatch, capsys=capsys)
     assert result.returncode == 0, result.stderr
     log = (tmp_path / "b" / "train.log").read_text()
     assert "Linear probe" not in log and "auto training.transfer" not in log

@@ -62,7 +62,7 @@ def auto_summary(train_log: Path) -> str:
     the loop's last re-plan: those the schedule ended with)."""
     short = {"hyper_parameters.basic.epochs": "epochs", "hyper_parameters.basic.batch_size": "batch", "training.optimizer.name": "opt",
              "hyper_parameters.basic.base_learning_rate": "lr", "model.small_input": "small_input",
-             "training.lr_finder.enabled": "lr_finder"}
+             "training.lr_finder.enabled": "lr_finder", "training.transfer.fine_tune": "fine_tune"}
     found = {}
     for line in train_log.read_text().splitlines():
         replanned = re.search(r"Time budget: .*?; (\d+) epochs fit in all", line)

@@ -396,7 +396,8 @@ def _score_start(model: nn.Module, recipe: Recipe, val_loader, criterion: nn.Mod
         result.score = float(cfg.score_fn(model))
     saver.save(model, 0, result.score, "model", state, loss=result.loss)
     logger.info(f"epoch   0 (before training)  val loss {result.val['loss']:.4f}  {_metrics_text(result.val)}"
-                f"  score {result.score:6.2f}: best.pth until an epoch beats it")
+                f"  score {result.score:6.2f}: "
+                + ("best.pth until an epoch beats it" if cfg.epochs else "best.pth, with no epoch to train"))
 
 
 def _stop_reason(cfg: FitConfig, scheduler: LRSchedule, epoch: int, epochs: int, epoch_s: float,

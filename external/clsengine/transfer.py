@@ -87,6 +87,8 @@ class ProbeResult:
     val_loss: float
     train_rows: int
     seconds: float
+    val_errors: int = 0
+    val_rows: int = 0
 
     def describe(self) -> str:
         return (f"Linear probe: head fitted on {self.train_rows} pooled feature vectors computed once "
@@ -124,8 +126,9 @@ def linear_probe(model: nn.Module, train_loader, val_loader, num_classes: int, d
     def top1(f: torch.Tensor, t: torch.Tensor) -> float:
         return 100.0 * float(((f @ w.T + b).argmax(1) == t).float().mean())
 
+    val_errors = int(((vx @ w.T + b).argmax(1) != vy).sum())
     return ProbeResult(l2=l2, train_top1=top1(x, y), val_top1=top1(vx, vy), val_loss=val_loss, train_rows=len(y),
-                       seconds=time.perf_counter() - started)
+                       seconds=time.perf_counter() - started, val_errors=val_errors, val_rows=len(vy))
 
 
 __all__ = ["PROBE_L2", "ProbeResult", "fit_logistic_regression", "linear_probe", "pooled_features"]

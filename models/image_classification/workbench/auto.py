@@ -109,6 +109,8 @@ def resolve(t: Template, facts: RunFacts) -> tuple[Template, list[Choice]]:
         decide(rules.trainable_stages(facts, batch))
     if tf.freeze_bn == AUTO:
         decide(rules.freeze_bn(facts))
+    if tf.fine_tune == AUTO:
+        decide(rules.fine_tune(facts))
     if tr.amp == AUTO:  # the slowest layers decide: any model with depthwise convolutions
         decide(mixed_precision(t, facts.device_type))
     sam = tr.optimizer.sam.enabled

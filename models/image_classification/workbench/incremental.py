@@ -92,6 +92,7 @@ class AddClasses:
         return {"model": old["model"], "input": old["input"], "task": old["task"], "training.loss": loss,
                 "data.classes": [], "training.transfer.linear_probe": False,  # a probe would refit the old rows
                 "training.transfer.trainable_stages": "all", "training.transfer.freeze_bn": False,
+                "training.transfer.fine_tune": True,
                 "training.distillation.enabled": True, "training.distillation.teacher": str(self.path),
                 "training.distillation.teacher_classes": "subset"}
 

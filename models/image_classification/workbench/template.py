@@ -177,6 +177,8 @@ class TransferSection:
                                             # probe's head only) | N | auto (clsengine.auto.trainable_stages)
     freeze_bn: bool | str = "auto"          # BatchNorm layers keep their weights and running statistics;
                                             # auto: with initial weights and few images
+    fine_tune: bool | str = "auto"          # train after the linear probe; auto: unless the probe leaves too
+                                            # few validation errors for a better model to show (clsengine.auto)
 
 
 @dataclass
@@ -514,7 +516,8 @@ def _training_checks(t: Template) -> list[Check]:
     flags = [("training.optimizer.sam.enabled", tr.optimizer.sam.enabled),
              ("training.mutual_learning.enabled", tr.mutual_learning.enabled),
              ("training.lr_finder.enabled", tr.lr_finder.enabled), ("training.transfer.linear_probe", tf.linear_probe),
-             ("training.transfer.freeze_bn", tf.freeze_bn), ("training.channels_last", tr.channels_last)]
+             ("training.transfer.freeze_bn", tf.freeze_bn), ("training.transfer.fine_tune", tf.fine_tune),
+             ("training.channels_last", tr.channels_last)]
     return [(key, _auto_or(value, _is_bool), "true, false or auto") for key, value in flags] + [
         ("training.optimizer.name", tr.optimizer.name in (AUTO, *OPTIMIZERS), _one_of((AUTO, *OPTIMIZERS))),
         ("training.optimizer.weight_decay", _auto_or(tr.optimizer.weight_decay, lambda v: v >= 0), "auto or 0 or more"),

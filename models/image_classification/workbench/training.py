@@ -1,6 +1,7 @@
 """One training run from a template and scanned data: what train.py runs once and optimize.py once per trial."""
 from __future__ import annotations
 
+import dataclasses
 import logging
 import platform
 import sys
@@ -17,7 +18,7 @@ from clsengine.budget import parse_duration, probe_steps, seconds_per_image
 from clsengine.fileio import write_text
 from clsengine.loop import Diverged, FitConfig, fit
 from clsengine.models import classifier, freeze_backbone, load_pretrained
-from clsengine.transfer import linear_probe
+from clsengine.transfer import ProbeResult, linear_probe
 
 from . import auto, device_policy, distill, factories, loaders, time_budget
 from .template import Template, dump_config
@@ -47,7 +48,10 @@ def train(t: Template, train_scan: datasets.DatasetScan, val_scan: datasets.Data
     budget_s = parse_duration(budget) if budget is not None and resume is None else None
     head = None
     if weights and resume is None:  # the linear probe runs first: a time budget then plans what is left
-        head = probe_head(t, facts, weights, train_scan, val_scan, device, logger)
+        probed = probe_head(t, facts, weights, train_scan, val_scan, device, logger)
+        if probed is not None:
+            head, probe = probed
+            facts = dataclasses.replace(facts, probe_val_errors=probe.val_errors, val_images=probe.val_rows)
     t, choices = decide_auto(t, facts, train_scan, val_scan, device, weights, budget_s, started)
     t, teacher = distill.build_teacher(t, classes, device, logger)  # training.distillation; a bad one fails here
     for choice in choices:
@@ -79,7 +83,9 @@ def train(t: Template, train_scan: datasets.DatasetScan, val_scan: datasets.Data
                       **(run_info or {})}}
     if world.is_main:
         dump_config(config, out / "config.yaml")
-    fit_cfg = FitConfig(epochs=t.hyper_parameters.basic.epochs, output_dir=out,
+    if not t.training.transfer.fine_tune:
+        logger.info("No fine-tuning (training.transfer.fine_tune false): best.pth is the linear probe's model")
+    fit_cfg = FitConfig(epochs=t.hyper_parameters.basic.epochs if t.training.transfer.fine_tune else 0, output_dir=out,
                         early_stopping_patience=t.training.early_stopping_patience,
                         tensorboard_dir=tensorboard_dir, max_grad_norm=t.training.optimizer.max_grad_norm,
                         progress=progress, checkpoints=checkpoints,
@@ -100,8 +106,9 @@ def decide_auto(t: Template, facts: auto.RunFacts, train_scan: datasets.DatasetS
                 ) -> tuple[Template, list[auto.Choice]]:
     """The template's `auto` values (auto.resolve); with a time budget, with the epochs that fit what is left
     of it (time_budget.plan_time_budget, from training steps of each candidate recipe timed here)."""
-    if budget_s is None:
-        return auto.resolve(t, facts)
+    resolved, choices = auto.resolve(t, facts)
+    if budget_s is None or not resolved.training.transfer.fine_tune:
+        return resolved, choices
     classes = len(train_scan.classes)
 
     def measure(resolved: Template) -> float:
@@ -128,7 +135,8 @@ def initial_model(t: Template, num_classes: int, device: torch.device, logger: l
         logger.info(f"Initial weights {load_pretrained(model, weights).describe()}")
         if head is not None:
             classifier(model).load_state_dict(head)
-        logger.info(factories.prepare_finetuning(t, model))
+        if t.training.transfer.fine_tune:
+            logger.info(factories.prepare_finetuning(t, model))
     if t.training.freeze_backbone:
         freeze_backbone(model)
     return model.to(device)
@@ -142,7 +150,7 @@ def learning_rate(t: Template, choices: list[auto.Choice], classes: list[str], m
     to stop after finding it (config.yaml then records it)."""
     world = dist.info()
     lr = t.hyper_parameters.basic.base_learning_rate
-    if t.training.lr_finder.enabled and resume is None:
+    if t.training.lr_finder.enabled and t.training.transfer.fine_tune and resume is None:
         # Every rank runs the finder on its shard; all then take rank 0's rate.
         lr = dist.broadcast_object(find_learning_rate(t, model, criterion, train_loader, val_loader, device, out,
                                                       logger))
@@ -178,9 +186,11 @@ def replanner(config: dict, out: Path, deadline: float, most: int) -> Callable[[
 
 
 def probe_head(t: Template, facts: auto.RunFacts, weights: str, train_scan: datasets.DatasetScan,
-               val_scan: datasets.DatasetScan, device: torch.device, logger: logging.Logger) -> dict | None:
-    """The classifier's state fitted by a linear probe on the initial weights' frozen features, when
-    training.transfer.linear_probe is on (its `auto`: decided as the run will decide it); None otherwise."""
+               val_scan: datasets.DatasetScan, device: torch.device, logger: logging.Logger
+               ) -> tuple[dict[str, torch.Tensor], ProbeResult] | None:
+    """The classifier's state fitted by a linear probe on the initial weights' frozen features, and the
+    probe's result, when training.transfer.linear_probe is on (its `auto`: decided as the run will decide it);
+    None otherwise."""
     resolved, _ = auto.resolve(t, facts)
     if not resolved.training.transfer.linear_probe:
         return None
@@ -195,7 +205,7 @@ def probe_head(t: Template, facts: auto.RunFacts, weights: str, train_scan: data
                           amp_dtype=device_policy.amp_dtype(resolved, device),
                           label_smoothing=loss.label_smoothing if loss.name == "softmax" else 0.0)
     logger.info(result.describe())
-    return {k: v.cpu() for k, v in classifier(model).state_dict().items()}
+    return {k: v.cpu() for k, v in classifier(model).state_dict().items()}, result
 
 
 def find_learning_rate(t: Template, model: nn.Module, criterion: nn.Module, train_loader, val_loader,
