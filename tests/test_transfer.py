@@ -123,12 +123,14 @@ def test_train_py_probes_then_fine_tunes_the_last_stages_and_honours_pins(tmp_pa
 
     result = run_captured(wd, "train.py", *common, "--save-checkpoints-to", str(tmp_path / "b"),
                           "training.transfer.trainable_stages=all", "training.transfer.linear_probe=false",
-                          "training.transfer.freeze_bn=false", "training.transfer.fine_tune=true",
+                          "training.transfer.freeze_bn=false", "training.transfer.fine_tune=false",
                           monkeypatch=monkeypatch, capsys=capsys)
     assert result.returncode == 0, result.stderr
     log = (tmp_path / "b" / "train.log").read_text()
     assert "Linear probe" not in log and "auto training.transfer" not in log
     assert "Fine-tuning: every stage and the head train" in log and "BatchNorm trains" in log
+    assert "fine_tune false keeps a linear probe's model, and no probe ran: training runs" in log  # nothing to keep
+    assert "epoch   1/1" in log
 
 
 def test_fit_keeps_the_starting_model_as_epoch_0_until_an_epoch_beats_it(tmp_path: Path):

@@ -52,6 +52,9 @@ def train(t: Template, train_scan: datasets.DatasetScan, val_scan: datasets.Data
         if probed is not None:
             head, probe = probed
             facts = dataclasses.replace(facts, probe_val_errors=probe.val_errors, val_images=probe.val_rows)
+    if head is None and t.training.transfer.fine_tune is False:  # nothing to keep instead of training
+        logger.info("training.transfer.fine_tune false keeps a linear probe's model, and no probe ran: training runs")
+        t = auto.with_values(t, {"training.transfer.fine_tune": True})
     t, choices = decide_auto(t, facts, train_scan, val_scan, device, weights, budget_s, started)
     t, teacher = distill.build_teacher(t, classes, device, logger)  # training.distillation; a bad one fails here
     for choice in choices:
