@@ -83,12 +83,15 @@ def fit_logistic_regression(x: torch.Tensor, y: torch.Tensor, num_classes: int, 
 class ProbeResult:
     l2: float
     train_top1: float
-    val_top1: float
+    val_errors: int
+    val_rows: int
     val_loss: float
     train_rows: int
     seconds: float
-    val_errors: int = 0
-    val_rows: int = 0
+
+    @property
+    def val_top1(self) -> float:
+        return 100.0 * (self.val_rows - self.val_errors) / max(1, self.val_rows)
 
     def describe(self) -> str:
         return (f"Linear probe: head fitted on {self.train_rows} pooled feature vectors computed once "
@@ -123,12 +126,11 @@ def linear_probe(model: nn.Module, train_loader, val_loader, num_classes: int, d
         if linear.bias is not None:
             linear.bias.copy_(b.to(linear.bias))
 
-    def top1(f: torch.Tensor, t: torch.Tensor) -> float:
-        return 100.0 * float(((f @ w.T + b).argmax(1) == t).float().mean())
+    def errors(f: torch.Tensor, t: torch.Tensor) -> int:
+        return int(((f @ w.T + b).argmax(1) != t).sum())
 
-    val_errors = int(((vx @ w.T + b).argmax(1) != vy).sum())
-    return ProbeResult(l2=l2, train_top1=top1(x, y), val_top1=top1(vx, vy), val_loss=val_loss, train_rows=len(y),
-                       seconds=time.perf_counter() - started, val_errors=val_errors, val_rows=len(vy))
+    return ProbeResult(l2=l2, train_top1=100.0 * (len(y) - errors(x, y)) / len(y), val_errors=errors(vx, vy),
+                       val_rows=len(vy), val_loss=val_loss, train_rows=len(y), seconds=time.perf_counter() - started)
 
 
 __all__ = ["PROBE_L2", "ProbeResult", "fit_logistic_regression", "linear_probe", "pooled_features"]
